@@ -74,7 +74,9 @@ def _check_common(num_items: int, length: int, exclude: Iterable[int]) -> frozen
     return excluded
 
 
-def _masked_logits(step_logits: StepFn, prefix: Sequence[int], num_items: int, excluded: frozenset[int]) -> torch.Tensor:
+def _masked_logits(
+    step_logits: StepFn, prefix: Sequence[int], num_items: int, excluded: frozenset[int]
+) -> torch.Tensor:
     """Call the step function, check its shape, and set chosen + excluded ids to ``-inf``."""
     logits = step_logits(list(prefix))
     if not isinstance(logits, torch.Tensor) or logits.shape != (num_items,):

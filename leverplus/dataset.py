@@ -1,0 +1,401 @@
+"""Groups (one per query) and padded batches of many queries.
+
+An RL JSON file becomes a list of :class:`Group` (filters, pool, local labels, raw and normalised rewards);
+:func:`collate` pads groups of different sizes (G members, K pool items) into one :class:`Batch` with masks, so a
+step trains on many queries at once (the reference forced batch_size=1). Real files and the simulated world share
+everything from here on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from leverplus.errors import LeverPlusInputError
+from leverplus.formats import BeamRecord, RLData
+from leverplus.rewards import compute_reward, hybrid_info_values, normalize_group, sequence_diversity
+
+
+@dataclass
+class Group:
+    """One query's candidates, ready for training (all tensors on CPU)."""
+
+    query_id: int
+    shot_num: int
+    pool_ids: List[int]  # global train-row ids; labels index into this list
+    labels: torch.Tensor  # [G, S] local positions, prompt order
+    rewards_raw: torch.Tensor  # [G] clipped reward-formula output
+    rewards: torch.Tensor  # [G] group-normalised
+    acc: torch.Tensor  # [G] vqa_acc_score (0 when absent), for offline evaluation
+    candidate_index: List[int]  # position of each member in the file's pointer_candidates
+    gen_methods: List[Optional[str]] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return int(self.labels.shape[0])
+
+    def global_pointers(self) -> List[Tuple[int, ...]]:
+        return [tuple(self.pool_ids[j] for j in row) for row in self.labels.tolist()]
+
+
+@dataclass
+class Batch:
+    """Padded tensors for B queries. Masks are True where an entry is real."""
+
+    query_ids: List[int]
+    query_emb: torch.Tensor  # [B, d]
+    cand_emb: torch.Tensor  # [B, K, d]
+    cand_mask: torch.Tensor  # [B, K] bool
+    labels: torch.Tensor  # [B, G, S] (padded members point at position 0)
+    member_mask: torch.Tensor  # [B, G] bool
+    rewards: torch.Tensor  # [B, G] normalised
+    rewards_raw: torch.Tensor  # [B, G]
+    acc: torch.Tensor  # [B, G]
+    old_log_probs: Optional[torch.Tensor] = None  # [B, G], set by the trainer for GRPO
+
+    def to(self, device: str | torch.device) -> "Batch":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return Batch(**moved)
+
+
+@dataclass
+class GroupOptions:
+    """Everything that decides how candidates become a group (mirrors DataConfig + RewardConfig)."""
+
+    reward_mode: str = "hard_plus_soft"
+    hard_weight: float = 1.0
+    soft_weight: float = 1.0
+    rel_weight: float = 0.1
+    reward_alpha: float = 0.0
+    reward_beta: float = 0.0
+    correctness_mode: str = "01"
+    use_logprob: bool = False
+    info_weight: float = 0.5
+    reward_clip: float = 5.0
+    diversity_weight: float = 0.0
+    skip_fallback_reward: bool = True
+    drop_eval_errors: bool = True
+    filter_gen_methods: Optional[Sequence[str]] = None
+    require_positive_query: bool = False
+    positive_reward_threshold: float = 1.0
+    max_pool_size: int = 64
+    normalize_method: str = "z_score_clamp"
+    normalize_clamp: float = 3.0
+
+    @classmethod
+    def from_config(cls, data_cfg, reward_cfg) -> "GroupOptions":
+        def val(x):
+            return x.value if hasattr(x, "value") else x
+
+        return cls(
+            reward_mode=val(reward_cfg.mode),
+            hard_weight=reward_cfg.hard_weight,
+            soft_weight=reward_cfg.soft_weight,
+            rel_weight=reward_cfg.rel_weight,
+            reward_alpha=reward_cfg.reward_alpha,
+            reward_beta=reward_cfg.reward_beta,
+            correctness_mode=val(reward_cfg.correctness_mode),
+            use_logprob=reward_cfg.use_logprob,
+            info_weight=reward_cfg.info_weight,
+            reward_clip=reward_cfg.clip,
+            diversity_weight=reward_cfg.diversity_weight,
+            skip_fallback_reward=data_cfg.skip_fallback_reward,
+            drop_eval_errors=data_cfg.drop_eval_errors,
+            filter_gen_methods=list(data_cfg.filter_gen_methods) if data_cfg.filter_gen_methods else None,
+            require_positive_query=data_cfg.require_positive_query,
+            positive_reward_threshold=data_cfg.positive_reward_threshold,
+            max_pool_size=data_cfg.max_pool_size,
+            normalize_method=val(data_cfg.normalize_method),
+            normalize_clamp=data_cfg.normalize_clamp,
+        )
+
+
+@dataclass
+class FilterStats:
+    """What the filters dropped (logged so a user sees why a run has fewer queries than the file)."""
+
+    queries_in: int = 0
+    queries_kept: int = 0
+    candidates_in: int = 0
+    candidates_kept: int = 0
+    dropped: Dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+
+def infoscore_lookup(beams: Optional[Mapping[int, BeamRecord]]) -> Dict[int, Dict[Tuple[int, ...], float]]:
+    """query id -> {ICD sequence in prompt order: total InfoScore of that beam} (for the hybrid reward)."""
+    out: Dict[int, Dict[Tuple[int, ...], float]] = {}
+    for qid, rec in (beams or {}).items():
+        out[qid] = {seq: rec.sequence_infoscore(i) for i, seq in enumerate(rec.icd_sequences)}
+    return out
+
+
+def build_groups(
+    rl: RLData,
+    opts: GroupOptions,
+    *,
+    embeddings: Optional[torch.Tensor] = None,
+    infoscores: Optional[Mapping[int, Mapping[Tuple[int, ...], float]]] = None,
+    fallback_pools: Optional[Mapping[int, Sequence[int]]] = None,
+    query_ids: Optional[Sequence[int]] = None,
+    stats: Optional[FilterStats] = None,
+) -> List[Group]:
+    """Turn validated RL records into training groups (spec §4.2), in sorted query-id order.
+
+    Pools: ``candidate_pool_ids`` when present; else ``fallback_pools[qid]`` when the data source gives one; else the
+    reference's per-query sorted union of the surviving pointers' ids. Pools longer than ``max_pool_size`` are
+    truncated like the reference, but a pointer outside the truncated pool is an error (the reference's KeyError).
+    """
+    stats = stats if stats is not None else FilterStats()
+    wanted = set(query_ids) if query_ids is not None else None
+    groups: List[Group] = []
+    if opts.reward_mode == "hybrid" and not infoscores:
+        # Still works (falls back to beam_score), but say so once.
+        import warnings
+
+        warnings.warn("reward.mode=hybrid without a beam JSON: info falls back to each candidate's beam_score")
+    for qid, q in rl.queries.items():
+        if wanted is not None and qid not in wanted:
+            continue
+        stats.queries_in += 1
+        kept = []
+        for cand in q.candidates:
+            stats.candidates_in += 1
+            raw = cand.raw
+            mode = raw.get("vqa_eval_mode")
+            if opts.drop_eval_errors and (raw.get("eval_failed") or mode == "error"):
+                stats.drop("eval_error")
+                continue
+            if opts.skip_fallback_reward and mode == "fallback":
+                stats.drop("fallback")
+                continue
+            if opts.filter_gen_methods is not None and raw.get("gen_method") not in opts.filter_gen_methods:
+                stats.drop("gen_method")
+                continue
+            kept.append(cand)
+        if not kept:
+            stats.drop("empty_query")
+            continue
+        info_vals: List[Optional[float]] = [None] * len(kept)
+        if opts.reward_mode == "hybrid":
+            table = (infoscores or {}).get(qid, {})
+            scores = [table.get(c.pointer) for c in kept]
+            info_vals = list(hybrid_info_values([c.raw for c in kept], scores))
+        rewards = []
+        for c, info in zip(kept, info_vals):
+            try:
+                r = compute_reward(
+                    c.raw,
+                    opts.reward_mode,
+                    opts.hard_weight,
+                    opts.soft_weight,
+                    opts.rel_weight,
+                    reward_alpha=opts.reward_alpha,
+                    reward_beta=opts.reward_beta,
+                    correctness_mode=opts.correctness_mode,
+                    use_logprob=opts.use_logprob,
+                    info=info,
+                    info_weight=opts.info_weight,
+                    clip=opts.reward_clip,
+                )
+            except LeverPlusInputError as e:
+                raise LeverPlusInputError(
+                    e.problem, file=rl.path, record=f"query {qid}, candidate {c.index}", field=e.field, fix=e.fix
+                ) from e
+            if opts.diversity_weight and embeddings is not None:
+                r = r + opts.diversity_weight * sequence_diversity(embeddings[list(c.pointer)])
+                r = max(-opts.reward_clip, min(opts.reward_clip, r))
+            rewards.append(float(r))
+        if opts.require_positive_query and not any(r >= opts.positive_reward_threshold for r in rewards):
+            stats.drop("no_positive")
+            continue
+        if q.candidate_pool_ids is not None:
+            pool = list(q.candidate_pool_ids)
+        elif fallback_pools is not None and qid in fallback_pools:
+            pool = list(fallback_pools[qid])
+        else:
+            pool = sorted({i for c in kept for i in c.pointer})
+        pool = pool[: opts.max_pool_size]
+        pos = {gid: j for j, gid in enumerate(pool)}
+        labels = []
+        for c in kept:
+            missing = [g for g in c.pointer if g not in pos]
+            if missing:
+                raise LeverPlusInputError(
+                    f"pointer ids {missing} are not in the query's pool (size {len(pool)} after truncation to "
+                    f"data.max_pool_size={opts.max_pool_size})",
+                    file=rl.path,
+                    record=f"query {qid}, candidate {c.index}",
+                    field="pointer",
+                    fix="raise data.max_pool_size or repair candidate_pool_ids",
+                )
+            labels.append([pos[g] for g in c.pointer])
+        raw_t = torch.tensor(rewards, dtype=torch.float32)
+        groups.append(
+            Group(
+                query_id=qid,
+                shot_num=rl.shot_num,
+                pool_ids=pool,
+                labels=torch.tensor(labels, dtype=torch.long),
+                rewards_raw=raw_t,
+                rewards=normalize_group(raw_t, opts.normalize_method, opts.normalize_clamp),
+                acc=torch.tensor([float(c.raw.get("vqa_acc_score") or 0.0) for c in kept], dtype=torch.float32),
+                candidate_index=[c.index for c in kept],
+                gen_methods=[c.raw.get("gen_method") for c in kept],
+            )
+        )
+        stats.queries_kept += 1
+        stats.candidates_kept += len(kept)
+    return groups
+
+
+def split_query_ids(
+    query_ids: Sequence[int], train_fraction: float = 0.8, split_file: Optional[str] = None
+) -> Tuple[List[int], List[int]]:
+    """Train/val split by sorted query id (reference: first int(0.8 n) train), or an explicit JSON split file."""
+    ids = sorted(query_ids)
+    if split_file:
+        path = Path(split_file)
+        try:
+            spec = json.loads(path.read_text())
+            train, val = [int(i) for i in spec["train"]], [int(i) for i in spec["val"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise LeverPlusInputError(
+                f"cannot read the split ({e})", file=str(path), fix='write {"train": [ids...], "val": [ids...]}'
+            ) from e
+        overlap = set(train) & set(val)
+        if overlap:
+            raise LeverPlusInputError(
+                f"{len(overlap)} query ids are in both train and val, e.g. {sorted(overlap)[:5]}", file=str(path)
+            )
+        return sorted(train), sorted(val)
+    if not 0.0 < train_fraction < 1.0:
+        raise LeverPlusInputError(f"data.train_fraction={train_fraction} must be in (0, 1)")
+    n_train = int(train_fraction * len(ids))
+    return ids[:n_train], ids[n_train:]
+
+
+def collate(groups: Sequence[Group], embeddings: torch.Tensor, old_log_probs: Optional[Mapping] = None) -> Batch:
+    """Pad B groups (sizes G_b, pools K_b, same shot count) into one Batch."""
+    if not groups:
+        raise ValueError("collate needs at least one group")
+    shots = {g.shot_num for g in groups}
+    if len(shots) != 1:
+        raise ValueError(f"a batch must have one shot_num, got {sorted(shots)}")
+    B = len(groups)
+    G = max(g.size for g in groups)
+    K = max(len(g.pool_ids) for g in groups)
+    S = groups[0].labels.shape[1]
+    d = embeddings.shape[1]
+    query_emb = embeddings[[g.query_id for g in groups]]
+    cand_emb = torch.zeros(B, K, d, dtype=embeddings.dtype)
+    cand_mask = torch.zeros(B, K, dtype=torch.bool)
+    labels = torch.zeros(B, G, S, dtype=torch.long)
+    member_mask = torch.zeros(B, G, dtype=torch.bool)
+    rewards = torch.zeros(B, G)
+    rewards_raw = torch.zeros(B, G)
+    acc = torch.zeros(B, G)
+    old = torch.zeros(B, G) if old_log_probs is not None else None
+    for b, g in enumerate(groups):
+        k, n = len(g.pool_ids), g.size
+        cand_emb[b, :k] = embeddings[g.pool_ids]
+        cand_mask[b, :k] = True
+        labels[b, :n] = g.labels
+        member_mask[b, :n] = True
+        rewards[b, :n] = g.rewards
+        rewards_raw[b, :n] = g.rewards_raw
+        acc[b, :n] = g.acc
+        if old is not None:
+            old[b, :n] = old_log_probs[g.query_id]
+    return Batch(
+        query_ids=[g.query_id for g in groups],
+        query_emb=query_emb,
+        cand_emb=cand_emb,
+        cand_mask=cand_mask,
+        labels=labels,
+        member_mask=member_mask,
+        rewards=rewards,
+        rewards_raw=rewards_raw,
+        acc=acc,
+        old_log_probs=old,
+    )
+
+
+def iterate_batches(
+    groups: Sequence[Group], batch_size: int, *, shuffle: bool, generator: Optional[torch.Generator] = None
+) -> Iterator[List[Group]]:
+    """Yield lists of groups; one shot_num per batch (joint multi-shot training mixes batches, not queries)."""
+    if batch_size < 1:
+        raise LeverPlusInputError(f"batch_size={batch_size} must be >= 1", field="data.batch_size")
+    by_shot: Dict[int, List[Group]] = {}
+    for g in groups:
+        by_shot.setdefault(g.shot_num, []).append(g)
+    chunks: List[List[Group]] = []
+    for shot in sorted(by_shot):
+        items = by_shot[shot]
+        order = torch.randperm(len(items), generator=generator).tolist() if shuffle else range(len(items))
+        items = [items[i] for i in order]
+        chunks.extend(items[i : i + batch_size] for i in range(0, len(items), batch_size))
+    if shuffle and len(by_shot) > 1:
+        perm = torch.randperm(len(chunks), generator=generator).tolist()
+        chunks = [chunks[i] for i in perm]
+    yield from chunks
+
+
+def num_batches(groups: Sequence[Group], batch_size: int) -> int:
+    counts: Dict[int, int] = {}
+    for g in groups:
+        counts[g.shot_num] = counts.get(g.shot_num, 0) + 1
+    return sum(-(-n // batch_size) for n in counts.values())
+
+
+def beam_groups(
+    beams: Mapping[int, BeamRecord],
+    pools: Mapping[int, Sequence[int]],
+    query_ids: Sequence[int],
+    *,
+    max_pool_size: int = 64,
+) -> List[Group]:
+    """SFT groups from the InfoScore beam JSON: every beam is a target sequence over the query's pool.
+
+    The pool is the query's RL/anchor pool when known (the reference's v2 SFT used the 2 gold ICDs as the pool with
+    parity labels — bug C4 — so it learned nothing transferable); beam ids missing from it are appended.
+    """
+    groups = []
+    for qid in sorted(query_ids):
+        rec = beams.get(qid)
+        if rec is None:
+            continue
+        seqs = rec.icd_sequences
+        pool = list(pools.get(qid, []))[:max_pool_size]
+        for s in seqs:
+            for i in s:
+                if i not in pool:
+                    pool.append(i)
+        pos = {gid: j for j, gid in enumerate(pool)}
+        labels = torch.tensor([[pos[i] for i in s] for s in seqs], dtype=torch.long)
+        scores = torch.tensor([rec.sequence_infoscore(i) for i in range(len(seqs))], dtype=torch.float32)
+        groups.append(
+            Group(
+                query_id=qid,
+                shot_num=labels.shape[1],
+                pool_ids=pool,
+                labels=labels,
+                rewards_raw=scores,
+                rewards=scores,
+                acc=torch.zeros(len(seqs)),
+                candidate_index=list(range(len(seqs))),
+                gen_methods=["infoscore_beam"] * len(seqs),
+            )
+        )
+    return groups
+
+
+def with_rewards(group: Group, rewards: torch.Tensor) -> Group:
+    return replace(group, rewards=rewards)

@@ -1,0 +1,718 @@
+"""The Lever-Plus pointer network (spec §2.1-2.3) and strict checkpoint I/O (spec §1d).
+
+``PointerSelector`` picks ``S`` distinct in-context examples from a pool of ``K`` candidates:
+encode (input projection, query-only cross-attention, projections, L2-norm), then ``S`` pointer steps
+``logits_t = s·ĉ / temperature`` with already-chosen items at ``mask_value`` and a gated state update.
+
+Parameter names and shapes are exactly the reference's, so reference checkpoints load strictly.
+Padded pool entries (``cand_mask`` False) are never attended to and get ``-inf`` logits, so padding a
+pool never changes any result.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from leverplus.decoding import StepFn
+from leverplus.errors import LeverPlusInputError
+
+log = logging.getLogger(__name__)
+
+
+class PointerSelector(nn.Module):
+    """Pointer network of Lever-Plus v2/v3 (``pointer_selector_v2.py`` at HEAD, with the V4-1 gate).
+
+    Args (reference values in brackets):
+        d_model: input embedding size [512 from CLIP in the v3 trainer].
+        hidden_dim: H [256]. ``input_proj`` is ``nn.Identity`` when ``d_model == hidden_dim``.
+        num_heads: attention heads [1]. Cannot be inferred from weights.
+        num_layers: cross-attention layers [trainer CLI default 1; V3 class default 3].
+        dropout: dropout before ``query_proj`` / ``cand_proj`` [0.5 in the v3 trainer].
+        attn_dropout: dropout inside the attention [0.1].
+        temperature: logit temperature [0.1]; a plain float, not saved in checkpoints (as the reference).
+        use_query_update_gate: V4-1 gated state update [True = HEAD; False = the "方案五" model].
+        mask_value: logit given to already-chosen items [-100.0, finite, kept in the softmax normaliser].
+        label_smoothing: default smoothing of ``sequence_nll`` [0.0 in the v3 trainer].
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        hidden_dim: int = 256,
+        num_heads: int = 1,
+        num_layers: int = 1,
+        dropout: float = 0.5,
+        attn_dropout: float = 0.1,
+        temperature: float = 0.1,
+        use_query_update_gate: bool = True,
+        mask_value: float = -100.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if d_model < 1 or hidden_dim < 1 or num_heads < 1 or num_layers < 0:
+            raise LeverPlusInputError(
+                f"bad model size d_model={d_model}, hidden_dim={hidden_dim}, num_heads={num_heads}, "
+                f"num_layers={num_layers}",
+                field="model",
+            )
+        if hidden_dim % num_heads:
+            raise LeverPlusInputError(
+                f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}", field="model.num_heads"
+            )
+        if not temperature > 0:
+            raise LeverPlusInputError(f"temperature must be > 0, got {temperature}", field="model.temperature")
+        self.config: dict[str, Any] = dict(
+            d_model=d_model,
+            hidden_dim=hidden_dim,
+            num_heads=num_heads,
+            num_layers=num_layers,
+            dropout=dropout,
+            attn_dropout=attn_dropout,
+            temperature=temperature,
+            use_query_update_gate=use_query_update_gate,
+            mask_value=mask_value,
+            label_smoothing=label_smoothing,
+        )
+        self.d_model, self.hidden_dim, self.num_layers = d_model, hidden_dim, num_layers
+        self.temperature = float(temperature)  # plain attribute: never in the state dict
+        self.mask_value = float(mask_value)
+        self.label_smoothing = float(label_smoothing)
+        self.use_query_update_gate = bool(use_query_update_gate)
+
+        self.input_proj: nn.Module = (
+            nn.Identity() if d_model == hidden_dim else nn.Linear(d_model, hidden_dim, bias=False)
+        )
+        self.cross_attn_layers = nn.ModuleList(
+            nn.MultiheadAttention(hidden_dim, num_heads, dropout=attn_dropout, batch_first=True)
+            for _ in range(num_layers)
+        )
+        self.attn_norms = nn.ModuleList(nn.LayerNorm(hidden_dim) for _ in range(num_layers))
+        self.query_proj = nn.Linear(hidden_dim, hidden_dim, bias=False)
+        self.cand_proj = nn.Linear(hidden_dim, hidden_dim, bias=False)
+        if self.use_query_update_gate:
+            self.query_update_gate = nn.Linear(2 * hidden_dim, hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+        self._init_weights()
+
+    def _init_weights(self, proj_noise_std: float = 0.01) -> None:
+        """Reference init: xavier input projection, I + N(0, 0.01²) projections, xavier/zero gate."""
+        if isinstance(self.input_proj, nn.Linear):
+            nn.init.xavier_uniform_(self.input_proj.weight)
+        with torch.no_grad():
+            for proj in (self.query_proj, self.cand_proj):
+                nn.init.eye_(proj.weight)
+                proj.weight.add_(torch.randn_like(proj.weight) * proj_noise_std)
+        if self.use_query_update_gate:
+            nn.init.xavier_uniform_(self.query_update_gate.weight)
+            nn.init.zeros_(self.query_update_gate.bias)
+
+    # ------------------------------------------------------------------ input checks
+
+    def _check_inputs(
+        self, query_emb: torch.Tensor, cand_emb: torch.Tensor, cand_mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """Validate shapes; return the boolean validity mask ``[B, K]``."""
+        if query_emb.dim() != 2 or cand_emb.dim() != 3 or query_emb.shape[0] != cand_emb.shape[0]:
+            raise LeverPlusInputError(
+                f"expected query_emb [B, d] and cand_emb [B, K, d], got {tuple(query_emb.shape)} and "
+                f"{tuple(cand_emb.shape)}",
+                field="query_emb/cand_emb",
+            )
+        for name, x in (("query_emb", query_emb), ("cand_emb", cand_emb)):
+            if x.shape[-1] != self.d_model:
+                raise LeverPlusInputError(
+                    f"last dimension is {x.shape[-1]}, the model expects d_model={self.d_model}",
+                    field=name,
+                    fix=f"pass model.d_model={x.shape[-1]} or use matching embeddings",
+                )
+            if not torch.isfinite(x).all():
+                raise LeverPlusInputError("contains NaN or inf", field=name, fix="re-export the embeddings")
+        B, K = cand_emb.shape[:2]
+        if cand_mask is None:
+            return torch.ones(B, K, dtype=torch.bool, device=cand_emb.device)
+        if cand_mask.shape != (B, K) or cand_mask.dtype != torch.bool:
+            raise LeverPlusInputError(
+                f"expected a bool tensor of shape ({B}, {K}), got {cand_mask.dtype} {tuple(cand_mask.shape)}",
+                field="cand_mask",
+            )
+        empty = (~cand_mask.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise LeverPlusInputError(f"batch rows {empty} have no valid candidate", field="cand_mask")
+        return cand_mask
+
+    @staticmethod
+    def _check_labels(labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Labels ``[B, G, S]`` must be integers pointing at valid (non-padded) pool entries."""
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise LeverPlusInputError(f"labels must be integer positions, got {labels.dtype}", field="labels")
+        labels = labels.long()
+        K = valid.shape[1]
+        if labels.numel() and (labels.min() < 0 or labels.max() >= K):
+            raise LeverPlusInputError(
+                f"labels must lie in [0, {K}), got min {int(labels.min())} max {int(labels.max())}",
+                field="labels",
+            )
+        B, G, S = labels.shape
+        hits = torch.gather(valid, 1, labels.reshape(B, G * S))
+        if not hits.all():
+            bad = (~hits).nonzero()[0].tolist()
+            raise LeverPlusInputError(
+                f"label points at a padded pool entry (batch row {bad[0]})",
+                field="labels",
+                fix="padded group members must still carry a valid pointer; mask them in the loss instead",
+            )
+        return labels
+
+    # ------------------------------------------------------------------ the network
+
+    def encode(
+        self, query_emb: torch.Tensor, cand_emb: torch.Tensor, cand_mask: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Spec §2.2 steps 1-3: return the initial state ``[B, H]`` and the candidate keys ĉ ``[B, K, H]``.
+
+        Cross-attention updates the query only (post-norm residual); padded candidates are excluded via
+        ``key_padding_mask``. Dropout is applied before ``query_proj`` / ``cand_proj``; both outputs are L2-normalised.
+        """
+        state, cand_hat, _ = self._encode(query_emb, cand_emb, cand_mask)
+        return state, cand_hat
+
+    def _encode(
+        self, query_emb: torch.Tensor, cand_emb: torch.Tensor, cand_mask: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``encode`` plus the validity mask ``[B, K]`` it checked."""
+        valid = self._check_inputs(query_emb, cand_emb, cand_mask)
+        q0 = self.input_proj(query_emb)  # [B, H]
+        c = self.input_proj(cand_emb)  # [B, K, H]
+        h = q0.unsqueeze(1)
+        for attn, norm in zip(self.cross_attn_layers, self.attn_norms):
+            attended, _ = attn(h, c, c, key_padding_mask=~valid, need_weights=False)
+            h = norm(attended + h)
+        state = F.normalize(self.query_proj(self.dropout(h.squeeze(1))), p=2, dim=-1)
+        cand_hat = F.normalize(self.cand_proj(self.dropout(c)), p=2, dim=-1)
+        return state, cand_hat, valid
+
+    def gate_update(self, state: torch.Tensor, chosen_hat: torch.Tensor) -> torch.Tensor:
+        """V4-1 state update ``s ← normalize(g⊙s + (1−g)⊙x)``, ``g = σ(W[s; x] + b)``, x = ĉ of the chosen item.
+
+        Returns ``state`` unchanged when the gate is off (the query stays static, as the 方案五 model).
+        """
+        if not self.use_query_update_gate:
+            return state
+        g = torch.sigmoid(self.query_update_gate(torch.cat([state, chosen_hat], dim=-1)))
+        return F.normalize(g * state + (1 - g) * chosen_hat, p=2, dim=-1)
+
+    def _unroll(
+        self,
+        state: torch.Tensor,
+        cand_hat: torch.Tensor,
+        valid: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        steps: int,
+        policy_temperature: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pointer steps for ``G`` sequences per query: state ``[B, G, H]``, ĉ ``[B, K, H]``, labels ``[B, G, T]``.
+
+        Returns logits ``[B, G, S, K]`` (chosen = ``mask_value``, padded = ``-inf``) and greedy picks ``[B, G, S]``.
+        Teacher forcing on ``labels`` for ``t < T``; the greedy pick afterwards.
+        """
+        if not policy_temperature > 0:
+            raise LeverPlusInputError(
+                f"policy_temperature must be > 0, got {policy_temperature}", field="policy_temperature"
+            )
+        B, G, H = state.shape
+        K = cand_hat.shape[1]
+        n_valid = int(valid.sum(dim=1).min())
+        if steps < 1 or steps > n_valid:
+            raise LeverPlusInputError(
+                f"cannot pick {steps} distinct items from a pool with {n_valid} valid entries",
+                field="shot_num",
+                fix="lower the shot number or enlarge the candidate pool",
+            )
+        padded = ~valid.unsqueeze(1)  # [B, 1, K]
+        chosen = torch.zeros(B, G, K, dtype=torch.bool, device=state.device)
+        all_logits, all_preds = [], []
+        for t in range(steps):
+            logits = torch.bmm(state, cand_hat.transpose(1, 2)) / self.temperature
+            if policy_temperature != 1.0:
+                logits = logits / policy_temperature
+            logits = logits.masked_fill(chosen, self.mask_value).masked_fill(padded, float("-inf"))
+            # argmax with chosen at -inf: identical to the reference's argmax, but can never repeat an item
+            pred = logits.masked_fill(chosen, float("-inf")).argmax(dim=-1)  # [B, G]
+            all_logits.append(logits)
+            all_preds.append(pred)
+            idx = labels[:, :, t] if labels is not None and t < labels.shape[2] else pred
+            chosen = chosen.scatter(2, idx.unsqueeze(-1), True)
+            if self.use_query_update_gate and t < steps - 1:
+                picked = torch.gather(cand_hat, 1, idx.unsqueeze(-1).expand(B, G, H))  # [B, G, H]
+                state = self.gate_update(state, picked)
+        return torch.stack(all_logits, dim=2), torch.stack(all_preds, dim=2)
+
+    def forward(
+        self,
+        query_emb: torch.Tensor,
+        cand_emb: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        shot_num: Optional[int] = None,
+        cand_mask: Optional[torch.Tensor] = None,
+        policy_temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Autoregressive selection (spec §2.2 step 4): ``(logits [B, S, K], predictions [B, S])``.
+
+        ``S = shot_num`` if given, else ``labels.shape[1]``. Teacher forcing on ``labels [B, S']`` for t < S'.
+        ``policy_temperature`` divides the logits after the model temperature (1.0 = the reference policy).
+        """
+        if labels is None and shot_num is None:
+            raise LeverPlusInputError("pass labels or shot_num", field="shot_num")
+        state, cand_hat, valid = self._encode(query_emb, cand_emb, cand_mask)
+        labels3 = None
+        if labels is not None:
+            if labels.dim() != 2 or labels.shape[0] != query_emb.shape[0]:
+                raise LeverPlusInputError(f"expected labels [B, S], got {tuple(labels.shape)}", field="labels")
+            labels3 = self._check_labels(labels.unsqueeze(1), valid)
+        steps = shot_num if shot_num is not None else labels.shape[1]
+        logits, preds = self._unroll(state.unsqueeze(1), cand_hat, valid, labels3, steps, policy_temperature)
+        return logits.squeeze(1), preds.squeeze(1)
+
+    def _group_logits(
+        self,
+        query_emb: torch.Tensor,
+        cand_emb: torch.Tensor,
+        labels: torch.Tensor,
+        cand_mask: Optional[torch.Tensor],
+        policy_temperature: float,
+        per_member_dropout: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits ``[B, G, S, K]`` for every group member; also the labels and validity mask."""
+        if labels.dim() != 3 or labels.shape[0] != query_emb.shape[0]:
+            raise LeverPlusInputError(f"expected labels [B, G, S], got {tuple(labels.shape)}", field="labels")
+        B, G, S = labels.shape
+        if per_member_dropout and self.training:
+            # reference path: tile the query and pool over the group, so each member draws its own dropout
+            mask = None if cand_mask is None else cand_mask.repeat_interleave(G, dim=0)
+            state, cand_hat, valid = self._encode(
+                query_emb.repeat_interleave(G, dim=0), cand_emb.repeat_interleave(G, dim=0), mask
+            )
+            K = cand_hat.shape[1]
+            flat = self._check_labels(labels.reshape(B * G, 1, S), valid)
+            logits, _ = self._unroll(state.unsqueeze(1), cand_hat, valid, flat, S, policy_temperature)
+            return logits.reshape(B, G, S, K), flat.reshape(B, G, S), valid.reshape(B, G, K)[:, 0]
+        state, cand_hat, valid = self._encode(query_emb, cand_emb, cand_mask)  # once per query, shared by the group
+        labels = self._check_labels(labels, valid)
+        states = state.unsqueeze(1).expand(B, G, state.shape[-1])
+        logits, _ = self._unroll(states, cand_hat, valid, labels, S, policy_temperature)
+        return logits, labels, valid
+
+    def sequence_log_probs(
+        self,
+        query_emb: torch.Tensor,
+        cand_emb: torch.Tensor,
+        labels: torch.Tensor,
+        cand_mask: Optional[torch.Tensor] = None,
+        *,
+        policy_temperature: float = 1.0,
+        per_member_dropout: bool = False,
+    ) -> torch.Tensor:
+        """``log π(a | q, C) = Σ_t log_softmax(logits_t)[a_t]`` for labels ``[B, G, S]`` -> ``[B, G]`` (spec §2.3).
+
+        Teacher-forced on each member's own labels (mask and gate follow ``a``); chosen entries (-100) stay in
+        the normaliser, padded ones (-inf) do not. The query is encoded once and shared by its ``G`` members,
+        which equals evaluating each member alone whenever dropout is inactive.
+
+        per_member_dropout: [QUIRK §2.3] in train mode the reference tiled q and C over the group, so every
+            member drew its own dropout mask. True reproduces that (G times slower); our default False shares
+            one mask per query.
+        """
+        logits, labels, _ = self._group_logits(
+            query_emb, cand_emb, labels, cand_mask, policy_temperature, per_member_dropout
+        )
+        logp = torch.log_softmax(logits, dim=-1)
+        return torch.gather(logp, 3, labels.unsqueeze(-1)).squeeze(-1).sum(dim=-1)
+
+    def sequence_nll(
+        self,
+        query_emb: torch.Tensor,
+        cand_emb: torch.Tensor,
+        labels: torch.Tensor,
+        cand_mask: Optional[torch.Tensor] = None,
+        *,
+        label_smoothing: Optional[float] = None,
+        clamp_min: float = -100.0,
+        per_member_dropout: bool = False,
+    ) -> torch.Tensor:
+        """Per-member cross-entropy summed over steps, ``[B, G]`` (reference RCE/SFT loss terms, spec §2.4).
+
+        ``Σ_t CE(clamp(logits_t, min=clamp_min), a_t, label_smoothing)``; with smoothing ε the per-step term is
+        ``(1−ε)(−log p_a) + ε·mean_k(−log p_k)`` over the *valid* entries only, so padding never enters.
+        ``label_smoothing=None`` uses the model's ``label_smoothing``; ``clamp_min`` is the reference -100.
+        With ε = 0 this equals ``-sequence_log_probs``.
+        """
+        eps = self.label_smoothing if label_smoothing is None else float(label_smoothing)
+        if not 0.0 <= eps <= 1.0:
+            raise LeverPlusInputError(f"label_smoothing must be in [0, 1], got {eps}", field="label_smoothing")
+        logits, labels, valid = self._group_logits(query_emb, cand_emb, labels, cand_mask, 1.0, per_member_dropout)
+        pad = ~valid[:, None, None, :]  # [B, 1, 1, K]
+        logits = logits.clamp(min=clamp_min).masked_fill(pad, float("-inf"))
+        logp = torch.log_softmax(logits, dim=-1)
+        nll = -torch.gather(logp, 3, labels.unsqueeze(-1)).squeeze(-1)  # [B, G, S]
+        if eps > 0:
+            n_valid = valid.sum(dim=1).to(logp.dtype)[:, None, None]
+            uniform = -logp.masked_fill(pad, 0.0).sum(dim=-1) / n_valid
+            nll = (1 - eps) * nll + eps * uniform
+        return nll.sum(dim=-1)
+
+    @torch.no_grad()
+    def greedy(
+        self,
+        query_emb: torch.Tensor,
+        cand_emb: torch.Tensor,
+        shot_num: int,
+        cand_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Greedy masked decoding in eval mode -> positions ``[B, shot_num]``; never repeats an item.
+
+        Raises if ``shot_num`` exceeds the number of valid pool entries (the reference silently repeated, C1).
+        The previous train/eval mode is restored afterwards.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            _, preds = self.forward(query_emb, cand_emb, shot_num=shot_num, cand_mask=cand_mask)
+        finally:
+            self.train(was_training)
+        return preds
+
+    @torch.no_grad()
+    def step_logits_fn(
+        self,
+        query_emb: torch.Tensor,
+        cand_emb: torch.Tensor,
+        *,
+        policy_temperature: float = 1.0,
+        static_query: bool = False,
+    ) -> StepFn:
+        """A ``decoding.StepFn`` for one query ``[d]`` and pool ``[K, d]``, for beam search / sampling (spec §6.2).
+
+        Encodes once in eval mode; each call replays the gate over the prefix (teacher forcing) and returns the
+        next-step logits ``[K]`` with prefix items at ``mask_value``. Uses the weights as they are at call time.
+
+        static_query: [QUIRK §6.2] the reference RL generator's ``compute_step_logits`` had no gate update
+            (True reproduces it); our default False uses the model's own forward, gate included.
+        """
+        if query_emb.dim() != 1 or cand_emb.dim() != 2:
+            raise LeverPlusInputError(
+                f"expected query_emb [d] and cand_emb [K, d], got {tuple(query_emb.shape)} and {tuple(cand_emb.shape)}",
+                field="query_emb/cand_emb",
+            )
+        if not policy_temperature > 0:
+            raise LeverPlusInputError(
+                f"policy_temperature must be > 0, got {policy_temperature}", field="policy_temperature"
+            )
+        was_training = self.training
+        self.eval()
+        try:
+            state0, cand_hat, _ = self._encode(query_emb.unsqueeze(0), cand_emb.unsqueeze(0), None)
+        finally:
+            self.train(was_training)
+        state0, cand_hat = state0[0], cand_hat[0]  # [H], [K, H]
+        K = cand_hat.shape[0]
+
+        def step(prefix) -> torch.Tensor:
+            prefix = [int(i) for i in prefix]
+            if any(not 0 <= i < K for i in prefix):
+                raise LeverPlusInputError(f"prefix {prefix} has positions outside [0, {K})", field="prefix")
+            with torch.no_grad():
+                state = state0
+                if not static_query:
+                    for i in prefix:
+                        state = self.gate_update(state, cand_hat[i])
+                logits = (cand_hat @ state) / self.temperature
+                if policy_temperature != 1.0:
+                    logits = logits / policy_temperature
+                if prefix:
+                    logits[prefix] = self.mask_value
+            return logits
+
+        return step
+
+
+# ====================================================================== checkpoints
+
+CHECKPOINT_FORMATS = ("trainer_pt", "lightning_ckpt", "v2format_ckpt", "raw_state_dict")
+LIGHTNING_PREFIX = "lever_lm.pointer_selector."
+RAW_PREFIXES = ("pointer_selector.", "model.")  # tried in order on raw state dicts
+V2FORMAT_RENAMES = (("cross_attn.", "cross_attn_layers.0."), ("attn_norm.", "attn_norms.0."))
+INFERRED_KEYS = ("d_model", "hidden_dim", "num_layers", "use_query_update_gate")
+_IN_MEMORY = "<in-memory checkpoint>"
+_MAX_LISTED = 20
+
+
+def _list_keys(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Keep the keys under ``prefix`` (stripped); return them and the ignored keys."""
+    kept = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return kept, [k for k in sd if not k.startswith(prefix)]
+
+
+def _rename_v2format(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo ``convert_v3_to_v2_format.py``'s renames (C2): ``cross_attn.*`` -> ``cross_attn_layers.0.*`` etc."""
+    out = {}
+    for k, v in sd.items():
+        for old, new in V2FORMAT_RENAMES:
+            if k.startswith(old):
+                k = new + k[len(old):]
+                break
+        out[k] = v
+    return out
+
+
+def _has_v2format_names(sd: Mapping[str, Any]) -> bool:
+    return any(k.startswith(old) for k in sd for old, _ in V2FORMAT_RENAMES)
+
+
+def _pointer_keys(sd: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Strip the first known prefix present (Lightning, then raw ones); keys without it are ignored."""
+    prefix = next((p for p in (LIGHTNING_PREFIX,) + RAW_PREFIXES if any(k.startswith(p) for k in sd)), "")
+    return _strip_prefix(sd, prefix)
+
+
+def detect_checkpoint_format(obj: Any) -> str:
+    """Which of the §1d formats ``obj`` (a loaded checkpoint) is: one of ``CHECKPOINT_FORMATS``."""
+    if isinstance(obj, Mapping) and "model_state_dict" in obj:
+        return "trainer_pt"
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        inner, _ = _pointer_keys(obj["state_dict"])
+        return "v2format_ckpt" if _has_v2format_names(inner) else "lightning_ckpt"
+    if _is_state_dict(obj):
+        return "raw_state_dict"
+    kind = f"a dict with keys {sorted(map(str, obj))[:10]}" if isinstance(obj, Mapping) else type(obj).__name__
+    raise LeverPlusInputError(
+        f"not a pointer-net checkpoint: got {kind}",
+        fix="pass a trainer .pt, a Lightning .ckpt, a v2format .ckpt or a raw state dict",
+    )
+
+
+def extract_pointer_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], str, list[str]]:
+    """Return ``(pointer-net state dict with our names, format, ignored keys)``.
+
+    Lightning/v2format: only ``lever_lm.pointer_selector.*`` is kept (CLIP and other keys are ignored).
+    Raw dicts: a ``pointer_selector.`` or ``model.`` prefix is stripped (keys without it are ignored).
+    v2format names are renamed back in every format.
+    """
+    fmt = detect_checkpoint_format(obj)
+    if fmt == "trainer_pt":
+        sd = obj["model_state_dict"]
+    elif fmt in ("lightning_ckpt", "v2format_ckpt"):
+        sd = obj["state_dict"]
+    else:
+        sd = obj
+    if not _is_state_dict(sd):
+        raise LeverPlusInputError(
+            f"the state dict of this {fmt} checkpoint is empty or holds non-tensor values",
+            field="model_state_dict" if fmt == "trainer_pt" else "state_dict",
+        )
+    kept, ignored = _pointer_keys(sd)
+    return _rename_v2format(kept), fmt, ignored
+
+
+def infer_model_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """``d_model``, ``hidden_dim``, ``num_layers`` and ``use_query_update_gate`` implied by the weights.
+
+    ``num_heads`` does not change any shape and cannot be inferred. Without any ``cross_attn_layers.*`` key
+    ``num_layers`` is reported as 1, so a strict load then names the missing attention keys.
+    """
+    if "query_proj.weight" not in state_dict:
+        raise LeverPlusInputError(
+            "no 'query_proj.weight' key: cannot infer the model size",
+            field="state_dict",
+            fix="pass a Lever-Plus pointer-net checkpoint",
+        )
+    hidden_dim = int(state_dict["query_proj.weight"].shape[0])
+    d_model = int(state_dict["input_proj.weight"].shape[1]) if "input_proj.weight" in state_dict else hidden_dim
+    parts = [k.split(".") for k in state_dict if k.startswith("cross_attn_layers.")]
+    layers = {int(p[1]) for p in parts if p[1].isdigit()}
+    return dict(
+        d_model=d_model,
+        hidden_dim=hidden_dim,
+        num_layers=max(layers) + 1 if layers else 1,
+        use_query_update_gate="query_update_gate.weight" in state_dict,
+    )
+
+
+def _read_checkpoint(path: Union[str, os.PathLike], map_location: Any) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise LeverPlusInputError("checkpoint file does not exist", file=str(path), fix="check the path")
+    try:
+        return torch.load(path, weights_only=True, map_location=map_location)
+    except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, ...)
+        raise LeverPlusInputError(
+            f"cannot be read as a torch checkpoint with weights_only=True ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})",
+            file=str(path),
+            fix="check that the file is complete; a checkpoint holding arbitrary Python objects must be reduced "
+            "to its state dict in a trusted environment: torch.save(torch.load(p, weights_only=False)"
+            "['state_dict'], 'sd.pt')",
+        ) from exc
+
+
+def load_pointer_checkpoint(
+    path_or_state_dict: Union[str, os.PathLike, Mapping[str, Any]],
+    *,
+    strict: bool = True,
+    map_location: Any = "cpu",
+    **model_kwargs: Any,
+) -> PointerSelector:
+    """Build a ``PointerSelector`` from any §1d checkpoint format and load it, strictly by default.
+
+    Model config: the ``model_config`` stored by ``save_pointer_checkpoint`` if present, else inferred from the
+    weights (``num_heads`` defaults to 1), then overridden by ``model_kwargs``. Strict: any missing or unexpected
+    pointer-net key or shape mismatch raises, naming the file, the format, the keys and the fix. Non-strict:
+    loads what fits and warns with the same lists. Ignored non-pointer keys (e.g. CLIP) are logged and kept in
+    ``model.checkpoint_info["ignored_keys"]`` with the format, epoch, phase, kl_beta and metrics.
+    """
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        label = str(path_or_state_dict)
+        obj = _read_checkpoint(path_or_state_dict, map_location)
+    else:
+        label, obj = _IN_MEMORY, path_or_state_dict
+    try:
+        sd, fmt, ignored = extract_pointer_state_dict(obj)
+        inferred = infer_model_config(sd)
+    except LeverPlusInputError as exc:
+        raise LeverPlusInputError(exc.problem, file=label, field=exc.field, fix=exc.fix) from None
+    if ignored:
+        log.info("%s: ignored %d non-pointer-net keys (%s)", label, len(ignored), _list_keys(ignored))
+
+    unknown = sorted(set(model_kwargs) - set(inspect.signature(PointerSelector).parameters))
+    if unknown:
+        raise LeverPlusInputError(f"unknown model arguments {unknown}", file=label, field="model_kwargs")
+    stored = obj.get("model_config") if fmt == "trainer_pt" else None
+    config = dict(stored) if isinstance(stored, Mapping) else dict(inferred)
+    config.update(model_kwargs)
+    try:
+        model = PointerSelector(**config)
+    except TypeError as exc:
+        raise LeverPlusInputError(f"bad model config {config}: {exc}", file=label, field="model_config") from None
+
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in sd)
+    unexpected = sorted(k for k in sd if k not in expected)
+    mismatched = sorted(k for k in sd if k in expected and sd[k].shape != expected[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing keys [{_list_keys(missing)}]")
+    if unexpected:
+        problems.append(f"unexpected keys [{_list_keys(unexpected)}]")
+    if mismatched:
+        shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched]
+        problems.append(f"shape mismatches [{_list_keys(shapes)}]")
+    if problems and strict:
+        hints = [f"model.{k}={v}" for k, v in inferred.items() if model.config[k] != v]
+        fix = "pass strict=false to load anyway"
+        if hints:
+            fix = f"pass {', '.join(hints)} (what the weights imply), or {fix}"
+        raise LeverPlusInputError(
+            f"pointer-net weights do not match the model (format {fmt}, model config "
+            f"{ {k: model.config[k] for k in INFERRED_KEYS} }): " + "; ".join(problems),
+            file=label,
+            fix=fix,
+        )
+    fitting = {k: v for k, v in sd.items() if k in expected and k not in mismatched}
+    model.load_state_dict(fitting, strict=False)
+    if problems:
+        warnings.warn(f"{label}: non-strict load of a {fmt} checkpoint: " + "; ".join(problems), stacklevel=2)
+    model.checkpoint_info = dict(
+        path=label,
+        format=fmt,
+        ignored_keys=ignored,
+        epoch=obj.get("epoch") if isinstance(obj, Mapping) else None,
+        phase=obj.get("phase") if isinstance(obj, Mapping) else None,
+        kl_beta=obj.get("kl_beta") if isinstance(obj, Mapping) else None,
+        metrics=obj.get("metrics") if isinstance(obj, Mapping) else None,
+    )
+    return model
+
+
+def _plain(value: Any, where: str) -> Any:
+    """Reduce metrics/extra to types ``torch.load(weights_only=True)`` accepts."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "ndim", None) == 0:
+        return value.item()  # numpy scalar
+    if hasattr(value, "__array__"):
+        return torch.as_tensor(value)
+    raise LeverPlusInputError(
+        f"cannot store a {type(value).__name__} in a checkpoint", field=where, fix="store numbers, strings or tensors"
+    )
+
+
+def save_pointer_checkpoint(
+    path: Union[str, os.PathLike],
+    model: PointerSelector,
+    *,
+    phase: str,
+    epoch: int,
+    kl_beta: Optional[float] = None,
+    metrics: Optional[dict] = None,
+    extra: Optional[dict] = None,
+) -> None:
+    """Write a trainer ``.pt`` atomically (temp file in the same directory, then ``os.replace``).
+
+    Layout: the reference ``{"epoch", "phase", "model_state_dict", "kl_beta", "metrics"}`` plus our
+    ``"model_config"`` (so the model is rebuilt exactly) and any ``extra`` keys.
+    """
+    if not isinstance(phase, str) or not phase:
+        raise LeverPlusInputError(f"phase must be a non-empty string, got {phase!r}", field="phase")
+    if not isinstance(epoch, int) or epoch < 0:
+        raise LeverPlusInputError(f"epoch must be an int >= 0, got {epoch!r}", field="epoch")
+    obj: dict[str, Any] = {
+        "epoch": epoch,
+        "phase": phase,
+        "model_state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "kl_beta": None if kl_beta is None else float(kl_beta),
+        "metrics": _plain(metrics or {}, "metrics"),
+        "model_config": dict(model.config),
+    }
+    clash = sorted(set(extra or {}) & set(obj))
+    if clash:
+        raise LeverPlusInputError(f"extra keys {clash} would overwrite reserved checkpoint keys", field="extra")
+    obj.update(_plain(extra or {}, "extra"))
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
