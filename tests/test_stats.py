@@ -1,0 +1,256 @@
+"""Tests for leverplus.stats: t and Wilson intervals, paired t-test, paired bootstrap, verdict.
+Hand values are worked out in the comments (t and z quantiles from tables)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from leverplus.errors import LeverPlusInputError
+from leverplus.stats import (
+    Estimate,
+    PairedResult,
+    mean_ci,
+    paired_bootstrap,
+    paired_t_test,
+    proportion_ci,
+    verdict,
+)
+
+T_4_975 = 2.7764451  # t quantile, df=4, 0.975
+T_3_975 = 3.1824463  # df=3
+T_1_95 = 6.3137515  # df=1, 0.95 (90% interval)
+Z_975 = 1.9599640
+
+
+# ----------------------------------------------------------------------------------------------------------
+# mean_ci
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_mean_ci_by_hand():
+    # [1..5]: mean 3, s = sqrt(10/4) = 1.5811388, se = s/sqrt(5) = 0.7071068, half = 2.7764451 * se = 1.9632432
+    est = mean_ci([1, 2, 3, 4, 5])
+    assert est.mean == 3.0 and est.n == 5
+    assert est.std == pytest.approx(math.sqrt(2.5))
+    assert est.lo == pytest.approx(3 - T_4_975 * math.sqrt(0.5), abs=1e-6)
+    assert est.hi == pytest.approx(3 + T_4_975 * math.sqrt(0.5), abs=1e-6)
+    assert est.lo == pytest.approx(1.0367568, abs=1e-6)
+
+
+def test_mean_ci_other_confidence():
+    # [0, 1], 90%: mean .5, s = sqrt(.5), se = .5, half = 6.3137515 * .5 = 3.1568758
+    est = mean_ci([0.0, 1.0], confidence=0.90)
+    assert (est.lo, est.hi) == pytest.approx((0.5 - T_1_95 / 2, 0.5 + T_1_95 / 2), abs=1e-6)
+
+
+def test_mean_ci_single_value_and_errors():
+    est = mean_ci([0.7])
+    assert est.mean == 0.7 and est.n == 1
+    assert math.isnan(est.lo) and math.isnan(est.hi) and math.isnan(est.std)
+    with pytest.raises(LeverPlusInputError):
+        mean_ci([])
+    with pytest.raises(LeverPlusInputError, match="record 1"):
+        mean_ci([1.0, float("nan")])
+    with pytest.raises(LeverPlusInputError, match="confidence"):
+        mean_ci([1.0, 2.0], confidence=95)
+    with pytest.raises(LeverPlusInputError):
+        mean_ci([[1.0, 2.0]])
+
+
+def test_mean_ci_constant_values_has_zero_width():
+    est = mean_ci([0.3, 0.3, 0.3])
+    assert est.lo == pytest.approx(0.3) and est.hi == pytest.approx(0.3) and est.std == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# proportion_ci (Wilson)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_wilson_8_of_10_by_hand():
+    # p = .8, z^2/n = 3.8414588/10 = .38414588, centre = (.8 + .19207294)/1.38414588 = .7167401
+    # half = 1.959964/1.38414588 * sqrt(.8*.2/10 + 3.8414588/400) = 1.4159951 * .1600113 = .2265776
+    est = proportion_ci(8, 10)
+    assert est.mean == 0.8 and est.n == 10
+    assert est.lo == pytest.approx(0.4901625, abs=1e-6)
+    assert est.hi == pytest.approx(0.9433178, abs=1e-6)
+    assert est.std == pytest.approx(0.4)  # sqrt(.8 * .2)
+
+
+def test_wilson_0_of_10_by_hand():
+    # p = 0: centre = half = (z^2/2n)/(1 + z^2/n) -> lo = 0, hi = (z^2/n)/(1 + z^2/n) = .3841459/1.3841459
+    est = proportion_ci(0, 10)
+    assert est.lo == 0.0
+    assert est.hi == pytest.approx(0.3841459 / 1.3841459, abs=1e-6)
+
+
+def test_wilson_from_per_item_scores():
+    # VQA scores [1, .3, .6, 0]: p = 1.9/4 = .475, n = 4 -> same as proportion_ci(1.9, 4)
+    est = proportion_ci([1.0, 0.3, 0.6, 0.0])
+    ref = proportion_ci(1.9, 4)
+    assert est.mean == pytest.approx(0.475) and est.n == 4
+    assert (est.lo, est.hi) == pytest.approx((ref.lo, ref.hi))
+    z2n = Z_975**2 / 4
+    centre = (0.475 + z2n / 2) / (1 + z2n)
+    half = Z_975 / (1 + z2n) * math.sqrt(0.475 * 0.525 / 4 + Z_975**2 / 64)
+    assert (est.lo, est.hi) == pytest.approx((centre - half, centre + half), abs=1e-6)
+    # 0/1 scores give the same interval as the count form
+    assert proportion_ci([1] * 8 + [0] * 2) == proportion_ci(8, 10)
+
+
+def test_wilson_errors():
+    with pytest.raises(LeverPlusInputError, match="record 1"):
+        proportion_ci([0.5, 30.0])
+    with pytest.raises(LeverPlusInputError):
+        proportion_ci(11, 10)
+    with pytest.raises(LeverPlusInputError):
+        proportion_ci(3)
+    with pytest.raises(LeverPlusInputError):
+        proportion_ci(3, 0)
+    with pytest.raises(LeverPlusInputError):
+        proportion_ci([1, 0], 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# paired_t_test
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_paired_t_by_hand_and_vs_scipy():
+    a, b = [1, 2, 3, 4], [0, 0, 1, 1]
+    # d = [1, 2, 2, 3]: mean 2, s = sqrt(2/3) = .8164966, se = .4082483, t = 4.8989795 (df 3)
+    # CI = 2 -/+ 3.1824463 * .4082483 = [0.7007717, 3.2992283]
+    r = paired_t_test(a, b)
+    assert r.delta == 2.0 and r.n == 4 and r.method == "paired_t"
+    assert (r.lo, r.hi) == pytest.approx((2 - T_3_975 * math.sqrt(2 / 3) / 2, 2 + T_3_975 * math.sqrt(2 / 3) / 2),
+                                         abs=1e-6)
+    ref = sps.ttest_rel(a, b)
+    assert r.p_value == pytest.approx(ref.pvalue, rel=1e-10)
+    assert r.p_value == pytest.approx(0.0162766, abs=1e-6)
+    ci = ref.confidence_interval(0.95)
+    assert (r.lo, r.hi) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    assert r.significant
+
+
+def test_paired_t_matches_scipy_on_random_data():
+    rng = np.random.default_rng(3)
+    a = rng.normal(0.5, 0.2, size=50)
+    b = a - rng.normal(0.02, 0.1, size=50)
+    r = paired_t_test(a, b, confidence=0.9)
+    ref = sps.ttest_rel(a, b)
+    ci = ref.confidence_interval(0.9)
+    assert r.delta == pytest.approx(float(np.mean(a - b)))
+    assert r.p_value == pytest.approx(ref.pvalue, rel=1e-9)
+    assert (r.lo, r.hi) == pytest.approx((ci.low, ci.high), rel=1e-9)
+
+
+def test_paired_t_zero_and_constant_differences():
+    r = paired_t_test([0.3, 0.6, 1.0], [0.3, 0.6, 1.0])
+    assert (r.delta, r.lo, r.hi, r.p_value) == (0.0, 0.0, 0.0, 1.0)
+    assert not r.significant
+    assert verdict(r) == "no significant difference"
+    r = paired_t_test([1.0, 2.0, 3.0], [0.5, 1.5, 2.5])  # every difference is .5
+    assert (r.delta, r.lo, r.hi, r.p_value) == (0.5, 0.5, 0.5, 0.0)
+    assert verdict(r) == "better"
+
+
+def test_paired_t_errors_and_single_pair():
+    with pytest.raises(LeverPlusInputError, match="length"):
+        paired_t_test([1, 2], [1, 2, 3])
+    with pytest.raises(LeverPlusInputError):
+        paired_t_test([], [])
+    r = paired_t_test([1.0], [0.0])
+    assert r.delta == 1.0 and math.isnan(r.lo) and math.isnan(r.p_value) and not r.significant
+
+
+# ----------------------------------------------------------------------------------------------------------
+# paired_bootstrap
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_reproducible_with_seed():
+    rng = np.random.default_rng(0)
+    a, b = rng.random(60), rng.random(60)
+    r1 = paired_bootstrap(a, b, n_boot=2000, seed=7)
+    r2 = paired_bootstrap(a, b, n_boot=2000, seed=7)
+    r3 = paired_bootstrap(a, b, n_boot=2000, seed=8)
+    assert r1 == r2
+    assert (r1.lo, r1.hi) != (r3.lo, r3.hi)
+    assert r1.delta == r3.delta == pytest.approx(float(np.mean(a - b)))
+    assert r1.method == "paired_bootstrap" and r1.n == 60
+
+
+def test_bootstrap_two_point_by_hand():
+    # d = [0, 1]: resampled means are 0 (p=1/4), .5 (1/2), 1 (1/4)
+    # -> 2.5% / 97.5% percentiles are 0 and 1; P(mean <= 0) ~ .25, P(mean >= 0) = 1 -> p ~ 2 * .25 = .5
+    r = paired_bootstrap([0.0, 1.0], [0.0, 0.0], n_boot=10000, seed=0)
+    assert r.delta == 0.5
+    assert (r.lo, r.hi) == (0.0, 1.0)
+    assert r.p_value == pytest.approx(0.5, abs=0.03)
+    assert not r.significant
+
+
+def test_bootstrap_degenerate_differences():
+    r = paired_bootstrap([0.3, 0.6], [0.3, 0.6], n_boot=500)
+    assert (r.delta, r.lo, r.hi, r.p_value) == (0.0, 0.0, 0.0, 1.0)
+    r = paired_bootstrap([1.0, 1.0, 1.0], [0.0, 0.0, 0.0], n_boot=500)
+    assert (r.delta, r.lo, r.hi, r.p_value) == (1.0, 1.0, 1.0, 0.0)
+    assert r.significant
+
+
+def test_bootstrap_ci_covers_the_truth():
+    # 40 data sets with true mean difference .1 (sd 1, n 100): the 95% CI should cover .1 in most of them
+    # (expected ~38/40; < 33 would be very unlikely for a correct 95% interval).
+    rng = np.random.default_rng(11)
+    covered = 0
+    for rep in range(40):
+        d = rng.normal(0.1, 1.0, size=100)
+        r = paired_bootstrap(d, np.zeros(100), n_boot=1000, seed=rep)
+        covered += r.lo <= 0.1 <= r.hi
+    assert covered >= 33
+
+
+def test_bootstrap_agrees_with_t_interval_for_large_n():
+    rng = np.random.default_rng(5)
+    a = rng.normal(0.6, 0.3, size=400)
+    b = a - rng.normal(0.05, 0.2, size=400)
+    boot, t = paired_bootstrap(a, b, n_boot=4000, seed=1), paired_t_test(a, b)
+    # both are ~ delta -/+ 1.96 * .2/sqrt(400) = delta -/+ .0196; endpoints agree to a few thousandths
+    assert boot.lo == pytest.approx(t.lo, abs=3e-3) and boot.hi == pytest.approx(t.hi, abs=3e-3)
+    assert boot.significant and t.significant and verdict(boot) == verdict(t) == "better"
+
+
+def test_bootstrap_errors():
+    with pytest.raises(LeverPlusInputError, match="n_boot"):
+        paired_bootstrap([1, 2], [1, 2], n_boot=0)
+    with pytest.raises(LeverPlusInputError, match="length"):
+        paired_bootstrap([1, 2], [1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# verdict
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_verdict_strings():
+    up = PairedResult(delta=0.1, lo=0.05, hi=0.15, p_value=0.01, n=100, method="paired_t")
+    down = PairedResult(delta=-0.1, lo=-0.15, hi=-0.05, p_value=0.01, n=100, method="paired_t")
+    flat = PairedResult(delta=0.02, lo=-0.01, hi=0.05, p_value=0.2, n=100, method="paired_t")
+    touching = PairedResult(delta=0.02, lo=0.0, hi=0.04, p_value=0.05, n=100, method="paired_t")
+    assert verdict(up) == "better" and verdict(up, better="lower") == "worse"
+    assert verdict(down) == "worse" and verdict(down, better="lower") == "better"
+    assert verdict(flat) == "no significant difference"
+    assert not touching.significant and verdict(touching) == "no significant difference"
+    with pytest.raises(LeverPlusInputError, match="better"):
+        verdict(up, better="bigger")
+
+
+def test_estimate_is_frozen():
+    est = Estimate(mean=0.5, lo=0.4, hi=0.6, n=10, std=0.1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        est.mean = 0.7  # type: ignore[misc]
