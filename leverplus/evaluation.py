@@ -1,0 +1,238 @@
+"""Evaluation: offline ranking of held-out RL groups, and downstream VQA accuracy of selected ICDs.
+
+Offline: the policy ranks each query's stored candidates by sequence log-prob; we report the reward and VQA accuracy
+of its top-ranked candidate next to the oracle (best candidate) and the group mean, plus NDCG and Spearman.
+
+Downstream: a selector picks ICDs for every evaluation query from an explicit pool (the query's own candidate pool,
+or the whole train pool), a scorer (the simulated LVLM; later a real LVLM) answers, and the official VQA accuracy
+is computed. Baselines run through the same harness: zero-shot, random ICDs, similarity top-k. Every accuracy comes
+with n and a 95% confidence interval, and per-query results are kept so that comparisons can be paired.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from leverplus.dataset import Group, collate, iterate_batches
+from leverplus.losses import rce_loss
+from leverplus.metrics import vqa_accuracy
+from leverplus.stats import mean_ci, paired_bootstrap
+
+# ---------------------------------------------------------------------------------------------- offline
+
+
+def _ndcg(scores: np.ndarray, gains: np.ndarray) -> float:
+    order = np.argsort(-scores, kind="stable")
+    discounts = 1.0 / np.log2(np.arange(2, len(gains) + 2))
+    dcg = float((gains[order] * discounts).sum())
+    idcg = float((np.sort(gains)[::-1] * discounts).sum())
+    return dcg / idcg if idcg > 0 else float("nan")
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+@torch.no_grad()
+def offline_metrics(
+    model, groups: Sequence[Group], embeddings: torch.Tensor, batch_size: int = 64
+) -> Tuple[Dict[str, float], List[dict]]:
+    """Rank every group's members by the policy (eval mode). Returns (summary, per-query rows).
+
+    Summary keys: top1_reward, top1_acc, oracle_reward, oracle_acc, mean_reward, mean_acc, ndcg, spearman, rce_loss
+    (the reference's val loss: RCE on raw rewards at τ=1), n_queries. NDCG uses gains = reward − group min and skips
+    groups whose rewards are all equal; Spearman skips groups with one distinct reward.
+    """
+    was_training = model.training
+    model.eval()
+    rows: List[dict] = []
+    loss_sum, n = 0.0, 0
+    for chunk in iterate_batches(list(groups), batch_size, shuffle=False):
+        b = collate(chunk, embeddings)
+        lp = model.sequence_log_probs(b.query_emb, b.cand_emb, b.labels, b.cand_mask)
+        loss_sum += float(rce_loss(lp, b.rewards_raw, 1.0, b.member_mask)["loss"]) * len(chunk)
+        n += len(chunk)
+        for i, g in enumerate(chunk):
+            s = lp[i, : g.size].numpy().astype(np.float64)
+            r = g.rewards_raw.numpy().astype(np.float64)
+            a = g.acc.numpy().astype(np.float64)
+            top = int(np.argmax(s))
+            best = int(np.argmax(r))
+            rows.append(
+                {
+                    "query_id": g.query_id,
+                    "shot_num": g.shot_num,
+                    "top1_index": g.candidate_index[top],
+                    "top1_reward": r[top],
+                    "top1_acc": a[top],
+                    "oracle_reward": r[best],
+                    "oracle_acc": float(a.max()),
+                    "mean_reward": float(r.mean()),
+                    "mean_acc": float(a.mean()),
+                    "ndcg": _ndcg(s, r - r.min()),
+                    "spearman": _spearman(s, r),
+                }
+            )
+    model.train(was_training)
+    summary: Dict[str, float] = {"n_queries": float(len(rows)), "rce_loss": loss_sum / max(n, 1)}
+    for key in ["top1_reward", "top1_acc", "oracle_reward", "oracle_acc", "mean_reward", "mean_acc", "ndcg", "spearman"]:
+        vals = np.array([row[key] for row in rows], dtype=np.float64)
+        vals = vals[~np.isnan(vals)]
+        summary[key] = float(vals.mean()) if len(vals) else float("nan")
+    return summary, rows
+
+
+# ---------------------------------------------------------------------------------------------- downstream
+
+
+class Scorer(Protocol):
+    """Answers a VQA query given ordered ICDs (global train ids). ``split`` is "train", "val" or "test"."""
+
+    def answer(self, split: str, query_index: int, icd_ids: Sequence[int]) -> str: ...
+
+    def gt_answers(self, split: str, query_index: int) -> List[str]: ...
+
+
+@dataclass
+class EvalQuerySet:
+    """Evaluation queries of one split with their candidate pools (global train ids)."""
+
+    split: str
+    query_index: List[int]
+    query_emb: torch.Tensor  # [M, d]
+    pools: List[List[int]]
+
+    def __len__(self) -> int:
+        return len(self.query_index)
+
+
+BASELINES = ("zero_shot", "random", "similarity")
+
+
+def _pools(qset: EvalQuerySet, pool_mode: str, num_items: int) -> List[List[int]]:
+    if pool_mode == "query_pool":
+        return qset.pools
+    if pool_mode == "train_pool":
+        everything = list(range(num_items))
+        if qset.split == "train":  # a train query is never its own ICD
+            return [[i for i in everything if i != q] for q in qset.query_index]
+        return [everything] * len(qset)
+    raise ValueError(f"unknown eval pool {pool_mode!r}; valid: query_pool, train_pool")
+
+
+@torch.no_grad()
+def select_icds(
+    method: str,
+    qset: EvalQuerySet,
+    embeddings: torch.Tensor,
+    shot_num: int,
+    *,
+    model=None,
+    pool_mode: str = "query_pool",
+    seed: int = 0,
+    batch_size: int = 64,
+) -> List[List[int]]:
+    """ICDs (global ids, prompt order) for every query of ``qset``, chosen by ``method``.
+
+    selector: the policy's greedy decode (never repeats); zero_shot: none; random: S items of the pool drawn with a
+    seeded generator; similarity: the S pool items with the highest cosine to the query, ordered so that the most
+    similar is last, next to the query (the reference's MMTopK with reversed_order=True).
+    """
+    pools = _pools(qset, pool_mode, embeddings.shape[0])
+    if method == "zero_shot":
+        return [[] for _ in pools]
+    if method == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return [[pool[j] for j in torch.randperm(len(pool), generator=gen)[:shot_num].tolist()] for pool in pools]
+    if method == "similarity":
+        q = torch.nn.functional.normalize(qset.query_emb.float(), dim=-1)
+        out = []
+        for i, pool in enumerate(pools):
+            c = torch.nn.functional.normalize(embeddings[pool].float(), dim=-1)
+            sims = c @ q[i]
+            top = torch.topk(sims, shot_num).indices.tolist()  # most similar first
+            out.append([pool[j] for j in reversed(top)])
+        return out
+    if method == "selector":
+        if model is None:
+            raise ValueError("method 'selector' needs a model")
+        was_training = model.training
+        model.eval()
+        out = []
+        for start in range(0, len(pools), batch_size):
+            chunk = pools[start : start + batch_size]
+            K = max(len(p) for p in chunk)
+            d = embeddings.shape[1]
+            cand = torch.zeros(len(chunk), K, d)
+            mask = torch.zeros(len(chunk), K, dtype=torch.bool)
+            for b, pool in enumerate(chunk):
+                cand[b, : len(pool)] = embeddings[pool]
+                mask[b, : len(pool)] = True
+            picks = model.greedy(qset.query_emb[start : start + len(chunk)], cand, shot_num, mask)
+            out.extend([[pool[j] for j in row] for pool, row in zip(chunk, picks.tolist())])
+        model.train(was_training)
+        return out
+    raise ValueError(f"unknown selection method {method!r}; valid: selector, {', '.join(BASELINES)}")
+
+
+def score_selections(scorer: Scorer, qset: EvalQuerySet, selections: Sequence[Sequence[int]]) -> List[dict]:
+    """Ask the scorer for each query's answer and compute the official VQA accuracy (per-query rows)."""
+    rows = []
+    for qidx, icds in zip(qset.query_index, selections):
+        pred = scorer.answer(qset.split, qidx, list(icds))
+        acc = vqa_accuracy(pred, scorer.gt_answers(qset.split, qidx))
+        rows.append({"split": qset.split, "query_index": qidx, "icds": list(icds), "prediction": pred, "acc": acc})
+    return rows
+
+
+def summarize(rows: Sequence[dict]) -> Dict[str, float]:
+    est = mean_ci([r["acc"] for r in rows])
+    return {"acc": est.mean, "ci_lo": est.lo, "ci_hi": est.hi, "n": float(est.n)}
+
+
+def downstream_eval(
+    scorer: Scorer,
+    qset: EvalQuerySet,
+    embeddings: torch.Tensor,
+    shot_num: int,
+    methods: Sequence[str],
+    *,
+    model=None,
+    pool_mode: str = "query_pool",
+    seed: int = 0,
+) -> Tuple[Dict[str, Dict[str, float]], Dict[str, List[dict]]]:
+    """Run every method through the same harness. Returns ({method: summary}, {method: per-query rows})."""
+    summaries, per_query = {}, {}
+    for method in methods:
+        sel = select_icds(method, qset, embeddings, shot_num, model=model, pool_mode=pool_mode, seed=seed)
+        rows = score_selections(scorer, qset, sel)
+        for r in rows:
+            r["method"], r["shot_num"] = method, shot_num
+        per_query[method] = rows
+        summaries[method] = summarize(rows)
+    return summaries, per_query
+
+
+def paired_comparison(rows_a: Sequence[dict], rows_b: Sequence[dict], n_boot: int = 2000, seed: int = 0):
+    """Paired bootstrap of the accuracy difference a − b over the same queries (matched by query_index)."""
+    b_by_q = {r["query_index"]: r["acc"] for r in rows_b}
+    pairs = [(r["acc"], b_by_q[r["query_index"]]) for r in rows_a if r["query_index"] in b_by_q]
+    a, b = zip(*pairs) if pairs else ((), ())
+    return paired_bootstrap(list(a), list(b), n_boot=n_boot, seed=seed)
+
+
+def format_table(summaries: Dict[str, Dict[str, float]], title: Optional[str] = None) -> str:
+    """Markdown table: method | acc | 95% CI | n."""
+    lines = [f"**{title}**", ""] if title else []
+    lines += ["| method | VQA acc | 95% CI | n |", "|---|---|---|---|"]
+    for method, s in summaries.items():
+        lines.append(f"| {method} | {100 * s['acc']:.2f} | [{100 * s['ci_lo']:.2f}, {100 * s['ci_hi']:.2f}] | {int(s['n'])} |")
+    return "\n".join(lines)

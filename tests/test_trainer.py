@@ -1,0 +1,101 @@
+"""Trainer phases on a small synthetic dataset whose rewards depend on the embeddings (learnable)."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import compose_cfg
+from leverplus.dataset import Group
+from leverplus.trainer import Trainer, build_model
+
+SMALL = ["model.hidden_dim=16", "data.batch_size=8", "tracking.enabled=false", "model.dropout=0.1"]
+
+
+def make_groups(n_queries=40, pool=10, members=5, d=16, seed=0):
+    """Reward of a member = cosine(query, first ICD) > 0 -> the policy can learn to prefer similar ICDs."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.nn.functional.normalize(torch.randn(n_queries + pool * n_queries, d, generator=g), dim=-1)
+    groups = []
+    for q in range(n_queries):
+        pool_ids = list(range(n_queries + q * pool, n_queries + (q + 1) * pool))
+        labels = torch.stack([torch.randperm(pool, generator=g)[:2] for _ in range(members)])
+        sims = emb[[pool_ids[i] for i in labels[:, 1].tolist()]] @ emb[q]
+        raw = (sims > 0).float() + sims.clamp(min=0)
+        norm = (raw - raw.mean()) / raw.std() if raw.std() > 1e-12 else raw
+        groups.append(Group(q, 2, pool_ids, labels, raw, norm, (sims > 0).float(), list(range(members))))
+    return emb, groups
+
+
+def run(tmp_path, overrides, groups=None):
+    cfg = compose_cfg(SMALL + overrides)
+    emb, all_groups = make_groups() if groups is None else groups
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, emb.shape[1])
+    trainer = Trainer(cfg, emb, all_groups[:32], all_groups[32:], tmp_path, say=lambda s: None)
+    return trainer.fit(model), trainer
+
+
+def test_rce_only_is_deterministic_and_writes_checkpoints(tmp_path):
+    r1, t1 = run(tmp_path / "a", ["rce.epochs=2"])
+    r2, t2 = run(tmp_path / "b", ["rce.epochs=2"])
+    assert t1.memory.history == t2.memory.history  # same config and seed -> identical metrics on CPU
+    names = {n for _, n, _ in t1.memory.history}
+    assert {"rce/loss", "rce/tau", "val/loss", "val/offline/top1_reward"} <= names
+    assert not any(n.startswith("grpo/") for n in names)
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["best.pt", "rce_epoch1.pt", "rce_epoch2.pt"]
+    assert r1.best["phase"] == "rce"
+    # τ schedule reaches its end value at the last step of the phase
+    assert t1.memory.series("rce/tau")[-1][1] == pytest.approx(0.5)
+
+
+def test_rce_learns_the_reward_signal(tmp_path):
+    _, t = run(tmp_path, ["rce.epochs=8", "rce.lr=3e-3"])
+    top1 = [v for _, v in t.memory.series("val/offline/top1_reward")]
+    assert top1[-1] > top1[0]
+
+
+def test_grpo_metrics_and_beta_adaptation(tmp_path):
+    r, t = run(tmp_path, ["rce.epochs=1", "grpo.epochs=2", "grpo.lr=1e-3"])
+    names = {n for _, n, _ in t.memory.history}
+    for key in ["loss", "ppo_loss", "kl", "beta", "mean_ratio", "clip_ratio", "adv_mean", "adv_std",
+                "frac_reward_zero_std"]:
+        assert f"grpo/{key}" in names
+        assert all(math.isfinite(v) for _, v in t.memory.series(f"grpo/{key}"))
+    # curriculum: 3 members in epoch 1, 5 afterwards
+    assert [v for _, v in t.memory.series("grpo/top_k")] == [3.0, 5.0]
+    # β after each epoch stays inside its clamps
+    assert all(0.001 <= v <= 10.0 for _, v in t.memory.series("grpo/beta"))
+    assert r.best["phase"] == "grpo"  # selection scope = the last phase that ran
+
+
+def test_freeze_backbone_only_trains_attention_and_gate(tmp_path):
+    cfg = compose_cfg(SMALL + ["rce.epochs=0", "grpo.epochs=1", "grpo.freeze_backbone=true", "grpo.lr=1e-2"])
+    emb, groups = make_groups()
+    model = build_model(cfg.model, emb.shape[1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = Trainer(cfg, emb, groups[:32], groups[32:], tmp_path, say=lambda s: None).fit(model)
+    after = model.state_dict()
+    for k in before:
+        frozen = any(p in k for p in ("input_proj", "query_proj", "cand_proj"))
+        assert torch.equal(before[k], after[k]) == frozen, k
+    # d = H = 16 -> input_proj is Identity (reference); query_proj + cand_proj = 2 * 16*16 = 512 frozen
+    total = sum(v.numel() for v in before.values())
+    assert res.param_counts == {"trainable": total - 512, "total": total}
+
+
+def test_group_of_one_member_does_not_produce_nan(tmp_path):
+    emb, groups = make_groups(members=1)
+    r, t = run(tmp_path, ["rce.epochs=1", "grpo.epochs=1"], groups=(emb, groups))
+    train_metrics = [(n, v) for _, n, v in t.memory.history if n.startswith(("rce/", "grpo/"))]
+    assert train_metrics and all(math.isfinite(v) for _, v in train_metrics)
+    # advantages of a lone member are 0 (the reference divided by an undefined std -> NaN)
+    assert all(v == 0.0 for _, v in t.memory.series("grpo/adv_std"))
+
+
+def test_diverging_training_fails_loudly(tmp_path):
+    """An absurd learning rate blows the weights up; the run must stop with a clear error, not train on NaN."""
+    from leverplus.trainer import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="RCE epoch"):
+        run(tmp_path, ["rce.epochs=3", "rce.lr=1e30", "rce.lr_schedule=constant", "rce.grad_clip=1e30"])
