@@ -288,31 +288,21 @@ def collate(groups: Sequence[Group], embeddings: torch.Tensor, old_log_probs: Op
     shots = {g.shot_num for g in groups}
     if len(shots) != 1:
         raise ValueError(f"a batch must have one shot_num, got {sorted(shots)}")
-    B = len(groups)
     G = max(g.size for g in groups)
     K = max(len(g.pool_ids) for g in groups)
-    S = groups[0].labels.shape[1]
-    d = embeddings.shape[1]
+    sizes = torch.tensor([g.size for g in groups])
+    pool_sizes = torch.tensor([len(g.pool_ids) for g in groups])
+    member_mask = torch.arange(G)[None, :] < sizes[:, None]
+    cand_mask = torch.arange(K)[None, :] < pool_sizes[:, None]
+    pad = torch.nn.utils.rnn.pad_sequence
+    pool_idx = pad([torch.as_tensor(g.pool_ids, dtype=torch.long) for g in groups], batch_first=True)
+    cand_emb = embeddings[pool_idx] * cand_mask[..., None].to(embeddings.dtype)  # one gather for the batch
     query_emb = embeddings[[g.query_id for g in groups]]
-    cand_emb = torch.zeros(B, K, d, dtype=embeddings.dtype)
-    cand_mask = torch.zeros(B, K, dtype=torch.bool)
-    labels = torch.zeros(B, G, S, dtype=torch.long)
-    member_mask = torch.zeros(B, G, dtype=torch.bool)
-    rewards = torch.zeros(B, G)
-    rewards_raw = torch.zeros(B, G)
-    acc = torch.zeros(B, G)
-    old = torch.zeros(B, G) if old_log_probs is not None else None
-    for b, g in enumerate(groups):
-        k, n = len(g.pool_ids), g.size
-        cand_emb[b, :k] = embeddings[g.pool_ids]
-        cand_mask[b, :k] = True
-        labels[b, :n] = g.labels
-        member_mask[b, :n] = True
-        rewards[b, :n] = g.rewards
-        rewards_raw[b, :n] = g.rewards_raw
-        acc[b, :n] = g.acc
-        if old is not None:
-            old[b, :n] = old_log_probs[g.query_id]
+    labels = pad([g.labels for g in groups], batch_first=True)
+    rewards = pad([g.rewards for g in groups], batch_first=True)
+    rewards_raw = pad([g.rewards_raw for g in groups], batch_first=True)
+    acc = pad([g.acc for g in groups], batch_first=True)
+    old = pad([old_log_probs[g.query_id] for g in groups], batch_first=True) if old_log_probs is not None else None
     return Batch(
         query_ids=[g.query_id for g in groups],
         query_emb=query_emb,
