@@ -186,8 +186,11 @@ def select_icds(
 def score_selections(scorer: Scorer, qset: EvalQuerySet, selections: Sequence[Sequence[int]]) -> List[dict]:
     """Ask the scorer for each query's answer and compute the official VQA accuracy (per-query rows)."""
     rows = []
-    for qidx, icds in zip(qset.query_index, selections):
-        pred = scorer.answer(qset.split, qidx, list(icds))
+    if hasattr(scorer, "answer_batch"):  # vectorised scorers (the simulated LVLM) answer a whole split at once
+        preds = scorer.answer_batch(qset.split, list(qset.query_index), [list(s) for s in selections])
+    else:
+        preds = [scorer.answer(qset.split, q, list(s)) for q, s in zip(qset.query_index, selections)]
+    for qidx, icds, pred in zip(qset.query_index, selections, preds):
         acc = vqa_accuracy(pred, scorer.gt_answers(qset.split, qidx))
         rows.append({"split": qset.split, "query_index": qidx, "icds": list(icds), "prediction": pred, "acc": acc})
     return rows

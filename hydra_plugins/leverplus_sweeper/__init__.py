@@ -1,0 +1,1 @@
+"""Hydra plugins shipped with leverplus (discovered through the ``hydra_plugins`` namespace package)."""

@@ -1,0 +1,85 @@
+"""PNG plots people would rather look at than read: training curves (per run) and sweep figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CURVE_PANELS = [
+    ("loss", ["sft/loss", "rce/loss", "grpo/loss", "val/loss"]),
+    ("validation ranking", ["val/offline/top1_reward", "val/offline/oracle_reward", "val/offline/mean_reward"]),
+    ("GRPO KL / beta", ["grpo/kl", "grpo/beta"]),
+    ("GRPO ratio / clip / zero-std", ["grpo/mean_ratio", "grpo/clip_ratio", "grpo/frac_reward_zero_std"]),
+]
+
+
+def training_curves(history: Iterable[Tuple[int, str, float]], path: str | Path) -> Path:
+    """One figure, four panels (losses, validation ranking metrics, KL/β, PPO statistics) against the epoch."""
+    series: Dict[str, List[Tuple[int, float]]] = {}
+    for step, name, value in history:
+        series.setdefault(name, []).append((step, value))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for ax, (title, names) in zip(axes.flat, CURVE_PANELS):
+        drawn = False
+        for name in names:
+            pts = sorted(series.get(name, []))
+            if pts:
+                ax.plot([p[0] + 1 for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
+                drawn = True
+        ax.set_title(title)
+        ax.set_xlabel("epoch (all phases)")
+        if drawn:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes, color="grey")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bar_with_ci(labels: Sequence[str], means: Sequence[float], los: Sequence[float], his: Sequence[float],
+                path: str | Path, title: str = "", ylabel: str = "") -> Path:
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(labels) + 2), 4.5))
+    err = [[m - lo for m, lo in zip(means, los)], [hi - m for m, hi in zip(means, his)]]
+    ax.bar(range(len(labels)), means, yerr=err, capsize=3, color="#4c72b0")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def heatmap(matrix, row_labels: Sequence[str], col_labels: Sequence[str], path: str | Path, title: str = "",
+            cbar_label: str = "") -> Path:
+    import numpy as np
+
+    m = np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(max(5, 1.0 * len(col_labels) + 3), max(3, 0.5 * len(row_labels) + 1.5)))
+    lim = np.nanmax(np.abs(m)) if np.isfinite(m).any() else 1.0
+    im = ax.imshow(m, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xticks(range(len(col_labels)))
+    ax.set_xticklabels(col_labels, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(row_labels)))
+    ax.set_yticklabels(row_labels, fontsize=8)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if np.isfinite(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:+.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, label=cbar_label)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,553 @@
+"""Writes a simulated world as Lever-Plus files (spec §1a, §1b, §1c) and caches them by parameter hash.
+
+Files under one world folder (docs/sim.md describes each):
+
+* ``train_embeddings.pt``: ``[num_train, d]`` float32, row i = train item i (the reference's
+  ``query_embeddings.pt`` = ``candidate_embeddings.pt``; one file serves both);
+* the InfoScore beam JSON (§1a), with the reference file name;
+* ``rl_data_RandSampler_sim-lvlm_shot{S}.json``: one RL JSON (§1b, K=64 variant) per shot count;
+* ``eval_queries.json`` + ``val_embeddings.pt`` / ``test_embeddings.pt``: our own format for evaluation queries
+  (questions, annotator answers, 64-pools), see :func:`load_eval_queries`;
+* ``manifest.json``: parameters, hash, generator version, content hashes, counts. Written last: a folder with a
+  manifest is complete.
+
+Everything is deterministic for a given :class:`SimParams`; the JSON files are byte-identical across runs.
+``.pt`` files embed a random torch serialisation id, so the manifest records their *tensor* hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from filelock import FileLock
+
+from leverplus.decoding import beam_search, sample_sequences
+from leverplus.errors import LeverPlusInputError
+from leverplus.formats import (atomic_write_json, load_json, read_embeddings, save_embeddings, write_beam_json,
+                               write_rl_json)
+from leverplus.metrics import answer_relevance, fallback_match, normalize_answer, vqa_accuracy, vqa_postprocess
+from leverplus.sim.lvlm import STREAM_FALLBACK_COIN, STREAM_FALLBACK_NOISE, SimLVLM, hash_uniform
+from leverplus.sim.params import GENERATOR_VERSION, SimParams, params_dict, params_hash
+from leverplus.sim.world import World
+
+PathLike = Union[str, Path]
+
+VQA_MODEL_NAME = "sim-lvlm"
+#: Fixed, so files are byte-identical per parameters (the reference stamps the wall clock here).
+CREATED_AT = "2000-01-01 00:00:00"
+#: Priority of generators when two candidates are the same unordered ICD set (spec §6.2 step 5).
+GEN_PRIORITY = {"beam": 4, "retrieval": 3, "sample": 2, "random": 1}
+EVAL_FORMAT = "leverplus-sim-eval-queries/1"
+
+EMBEDDINGS_FILE = "train_embeddings.pt"
+EVAL_QUERIES_FILE = "eval_queries.json"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class SimDataPaths:
+    """Where one generated world lives."""
+
+    root: Path
+    embeddings: Path  # [num_train, d] train embeddings (query and candidate table)
+    beam_json: Path  # InfoScore beam JSON (§1a)
+    rl_json: dict  # shot_num -> RL JSON path (§1b)
+    eval_queries: Path  # our eval-query JSON (val/test questions, answers, pools)
+    eval_embeddings: dict  # "val"/"test" -> [n, d] embeddings of the eval queries
+    manifest: Path
+
+    def all_files(self) -> list[Path]:
+        """Every data file, in a fixed order (manifest last)."""
+        return ([self.embeddings, self.beam_json] + [self.rl_json[s] for s in sorted(self.rl_json)]
+                + [self.eval_queries] + [self.eval_embeddings[s] for s in sorted(self.eval_embeddings)]
+                + [self.manifest])
+
+
+def beam_json_name(p: SimParams) -> str:
+    """The reference's beam-file name (``generate_data.py:L319-324``) for the simulated dataset and model."""
+    return (f"vqa-sim-{VQA_MODEL_NAME.replace('-', '_')}-RandSampler-scorer:infoscore-construct_order:left-"
+            f"beam_size:{p.beam_size}-max_shot:{p.beam_max_shot}-candidate_num:{p.candidate_num}-"
+            f"sample_num:{p.num_anchors}.json")
+
+
+def sim_data_paths(root: PathLike, p: SimParams) -> SimDataPaths:
+    """The file layout of a world folder (files need not exist yet)."""
+    root = Path(root)
+    return SimDataPaths(
+        root=root,
+        embeddings=root / EMBEDDINGS_FILE,
+        beam_json=root / beam_json_name(p),
+        rl_json={s: root / f"rl_data_RandSampler_{VQA_MODEL_NAME}_shot{s}.json" for s in sorted(p.shot_nums)},
+        eval_queries=root / EVAL_QUERIES_FILE,
+        eval_embeddings={s: root / f"{s}_embeddings.pt" for s in ("val", "test")},
+        manifest=root / MANIFEST_FILE,
+    )
+
+
+def _tensor_hash(x: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest()[:16]
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------------
+# InfoScore beam search (spec §1a)
+# ------------------------------------------------------------------------------------------------------
+
+
+def _topk_desc(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries along the last axis; ties: lower index first (stable)."""
+    return np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+
+
+def infoscore_beam_search(lvlm: SimLVLM, anchors: np.ndarray, pools: np.ndarray, beam_size: int,
+                          max_shot: int) -> dict[int, dict]:
+    """InfoScore beam search over each anchor's pool, vectorised over anchors, beams and candidates.
+
+    Step t, for each beam with chosen ICDs ``C`` (prompt order) and each pool item ``c`` not in ``C``:
+    ``InfoScore(c) = P(y | [c] + C + query) − P(y | C + query)`` with ``y`` the anchor's canonical answer
+    (``answer_prob`` of the gold answer = ``p_correct``). Each beam keeps its ``beam_size`` largest scores
+    (``topk`` largest — not the reference's Qwen ``largest=False`` quirk), then the global ``beam_size`` largest
+    survive (``beam_filter``). New ICDs are prepended. Returns beam-JSON records keyed by anchor id.
+    """
+    A, K = pools.shape
+    if K < max_shot + beam_size - 1:
+        raise LeverPlusInputError(f"a pool of {K} cannot feed {beam_size} beams of {max_shot} ICDs",
+                                  field="data.sim.candidate_num", fix="raise candidate_num or lower beam_size")
+    rows = np.arange(A)[:, None]
+    chosen = np.zeros((A, 1, 0), dtype=np.int64)  # [A, nb, t], prompt order
+    history = np.zeros((A, 1, 0))  # [A, nb, t], per-step InfoScore in selection order
+    p_cur = lvlm.p_correct_batch("train", anchors, np.zeros((A, 0), dtype=np.int64))[:, None]  # [A, nb]
+    for _ in range(max_shot):
+        nb, t = chosen.shape[1], chosen.shape[2]
+        new = np.broadcast_to(pools[:, None, :, None], (A, nb, K, 1))
+        old = np.broadcast_to(chosen[:, :, None, :], (A, nb, K, t))
+        icds = np.concatenate([new, old], axis=3).reshape(A * nb * K, t + 1)
+        p_new = lvlm.p_correct_batch("train", np.repeat(anchors, nb * K), icds).reshape(A, nb, K)
+        score = p_new - p_cur[:, :, None]
+        used = (pools[:, None, :, None] == chosen[:, :, None, :]).any(axis=3)
+        score = np.where(used, -np.inf, score)
+        per_beam = _topk_desc(score, beam_size)  # [A, nb, bs]
+        flat = np.take_along_axis(score, per_beam, axis=2).reshape(A, nb * beam_size)
+        keep = _topk_desc(flat, beam_size)  # [A, bs], beam_filter
+        parent = keep // beam_size
+        pos = np.take_along_axis(per_beam.reshape(A, nb * beam_size), keep, axis=1)
+        chosen = np.concatenate([pools[rows, pos][:, :, None], chosen[rows, parent]], axis=2)
+        history = np.concatenate([history[rows, parent], np.take_along_axis(flat, keep, axis=1)[:, :, None]],
+                                 axis=2)
+        p_cur = p_new[rows, parent, pos]
+
+    records: dict[int, dict] = {}
+    for a in range(A):
+        qid = int(anchors[a])
+        id_list = [[int(x) for x in chosen[a, b]] + [qid] for b in range(chosen.shape[1])]
+        shot_scores = [[float(s) for s in history[a, b]] for b in range(chosen.shape[1])]
+        score_list = [row[-1] for row in shot_scores]
+        beams = [{"shots": [{"id": i, "score": s} for i, s in zip(reversed(ids[:-1]), scores)],
+                  "final_score": final, "full_sequence": ids}
+                 for ids, scores, final in zip(id_list, shot_scores, score_list)]
+        records[qid] = {"id_list": id_list, "score_list": score_list, "shot_scores": shot_scores,
+                        "beams": beams, "few_shot_num": max_shot}
+    return records
+
+
+# ------------------------------------------------------------------------------------------------------
+# RL candidates (spec §6.2) and their scores (§6.5-§6.7)
+# ------------------------------------------------------------------------------------------------------
+
+
+def proposal_logits(world: World, qidx: int, pool: np.ndarray, cos: Optional[np.ndarray] = None) -> np.ndarray:
+    """The PROPOSAL policy over one anchor's pool: ``(cos(e_q, e_c) + ε_qc) / τ``.
+
+    A stand-in for the SFT'd pointer net of the reference (which, by caveat C3, was in fact random): static over
+    steps like the reference's ``compute_step_logits``, with a fixed per-(query, candidate) Gaussian ``ε``
+    (sd ``proposal_noise``) so that beam/sample candidates are not just the retrieval ones.
+    ``cos`` (the visible cosines to the pool) is recomputed when not given.
+    """
+    p = world.params
+    if cos is None:
+        cos = world.visible_similarity("train", qidx, pool)
+    noise = np.random.default_rng([p.seed, 1001, int(qidx)]).standard_normal(len(pool)) * p.proposal_noise
+    return (cos + noise) / p.proposal_temperature
+
+
+def pointer_candidates(world: World, qidx: int, shot_num: int) -> list[dict]:
+    """Spec §6.2 candidates for one anchor: beam, sample, retrieval, random; de-duplicated by unordered set
+    with priority beam > retrieval > sample > random (a higher-priority duplicate replaces the stored one in
+    place; insertion order is kept). Pointers are LOCAL positions in the anchor's pool, prompt order.
+
+    For ``shot_num != 2`` retrieval takes windows of ``shot_num`` consecutive neighbours
+    ``(s_{r+1}, ..., s_{r+S})`` (most similar first, as the reference's pairs) and random draws ``shot_num``
+    distinct items. Sampling and random draws use generators seeded by (seed, anchor, shot_num).
+    """
+    p = world.params
+    pool = world.pool("train", qidx)
+    K = len(pool)
+    cos = world.visible_similarity("train", qidx, pool)
+    logits = torch.as_tensor(proposal_logits(world, qidx, pool, cos), dtype=torch.float32)
+
+    def step(prefix: Sequence[int]) -> torch.Tensor:
+        return logits
+
+    made: list[dict] = []
+    for d in beam_search(step, K, shot_num, num_beams=p.num_beams):
+        made.append({"gen_method": "beam", "pointer": list(d.pointer), "beam_rank": d.rank, "beam_score": d.score,
+                     "logprob_score": d.logprob, "temperature": None, "similarity_score": None})
+    torch_seed = int(np.random.SeedSequence([p.seed, 2003, int(qidx), shot_num]).generate_state(1)[0])
+    gen = torch.Generator().manual_seed(torch_seed)
+    for temp in p.temps:
+        for d in sample_sequences(step, K, shot_num, temp, p.num_samples_per_temp, gen):
+            made.append({"gen_method": "sample", "pointer": list(d.pointer), "beam_rank": None, "beam_score": None,
+                         "logprob_score": d.logprob, "temperature": float(temp), "similarity_score": None})
+    order = np.argsort(-cos, kind="stable")
+    for r in range(p.num_retrieval):
+        if r + shot_num > K:
+            break
+        ptr = [int(i) for i in order[r:r + shot_num]]
+        made.append({"gen_method": "retrieval", "pointer": ptr, "beam_rank": None, "beam_score": None,
+                     "logprob_score": None, "temperature": None, "similarity_score": float(cos[ptr].mean())})
+    rng = np.random.default_rng([p.seed, 2002, int(qidx), shot_num])
+    for _ in range(p.num_random):
+        ptr = [int(i) for i in rng.choice(K, size=shot_num, replace=False)]
+        made.append({"gen_method": "random", "pointer": ptr, "beam_rank": None, "beam_score": None,
+                     "logprob_score": None, "temperature": None, "similarity_score": None})
+
+    kept: dict[tuple, dict] = {}
+    for cand in made:
+        key = tuple(sorted(cand["pointer"]))
+        if key not in kept or GEN_PRIORITY[cand["gen_method"]] > GEN_PRIORITY[kept[key]["gen_method"]]:
+            kept[key] = cand  # replacing keeps the key's original position (dict order)
+    return list(kept.values())
+
+
+def fallback_anchor_set(world: World) -> set[int]:
+    """Anchors scored by the string-match fallback: ``round(fallback_fraction · num_anchors)`` of them, drawn
+    with a seeded permutation (the same anchors in every shot file, as a question missing from the annotation
+    files would be)."""
+    p = world.params
+    n = int(round(p.fallback_fraction * len(world.anchors)))
+    perm = np.random.default_rng([p.seed, 3003]).permutation(len(world.anchors))
+    return {int(world.anchors[i]) for i in perm[:n]}
+
+
+def score_fallback(world: World, qidx: int, pointer_global: Sequence[int], prediction: str,
+                   gt_answers: Sequence[str]) -> tuple[int, float]:
+    """Noisy fallback scoring: ``fallback_match``, then with prob ``fallback_noise`` the correctness is
+    replaced by a fair coin flip unrelated to the answer (score 1.0 if heads else 0.0). Hash-seeded."""
+    p = world.params
+    correct, score = fallback_match(prediction, gt_answers)
+    q, icds = np.asarray([qidx]), np.asarray([list(pointer_global)])
+    if hash_uniform(p.seed, STREAM_FALLBACK_NOISE, 1, q, icds)[0] < p.fallback_noise:
+        correct = int(hash_uniform(p.seed, STREAM_FALLBACK_COIN, 1, q, icds)[0] < 0.5)
+        score = 1.0 if correct else 0.0
+    return correct, float(score)
+
+
+def _query_block(world: World, split: str, qidx: int) -> dict:
+    """The §1b ``query`` object of one query."""
+    items = world.items(split)
+    raw = list(items.gt_answers[qidx])
+    return {"query_id": int(qidx), "question_id": int(items.question_id[qidx]),
+            "image_id": int(items.image_id[qidx]), "question": items.questions[qidx],
+            "gt_answers_raw": raw, "gt_answers_norm": [vqa_postprocess(g) for g in raw]}
+
+
+def rl_records(world: World, lvlm: SimLVLM, shot_num: int, fallback_anchors: set[int],
+               cache: Optional[dict] = None) -> tuple[dict, dict]:
+    """All RL-JSON query records for one shot count, plus the eval-mode counts.
+
+    ``cache`` (shared across shot counts) memoises the VQA accuracy and relevance of (anchor, prediction).
+    """
+    cands_by_anchor = {int(a): pointer_candidates(world, int(a), shot_num) for a in world.anchors}
+    flat_q, flat_icds = [], []
+    for a, cands in cands_by_anchor.items():
+        pool = world.pool("train", a)
+        for c in cands:
+            c["pointer_global"] = [int(pool[i]) for i in c["pointer"]]
+            flat_q.append(a)
+            flat_icds.append(c["pointer_global"])
+    flat_q_arr = np.asarray(flat_q, dtype=np.int64)
+    flat_icds_arr = np.asarray(flat_icds, dtype=np.int64).reshape(len(flat_q), shot_num)
+    raws = lvlm.raw_generation_batch("train", flat_q_arr, flat_icds_arr)
+    gt_probs = lvlm.vqa_gt_prob_batch("train", flat_q_arr, flat_icds_arr)
+
+    cache = {} if cache is None else cache
+    acc_cache = cache.setdefault("acc", {})
+    rel_cache = cache.setdefault("rel", {})
+    query_cache = cache.setdefault("query", {})
+    counts = {"vqaEval": 0, "fallback": 0, "error": 0}
+    records: dict[int, dict] = {}
+    k = 0
+    for a, cands in cands_by_anchor.items():
+        if a not in query_cache:
+            query_cache[a] = _query_block(world, "train", a)
+        query = query_cache[a]
+        out = []
+        for c in cands:
+            raw, gt_prob = raws[k], float(gt_probs[k])
+            k += 1
+            pred = vqa_postprocess(raw)
+            if a in fallback_anchors:
+                correct, acc = score_fallback(world, a, c["pointer_global"], pred, query["gt_answers_raw"])
+                mode, split_used = "fallback", "fallback"
+            else:  # the official accuracy depends on the prediction only through its normalised form
+                key = (a, normalize_answer(pred))
+                if key not in acc_cache:
+                    acc_cache[key] = vqa_accuracy(pred, query["gt_answers_raw"])
+                acc = acc_cache[key]
+                correct, mode, split_used = int(acc > 0), "vqaEval", "train"
+            counts[mode] += 1
+            if (a, pred) not in rel_cache:
+                # relevance is a max over GTs, so duplicates can be dropped (order kept for determinism)
+                rel_cache[(a, pred)] = answer_relevance(pred, list(dict.fromkeys(query["gt_answers_norm"])))
+            out.append({
+                "pointer": c["pointer"], "pointer_global": c["pointer_global"], "pointer_pos": list(c["pointer"]),
+                "gen_method": c["gen_method"], "beam_rank": c["beam_rank"], "beam_score": c["beam_score"],
+                "logprob_score": c["logprob_score"], "temperature": c["temperature"],
+                "similarity_score": c["similarity_score"], "vqa_raw_generation": raw, "vqa_pred_answer": pred,
+                "vqa_correct": correct, "vqa_acc_score": acc, "vqa_gt_prob": gt_prob, **rel_cache[(a, pred)],
+                "vqa_eval_mode": mode, "eval_split_used": split_used, "eval_failed": False,
+            })
+        records[a] = {"query": dict(query), "candidate_pool_ids": [int(i) for i in world.pool("train", a)],
+                      "pointer_candidates": out}
+    return records, counts
+
+
+def rl_meta(p: SimParams, shot_num: int, counts: dict) -> dict:
+    """``_meta`` of an RL file: the reference's keys (§1b) plus ``eval_mode_counts`` and ``sim``."""
+    h = params_hash(p)
+    return {
+        "created_at": CREATED_AT,
+        "vqa_model": VQA_MODEL_NAME,
+        "task_gen_args": {"shot_num": shot_num, "num_beams": p.num_beams, "temps": list(p.temps),
+                          "num_samples_per_temp": p.num_samples_per_temp, "num_retrieval": p.num_retrieval,
+                          "num_random": p.num_random, "proposal": "softmax((cos(e_q, e_c) + noise) / tau)",
+                          "proposal_temperature": p.proposal_temperature, "proposal_noise": p.proposal_noise,
+                          "answer_decoding": "hash of (seed, query, ICD tuple); see docs/sim.md"},
+        "eval": {"train_ques_path": f"sim://{h}/train/questions", "train_ann_path": f"sim://{h}/train/annotations",
+                 "val_ques_path": f"sim://{h}/val/questions", "val_ann_path": f"sim://{h}/val/annotations"},
+        # the reference reaches the fallback only in non-strict mode
+        "strict_eval": p.fallback_fraction == 0,
+        "save_prompts": False,
+        "notes": (f"Simulated world (leverplus.sim, generator {GENERATOR_VERSION}, params {h}). "
+                  f"{round(p.fallback_fraction * p.num_anchors)} anchors are scored by the noisy string-match "
+                  f"fallback (fallback_noise={p.fallback_noise}). created_at is fixed so files are reproducible."),
+        "eval_mode_counts": dict(counts),
+        "sim": {"generator_version": GENERATOR_VERSION, "params_hash": h, "seed": p.seed},
+    }
+
+
+# ------------------------------------------------------------------------------------------------------
+# Eval queries (our format)
+# ------------------------------------------------------------------------------------------------------
+
+
+def eval_queries_payload(world: World, paths: SimDataPaths) -> dict:
+    """The eval-query JSON: per split, every query's text, answer type, canonical answer, annotator answers
+    (raw and ``vqa_postprocess``-ed) and its ``candidate_num`` pool of train ids; embeddings live in the
+    split's ``.pt`` file (row i = query i)."""
+    p = world.params
+    out: dict[str, Any] = {"_meta": {"format": EVAL_FORMAT, "generator_version": GENERATOR_VERSION,
+                                     "params_hash": params_hash(p), "num_train": p.num_train,
+                                     "candidate_num": p.candidate_num, "embedding_dim": p.embedding_dim}}
+    for split in ("val", "test"):
+        items = world.items(split)
+        queries = []
+        for q in range(len(items)):
+            rec = _query_block(world, split, q)
+            rec["answer_type"] = world.answer_types[int(items.answer_type[q])]
+            rec["answer"] = world.canonical_answer(split, q)
+            rec["candidate_pool_ids"] = [int(i) for i in world.pool(split, q)]
+            queries.append(rec)
+        out[split] = {"embeddings": paths.eval_embeddings[split].name, "queries": queries}
+    return out
+
+
+@dataclass
+class EvalQueries:
+    """Evaluation queries of one split, as read back from disk."""
+
+    split: str
+    query_index: list  # [n] ints (0..n-1)
+    embeddings: torch.Tensor  # [n, d]
+    pools: list  # [n] lists of candidate_num train ids
+    records: list  # [n] dicts (question, answers, ...)
+
+    def __len__(self) -> int:
+        return len(self.query_index)
+
+
+def load_eval_queries(paths: SimDataPaths, split: str) -> EvalQueries:
+    """Read and check one split of the eval-query JSON and its embeddings."""
+    if split not in ("val", "test"):
+        raise LeverPlusInputError(f"unknown eval split {split!r}", field="split", fix="use 'val' or 'test'")
+    path = str(paths.eval_queries)
+    obj = load_json(path)
+    meta = obj.get("_meta", {}) if isinstance(obj, dict) else {}
+    if meta.get("format") != EVAL_FORMAT:
+        raise LeverPlusInputError(f"format is {meta.get('format')!r}, expected {EVAL_FORMAT!r}", file=path,
+                                  record="_meta", field="format", fix="regenerate the simulated world")
+    block = obj.get(split)
+    if not isinstance(block, dict) or not isinstance(block.get("queries"), list):
+        raise LeverPlusInputError(f"has no '{split}' block with a 'queries' list", file=path, record=split,
+                                  fix="regenerate the simulated world")
+    records = block["queries"]
+    emb = read_embeddings(Path(path).parent / block["embeddings"], expected_rows=len(records))
+    num_train, K = meta["num_train"], meta["candidate_num"]
+    pools = []
+    for i, rec in enumerate(records):
+        where = f"{split} query {i}"
+        if rec.get("query_id") != i:
+            raise LeverPlusInputError(f"query_id is {rec.get('query_id')!r}, expected its position {i}", file=path,
+                                      record=where, field="query_id", fix="regenerate the simulated world")
+        pool = rec.get("candidate_pool_ids")
+        if (not isinstance(pool, list) or len(pool) != K or len(set(pool)) != K
+                or not all(isinstance(x, int) and 0 <= x < num_train for x in pool)):
+            raise LeverPlusInputError(f"must hold {K} distinct train ids in [0, {num_train})", file=path,
+                                      record=where, field="candidate_pool_ids", fix="regenerate the simulated world")
+        pools.append(list(pool))
+    return EvalQueries(split=split, query_index=list(range(len(records))), embeddings=emb, pools=pools,
+                       records=records)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Whole world: generate, cache, reload
+# ------------------------------------------------------------------------------------------------------
+
+
+def generate_world_data(params: SimParams, out_dir: PathLike) -> SimDataPaths:
+    """Build the world and write every file into ``out_dir`` (created; existing files are overwritten)."""
+    params.validate()
+    world = World(params)
+    lvlm = SimLVLM(world)
+    paths = sim_data_paths(out_dir, params)
+    paths.root.mkdir(parents=True, exist_ok=True)
+
+    train_emb = world.items("train").embedding
+    save_embeddings(paths.embeddings, torch.from_numpy(train_emb.copy()))
+    for split in ("val", "test"):
+        save_embeddings(paths.eval_embeddings[split], torch.from_numpy(world.items(split).embedding.copy()))
+
+    beam = infoscore_beam_search(lvlm, world.anchors, world.pools["train"], params.beam_size, params.beam_max_shot)
+    write_beam_json(paths.beam_json, beam)
+
+    fallback = fallback_anchor_set(world)
+    mode_counts, cache = {}, {}
+    for shot in sorted(params.shot_nums):
+        records, counts = rl_records(world, lvlm, shot, fallback, cache)
+        write_rl_json(paths.rl_json[shot], records, rl_meta(params, shot, counts))
+        mode_counts[str(shot)] = counts
+
+    atomic_write_json(paths.eval_queries, eval_queries_payload(world, paths))
+
+    manifest = {
+        "generator_version": GENERATOR_VERSION,
+        "params_hash": params_hash(params),
+        "params": params_dict(params),
+        "files": {
+            "embeddings": {"name": paths.embeddings.name, "tensor_sha256": _tensor_hash(train_emb)},
+            "beam_json": {"name": paths.beam_json.name, "sha256": _file_hash(paths.beam_json)},
+            "rl_json": {str(s): {"name": paths.rl_json[s].name, "sha256": _file_hash(paths.rl_json[s])}
+                        for s in sorted(paths.rl_json)},
+            "eval_queries": {"name": paths.eval_queries.name, "sha256": _file_hash(paths.eval_queries)},
+            "eval_embeddings": {s: {"name": paths.eval_embeddings[s].name,
+                                    "tensor_sha256": _tensor_hash(world.items(s).embedding)}
+                                for s in sorted(paths.eval_embeddings)},
+        },
+        "counts": {"num_train": params.num_train, "num_anchors": len(world.anchors), "num_val": params.num_val,
+                   "num_test": params.num_test, "fallback_anchors": len(fallback)},
+        "eval_mode_counts": mode_counts,
+    }
+    atomic_write_json(paths.manifest, manifest, indent=2)
+    return paths
+
+
+def default_cache_root() -> Path:
+    """``$LEVERPLUS_CACHE/sim`` when the variable is set, else ``~/.cache/leverplus/sim``."""
+    env = os.environ.get("LEVERPLUS_CACHE")
+    return (Path(env) if env else Path.home() / ".cache" / "leverplus") / "sim"
+
+
+def _is_complete(paths: SimDataPaths) -> bool:
+    return all(f.is_file() for f in paths.all_files())
+
+
+def load_or_generate(params: SimParams, cache_root: Optional[PathLike] = None) -> SimDataPaths:
+    """The world's files, generated once per parameter hash under ``cache_root/<params_hash>/``.
+
+    Generation goes to a temp folder next to the target, which is renamed into place when complete; a
+    ``filelock`` lock makes concurrent processes (sweep workers) wait for the first one instead of
+    generating again. A cache hit touches nothing.
+    """
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    h = params_hash(params)
+    paths = sim_data_paths(root / h, params)
+    if _is_complete(paths):
+        return paths
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{h}.lock")):
+        if _is_complete(paths):
+            return paths
+        tmp = Path(tempfile.mkdtemp(prefix=f".{h}.tmp-", dir=root))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the cache is an ordinary folder
+        try:
+            generate_world_data(params, tmp)
+            if paths.root.exists():  # an incomplete leftover (e.g. files deleted by hand)
+                shutil.rmtree(paths.root)
+            os.replace(tmp, paths.root)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return paths
+
+
+def _params_from(source: Union[SimParams, SimDataPaths, PathLike]) -> tuple[SimParams, Optional[SimDataPaths]]:
+    if isinstance(source, SimParams):
+        return source, None
+    root = source.root if isinstance(source, SimDataPaths) else Path(source)
+    manifest_path = root / MANIFEST_FILE
+    manifest = load_json(manifest_path)
+    if manifest.get("generator_version") != GENERATOR_VERSION:
+        raise LeverPlusInputError(
+            f"made by simulator version {manifest.get('generator_version')!r}, this code is {GENERATOR_VERSION!r}",
+            file=str(manifest_path), field="generator_version", fix="delete the folder and regenerate it")
+    params = SimParams.from_mapping(manifest["params"])
+    if params_hash(params) != manifest.get("params_hash"):
+        raise LeverPlusInputError("params_hash does not match the stored parameters", file=str(manifest_path),
+                                  field="params_hash", fix="delete the folder and regenerate it")
+    return params, sim_data_paths(root, params)
+
+
+def load_world(source: Union[SimParams, SimDataPaths, PathLike]) -> World:
+    """Rebuild the :class:`World` of a generated folder (or directly from parameters).
+
+    From a folder, the parameters come from its manifest and the rebuilt train embeddings are checked against
+    the stored hash, so the evaluator scores exactly the world the files describe.
+    """
+    params, paths = _params_from(source)
+    world = World(params)
+    if paths is not None:
+        manifest = load_json(paths.manifest)
+        want = manifest["files"]["embeddings"]["tensor_sha256"]
+        if _tensor_hash(world.items("train").embedding) != want:
+            raise LeverPlusInputError("the rebuilt world does not match the stored embeddings (numpy RNG change?)",
+                                      file=str(paths.manifest), field="files.embeddings",
+                                      fix="delete the folder and regenerate it")
+    return world
+
+
+def load_lvlm(source: Union[SimParams, SimDataPaths, PathLike]) -> SimLVLM:
+    """The simulated LVLM (= downstream scorer) of a generated folder or of parameters."""
+    return SimLVLM(load_world(source))

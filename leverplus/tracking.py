@@ -1,0 +1,276 @@
+"""MLflow tracking: store location, run keys, run lifecycle (params, metrics, tags, artifacts, status).
+
+Store: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<launch dir>/mlflow.db`` with artifacts in
+``<launch dir>/mlartifacts``. The launch dir is resolved once, from where the command was started (Hydra's original
+cwd, or ``LEVERPLUS_LAUNCH_DIR``), never from a job's working directory, so every run of every sweep lands in the same
+store. sqlite writes are retried on "database is locked" and experiment creation is serialised with a file lock, so
+parallel local jobs (joblib) lose nothing; for many processes or machines use ``mlflow server`` over HTTP.
+
+Run key: hash of the canonical config (cosmetic fields dropped; weights a reward mode ignores dropped; GRPO knobs
+dropped when GRPO does not run...), the data fingerprint and the code version. Sweeps skip keys that already have a
+FINISHED run.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, TypeVar
+
+from leverplus.utils import code_version, git_info, stable_hash
+
+T = TypeVar("T")
+
+# Which reward knobs each mode reads (everything else is ignored by that mode and dropped from the run key).
+REWARD_MODE_FIELDS: Dict[str, tuple] = {
+    "hard_plus_soft": ("hard_weight", "soft_weight"),
+    "hard_plus_soft_v2": ("hard_weight", "soft_weight"),
+    "separated": ("hard_weight", "soft_weight"),
+    "hard_only": ("hard_weight",),
+    "soft_only": ("soft_weight",),
+    "hard01_plus_gtprob": ("hard_weight", "soft_weight"),
+    "hard01_plus_gtprob_separated": ("hard_weight", "soft_weight"),
+    "hard_plus_gtprob_plus_rel": ("hard_weight", "soft_weight", "rel_weight"),
+    "legacy": ("reward_alpha", "reward_beta", "correctness_mode", "use_logprob"),
+    "hybrid": ("hard_weight", "soft_weight", "info_weight"),
+}
+REWARD_KNOBS = ("hard_weight", "soft_weight", "rel_weight", "reward_alpha", "reward_beta", "correctness_mode",
+                "use_logprob", "info_weight")
+# Fields that never change results.
+COSMETIC = ("tracking", "progress", "output_dir", "num_threads", "objective", "device")
+
+
+def launch_dir() -> Path:
+    """Where the command was started (stable across Hydra jobs and worker processes)."""
+    env = os.environ.get("LEVERPLUS_LAUNCH_DIR")
+    if env:
+        return Path(env).resolve()
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return Path(HydraConfig.get().runtime.cwd).resolve()
+    except Exception:  # pragma: no cover - hydra not running
+        pass
+    return Path.cwd().resolve()
+
+
+def resolve_tracking_uri(uri: Optional[str] = None) -> str:
+    if uri:
+        return uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{launch_dir() / 'mlflow.db'}"
+
+
+def resolve_artifact_root(root: Optional[str] = None) -> str:
+    path = Path(root).expanduser() if root else launch_dir() / "mlartifacts"
+    if not path.is_absolute():
+        path = launch_dir() / path
+    return path.resolve().as_uri()
+
+
+def canonical_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """The parts of a resolved config that decide results, with ignored knobs removed (for run keys)."""
+    c = copy.deepcopy(dict(cfg))
+    for key in COSMETIC:
+        c.pop(key, None)
+    reward = dict(c.get("reward", {}))
+    used = REWARD_MODE_FIELDS.get(str(reward.get("mode")), REWARD_KNOBS)
+    for knob in REWARD_KNOBS:
+        if knob not in used:
+            reward.pop(knob, None)
+    c["reward"] = reward
+    if int(c.get("grpo", {}).get("epochs", 0)) <= 0:
+        c["grpo"] = {"epochs": 0}
+    rce = dict(c.get("rce", {}))
+    if not rce.get("use_top1_only", False):
+        rce.pop("top1_compat_index0", None)
+    c["rce"] = rce
+    data = dict(c.get("data", {}))
+    if data.get("source") == "sim":
+        data.pop("files", None)
+    else:
+        data.pop("sim", None)
+        if (data.get("files") or {}).get("sft_checkpoint"):
+            c.pop("sft", None)
+    c["data"] = data
+    c.get("eval", {}).pop("bootstrap_samples", None)
+    return c
+
+
+def run_key(cfg: Mapping[str, Any], data_fingerprint: str) -> str:
+    return stable_hash({"config": canonical_config(cfg), "data": data_fingerprint, "code": code_version()})
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def with_retries(fn: Callable[[], T], attempts: int = 8, base_delay: float = 0.2) -> T:
+    """Retry an MLflow call on sqlite's "database is locked" (concurrent local writers)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # MlflowException wraps sqlalchemy's OperationalError
+            if "locked" not in str(e).lower() or i == attempts - 1:
+                raise
+            time.sleep(base_delay * (2**i) * (1 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def _lock_path(uri: str) -> Optional[Path]:
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :] + ".lock")
+    return None
+
+
+def get_or_create_experiment(name: str, uri: str, artifact_root: str) -> str:
+    import mlflow
+    from filelock import FileLock
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+
+    def create() -> str:
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        return client.create_experiment(name, artifact_location=f"{artifact_root}/{name}")
+
+    lock = _lock_path(uri)
+    if lock is None:
+        return with_retries(create)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock), timeout=120):
+        return with_retries(create)
+
+
+def find_finished_run(uri: str, experiment_id: str, key: str) -> Optional[str]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = with_retries(
+        lambda: client.search_runs(
+            [experiment_id], filter_string=f"tags.run_key = '{key}' and attributes.status = 'FINISHED'", max_results=1
+        )
+    )
+    return runs[0].info.run_id if runs else None
+
+
+class MlflowRun:
+    """One MLflow run; also a MetricLogger. Use as a context manager: an exception marks the run FAILED with the
+    traceback attached, Ctrl-C marks it KILLED."""
+
+    def __init__(
+        self,
+        *,
+        uri: str,
+        experiment_id: str,
+        run_name: Optional[str],
+        tags: Mapping[str, Any],
+        parent_run_id: Optional[str] = None,
+    ) -> None:
+        import mlflow
+
+        self.uri = uri
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        all_tags = {k: str(v) for k, v in tags.items() if v is not None}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        if run_name:
+            all_tags["mlflow.runName"] = run_name
+        run = with_retries(lambda: self.client.create_run(experiment_id, tags=all_tags, run_name=run_name))
+        self.run_id = run.info.run_id
+        self.artifact_uri = run.info.artifact_uri
+
+    # MetricLogger
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(_clean(k), float(v), ts, int(step)) for k, v in metrics.items() if _finite(v)]
+        for i in range(0, len(batch), 500):
+            with_retries(lambda: self.client.log_batch(self.run_id, metrics=batch[i : i + 500]))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(_clean(k), str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            with_retries(lambda: self.client.log_batch(self.run_id, params=items[i : i + 100]))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        with_retries(lambda: self.client.log_batch(self.run_id, tags=items))
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        with_retries(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def log_text(self, text: str, name: str) -> None:
+        with_retries(lambda: self.client.log_text(self.run_id, text, name))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        with_retries(lambda: self.client.set_terminated(self.run_id, status))
+
+    def __enter__(self) -> "MlflowRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.finish("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.set_tags({"error": "interrupted (Ctrl-C)"})
+            self.finish("KILLED")
+        else:
+            text = "".join(traceback.format_exception(exc_type, exc, tb))
+            try:
+                self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:5000]})
+                self.log_text(text, "traceback.txt")
+            finally:
+                self.finish("FAILED")
+        return False
+
+
+def _clean(name: str) -> str:
+    # MLflow allows alphanumerics, _ - . space : / ; keep others out
+    return "".join(ch if ch.isalnum() or ch in "_-. :/" else "_" for ch in name)
+
+
+def _finite(v: Any) -> bool:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return False
+    return f == f and f not in (float("inf"), float("-inf"))
+
+
+def standard_tags(*, sweep: Optional[str], arm: Optional[str], role: str, shot_nums, seed: int,
+                  data_fingerprint: str, key: str, data_source: str) -> Dict[str, Any]:
+    g = git_info()
+    return {
+        "sweep": sweep,
+        "arm": arm,
+        "role": role,
+        "shot_num": ",".join(str(s) for s in shot_nums),
+        "seed": seed,
+        "git_commit": g["commit"],
+        "git_dirty": g["dirty"],
+        "data_fingerprint": data_fingerprint,
+        "run_key": key,
+        "code_version": code_version(),
+        "data_source": data_source,
+    }

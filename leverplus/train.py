@@ -1,0 +1,179 @@
+"""``python -m leverplus.train``: one training run (Hydra app); ``-m +sweep=NAME`` for sweeps.
+
+Returns the objective (``objective=`` names a metric, validation data only) as a float, so Hydra sweepers
+(BasicSweeper, Optuna) can use it. Logs one MLflow run per training run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from leverplus.config import register_configs, to_container
+from leverplus.errors import LeverPlusInputError
+
+register_configs()
+
+
+def _output_dir(cfg) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir).expanduser().resolve()
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix="leverplus-"))
+
+
+def objective_value(metrics: Dict[str, float], name: str) -> float:
+    if name not in metrics:
+        raise LeverPlusInputError(
+            f"objective metric {name!r} was not produced by this run",
+            field="objective",
+            fix=f"choose one of: {', '.join(sorted(metrics))}",
+        )
+    return float(metrics[name])
+
+
+def summary_lines(metrics: Dict[str, float], objective: str) -> str:
+    keys = [objective] + [
+        k
+        for k in sorted(metrics)
+        if (k.startswith("val/offline/") and k.split("/")[-1] in ("top1_acc", "oracle_acc", "mean_acc", "top1_reward"))
+        or k.endswith("_acc") and "/downstream/" in k
+        or k in ("val/downstream_acc", "test/downstream_acc")
+    ]
+    seen, rows = set(), ["| metric | value |", "|---|---|"]
+    for k in keys:
+        if k in seen or k not in metrics:
+            continue
+        seen.add(k)
+        rows.append(f"| {k}{' (objective)' if k == objective else ''} | {metrics[k]:.4f} |")
+    return "\n".join(rows)
+
+
+def run(cfg: DictConfig) -> float:
+    """The whole run; usable without Hydra's decorator (tests compose a config and call this)."""
+    from leverplus.pipeline import load_data, train_and_evaluate
+    from leverplus.plots import training_curves
+    from leverplus.tracking import (
+        MlflowRun,
+        find_finished_run,
+        flatten,
+        get_or_create_experiment,
+        resolve_artifact_root,
+        resolve_tracking_uri,
+        run_key,
+        standard_tags,
+    )
+
+    from leverplus.config import validate_config
+
+    validate_config(cfg)
+    out_dir = _output_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = load_data(cfg)  # validates every input before anything is trained or tracked
+    resolved = to_container(cfg)
+    key = run_key(resolved, data.fingerprint)
+    t = cfg.tracking
+
+    def execute(logger=None):
+        outcome = train_and_evaluate(cfg, data, out_dir, logger=logger)
+        value = objective_value(outcome.metrics, cfg.objective)
+        return outcome, value
+
+    if not t.enabled:
+        outcome, value = execute()
+        _write_artifacts(cfg, outcome, value, out_dir)
+        _print_summary(outcome, cfg.objective, value)
+        return value
+
+    uri = resolve_tracking_uri(t.uri)
+    experiment = t.experiment or f"leverplus-{data.source}"
+    exp_id = get_or_create_experiment(experiment, uri, resolve_artifact_root(t.artifact_root))
+    if t.skip_finished:
+        done = find_finished_run(uri, exp_id, key)
+        if done is not None:
+            import mlflow
+
+            metrics = mlflow.MlflowClient(tracking_uri=uri).get_run(done).data.metrics
+            print(f"[leverplus] run key {key} already FINISHED as MLflow run {done}: skipped.")
+            return objective_value(metrics, cfg.objective)
+    tags = standard_tags(
+        sweep=t.sweep,
+        arm=t.arm,
+        role=t.role,
+        shot_nums=list(cfg.data.shot_nums),
+        seed=int(cfg.seed),
+        data_fingerprint=data.fingerprint,
+        key=key,
+        data_source=data.source,
+    )
+    for k, v in (t.extra_tags or {}).items():
+        tags[k] = v
+    parent = t.parent_run_id or os.environ.get("LEVERPLUS_PARENT_RUN_ID")
+    with MlflowRun(uri=uri, experiment_id=exp_id, run_name=t.run_name, tags=tags, parent_run_id=parent) as mrun:
+        mrun.log_params(flatten(resolved))
+        outcome, value = execute(logger=mrun)
+        final_step = max([s for s, _, _ in outcome.history], default=-1) + 1
+        mrun.log_metrics({**outcome.metrics, "objective": value}, step=final_step)
+        mrun.set_tags({f"cache_hit_{k}": v for k, v in outcome.cache_hits.items()})
+        mrun.set_tags({"trainable_params": outcome.result.param_counts.get("trainable"),
+                       "total_params": outcome.result.param_counts.get("total")})
+        _write_artifacts(cfg, outcome, value, out_dir)
+        for name in ("config.yaml", "metrics.json", "per_query.jsonl", "training_curves.png"):
+            mrun.log_artifact(out_dir / name)
+        if t.log_checkpoints and outcome.result.best_checkpoint is not None:
+            mrun.log_artifact(outcome.result.best_checkpoint, "checkpoints")
+        if outcome.summary_table:
+            mrun.log_text(outcome.summary_table, "downstream_tables.md")
+    _print_summary(outcome, cfg.objective, value)
+    return value
+
+
+def _write_artifacts(cfg, outcome, value: float, out_dir: Path) -> None:
+    from leverplus.formats import atomic_write_json
+    from leverplus.plots import training_curves
+
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    stats = {str(s): {"queries_in": st.queries_in, "queries_kept": st.queries_kept, "candidates_in": st.candidates_in,
+                      "candidates_kept": st.candidates_kept, "dropped": st.dropped}
+             for s, st in outcome.filter_stats.items()}
+    atomic_write_json(out_dir / "metrics.json", {"objective": cfg.objective, "objective_value": value,
+                                                  "metrics": outcome.metrics, "best": outcome.result.best,
+                                                  "filter_stats": stats, "cache_hits": outcome.cache_hits}, indent=2)
+    with open(out_dir / "per_query.jsonl", "w") as fh:
+        for row in outcome.per_query:
+            fh.write(json.dumps(row, default=float) + "\n")
+    training_curves(outcome.history, out_dir / "training_curves.png")
+
+
+def _print_summary(outcome, objective: str, value: float) -> None:
+    print()
+    print(summary_lines(outcome.metrics, objective))
+    if outcome.summary_table:
+        print()
+        print(outcome.summary_table)
+    print(f"\nobjective {objective} = {value:.4f}   (outputs: {outcome.output_dir})")
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base=None)
+def main(cfg: DictConfig) -> Optional[float]:
+    try:
+        return run(cfg)
+    except LeverPlusInputError as e:
+        print(f"[leverplus] error: {e}", file=sys.stderr)
+        raise
+
+
+if __name__ == "__main__":
+    main()

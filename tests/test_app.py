@@ -1,0 +1,188 @@
+"""The single-run app: config tree (compose every option), one tiny training per reward mode logged to a REAL
+MLflow sqlite store, a failing run marked FAILED, bad input failing before training, and the CLI itself."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from hydra.errors import ConfigCompositionException
+
+from conftest import REPO, compose_cfg
+from leverplus.config import RewardMode, sweeps_dir
+from leverplus.errors import LeverPlusInputError
+from leverplus.train import run
+
+TINY = ["data=sim_tiny", "rce.epochs=1", "sft.epochs=1", "model.hidden_dim=32", "eval.downstream_splits=[val]"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One real sqlite store for the module (creating one costs ~5 s)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    cache = tmp_path_factory.mktemp("cache")
+    return {"uri": f"sqlite:///{root}/mlflow.db", "artifacts": str(root / "artifacts"), "cache": str(cache),
+            "root": root}
+
+
+def tracked(store, name, *extra):
+    return TINY + [f"tracking.uri={store['uri']}", f"tracking.artifact_root={store['artifacts']}",
+                   f"data.cache_dir={store['cache']}", f"output_dir={store['root'] / name}",
+                   f"tracking.run_name={name}", *extra]
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("group", ["data", "model", "reward", "sft", "rce", "grpo", "eval", "tracking"])
+def test_every_option_of_every_group_composes(group):
+    options = sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+    assert options
+    for option in options:
+        cfg = compose_cfg([f"{group}={option}"])
+        assert cfg[group] is not None
+
+
+@pytest.mark.parametrize("mode", [m.value for m in RewardMode])
+def test_every_reward_mode_composes(mode):
+    assert compose_cfg([f"reward.mode={mode}"]).reward.mode.value == mode
+
+
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in sweeps_dir().glob("*.yaml")))
+def test_every_sweep_composes_with_plus(sweep):
+    cfg = compose_cfg([f"+sweep={sweep}"])
+    assert cfg.hydra.sweeper.sweep_name == sweep if "sweeper" in cfg.get("hydra", {}) else True
+
+
+def test_sweep_is_not_in_the_primary_defaults():
+    defaults = yaml.safe_load((REPO / "conf" / "train.yaml").read_text())["defaults"]
+    assert not any(isinstance(d, dict) and "sweep" in d for d in defaults)
+
+
+def test_unknown_enum_value_fails_at_compose_time_naming_the_choices():
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg(["reward.mode=hard_plus_sfot"])
+    text = str(e.value) + str(e.value.__cause__)
+    assert "hard_plus_soft" in text and "hybrid" in text
+
+
+def test_typo_in_a_field_name_fails_at_compose_time():
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["grpo.lr_typo=1e-5"])
+
+
+def test_negative_lr_fails_before_training_naming_the_field(tmp_path):
+    with pytest.raises(LeverPlusInputError, match="grpo.lr"):
+        run(compose_cfg(TINY + ["grpo.lr=-1e-5", "tracking.enabled=false", f"output_dir={tmp_path}"]))
+
+
+def test_files_source_with_a_missing_file_fails_before_training(tmp_path):
+    cfg = compose_cfg(["data=files", "tracking.enabled=false", f"data.files.embeddings={tmp_path}/nope.pt",
+                       f"output_dir={tmp_path}/out"])
+    with pytest.raises(LeverPlusInputError) as e:
+        run(cfg)
+    assert "nope.pt" in str(e.value) and "data.files.embeddings" in str(e.value)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def _client(store):
+    return mlflow.MlflowClient(tracking_uri=store["uri"])
+
+
+def _find(store, name):
+    runs = _client(store).search_runs(
+        [e.experiment_id for e in _client(store).search_experiments()],
+        filter_string=f"tags.mlflow.runName = '{name}'",
+    )
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_default_run_logs_params_metrics_tags_artifacts(store):
+    value = run(compose_cfg(tracked(store, "default", "grpo.epochs=1", "seed=3")))
+    r = _find(store, "default")
+    assert r.info.status == "FINISHED"
+    assert r.data.metrics["objective"] == pytest.approx(value)
+    assert r.data.metrics["val/downstream_acc"] == pytest.approx(value)
+    # params: the resolved config flattened to dotted keys
+    assert r.data.params["reward.mode"] == "hard_plus_soft"
+    assert r.data.params["grpo.epochs"] == "1" and r.data.params["seed"] == "3"
+    assert r.data.params["data.sim.num_train"] == "400"
+    # tags
+    for tag in ("git_commit", "git_dirty", "data_fingerprint", "run_key", "code_version"):
+        assert r.data.tags[tag]
+    assert r.data.tags["seed"] == "3" and r.data.tags["shot_num"] == "2" and r.data.tags["role"] == "arm"
+    # per-epoch metrics with steps: sft (1) -> rce (1) -> grpo (1)
+    hist = _client(store).get_metric_history(r.info.run_id, "grpo/kl")
+    assert [m.step for m in hist] == [2]
+    assert [m.step for m in _client(store).get_metric_history(r.info.run_id, "rce/loss")] == [1]
+    # artifacts
+    names = {a.path for a in _client(store).list_artifacts(r.info.run_id)}
+    assert {"config.yaml", "metrics.json", "per_query.jsonl", "training_curves.png", "checkpoints"} <= names
+    local = Path(_client(store).download_artifacts(r.info.run_id, "metrics.json"))
+    metrics = json.loads(local.read_text())
+    assert metrics["objective_value"] == pytest.approx(value)
+    cfg_yaml = yaml.safe_load(Path(_client(store).download_artifacts(r.info.run_id, "config.yaml")).read_text())
+    assert cfg_yaml["grpo"]["epochs"] == 1
+    ckpts = {a.path for a in _client(store).list_artifacts(r.info.run_id, "checkpoints")}
+    assert ckpts == {"checkpoints/best.pt"}
+    # the store and artifacts are where we said, absolute
+    assert r.info.artifact_uri.startswith(Path(store["artifacts"]).resolve().as_uri())
+
+
+def test_same_config_and_seed_give_the_same_metrics(store):
+    a = run(compose_cfg(tracked(store, "det_a", "tracking.enabled=false")))
+    b = run(compose_cfg(tracked(store, "det_b", "tracking.enabled=false")))
+    ma = json.loads((store["root"] / "det_a" / "metrics.json").read_text())["metrics"]
+    mb = json.loads((store["root"] / "det_b" / "metrics.json").read_text())["metrics"]
+    drop = lambda m: {k: v for k, v in m.items() if not k.startswith("train/")}  # noqa: E731 (wall times)
+    assert a == b and drop(ma) == drop(mb)
+
+
+@pytest.mark.parametrize("mode", [m.value for m in RewardMode])
+def test_one_tiny_training_per_reward_mode(store, mode):
+    extra = ["reward.reward_alpha=1.0", "reward.reward_beta=1.0"] if mode == "legacy" else []
+    value = run(compose_cfg(tracked(store, f"mode_{mode}", f"reward.mode={mode}", "eval.downstream=false",
+                                    "objective=val/offline/top1_acc", *extra)))
+    r = _find(store, f"mode_{mode}")
+    assert r.info.status == "FINISHED" and r.data.params["reward.mode"] == mode
+    assert 0.0 <= value <= 1.0 and r.data.metrics["val/offline/top1_acc"] == pytest.approx(value)
+
+
+def test_failing_run_is_failed_in_mlflow_with_traceback(store):
+    from leverplus.trainer import NonFiniteLossError
+
+    cfg = compose_cfg(tracked(store, "diverges", "rce.epochs=3", "rce.lr=1e30", "rce.lr_schedule=constant",
+                              "rce.grad_clip=1e30"))
+    with pytest.raises(NonFiniteLossError):
+        run(cfg)
+    r = _find(store, "diverges")
+    assert r.info.status == "FAILED"
+    assert "NonFiniteLossError" in r.data.tags["error"]
+    assert "traceback.txt" in {a.path for a in _client(store).list_artifacts(r.info.run_id)}
+    # no half-written checkpoint: every file in the checkpoint folder loads
+    import torch
+
+    for p in (store["root"] / "diverges" / "checkpoints").glob("*"):
+        assert p.suffix == ".pt"
+        torch.load(p, weights_only=True)
+
+
+def test_cli_runs_and_prints_the_objective(store, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "LEVERPLUS_CACHE": store["cache"]}
+    out = subprocess.run(
+        [sys.executable, "-m", "leverplus.train", *TINY, f"tracking.artifact_root={store['artifacts']}",
+         "tracking.run_name=cli", f"hydra.run.dir={tmp_path}/run"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "objective val/downstream_acc =" in out.stdout
+    assert _find(store, "cli").info.status == "FINISHED"  # MLFLOW_TRACKING_URI was honoured
+    assert not (tmp_path / "mlflow.db").exists()
