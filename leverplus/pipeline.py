@@ -305,9 +305,11 @@ def train_and_evaluate(
     # epoch steps continue after SFT whether it ran now or came from the cache (same steps either way)
     start = int(cfg.sft.epochs) if (not data.sft_checkpoint and groups.sft_train) else 0
     trainer = Trainer(cfg, data.embeddings, groups.train, groups.val, output_dir, logger, say, start_step=start)
-    result = trainer.fit(model, post_rce_state=post_rce)
-    if cfg.rce.cache and post_rce is None:
-        cache.put("rce", keys["rce"], trainer.post_rce_state)
+    try:
+        result = trainer.fit(model, post_rce_state=post_rce)
+    finally:  # the post-RCE state is final once RCE ends: keep it even if GRPO then fails (a diverging trial)
+        if cfg.rce.cache and post_rce is None and getattr(trainer, "post_rce_state", None) is not None:
+            cache.put("rce", keys["rce"], trainer.post_rce_state)
 
     # ---- evaluation
     model = result.model

@@ -164,7 +164,8 @@ class Trainer:
 
     def _optimizer(self, model, phase_cfg, steps: int):
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=phase_cfg.lr, weight_decay=phase_cfg.weight_decay)
+        # foreach: one fused kernel per step instead of a Python loop over the 11 tensors (matters at batch size 1)
+        opt = torch.optim.AdamW(params, lr=phase_cfg.lr, weight_decay=phase_cfg.weight_decay, foreach=True)
         sched = make_lr_scheduler(opt, steps, _enum(phase_cfg.lr_schedule), phase_cfg.warmup_ratio)
         return opt, sched
 

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from leverplus.decoding import beam_search, sample_sequences
+from leverplus.candidates import GEN_PRIORITY, CandidateSettings, QueryJob, build_candidates, query_generators
 from leverplus.errors import LeverPlusInputError
 from leverplus.formats import (atomic_write_json, load_json, read_embeddings, save_embeddings, write_beam_json,
                                write_rl_json)
-from leverplus.metrics import answer_relevance, fallback_match, normalize_answer, vqa_accuracy, vqa_postprocess
+from leverplus.metrics import fallback_match, vqa_postprocess
 from leverplus.sim.lvlm import STREAM_FALLBACK_COIN, STREAM_FALLBACK_NOISE, SimLVLM, hash_uniform
 from leverplus.sim.params import GENERATOR_VERSION, SimParams, params_dict, params_hash
 from leverplus.sim.world import World
@@ -43,8 +43,6 @@ PathLike = Union[str, Path]
 VQA_MODEL_NAME = "sim-lvlm"
 #: Fixed, so files are byte-identical per parameters (the reference stamps the wall clock here).
 CREATED_AT = "2000-01-01 00:00:00"
-#: Priority of generators when two candidates are the same unordered ICD set (spec §6.2 step 5).
-GEN_PRIORITY = {"beam": 4, "retrieval": 3, "sample": 2, "random": 1}
 EVAL_FORMAT = "leverplus-sim-eval-queries/1"
 
 EMBEDDINGS_FILE = "train_embeddings.pt"
@@ -105,60 +103,14 @@ def _file_hash(path: Path) -> str:
 # ------------------------------------------------------------------------------------------------------
 
 
-def _topk_desc(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest entries along the last axis; ties: lower index first (stable)."""
-    return np.argsort(-scores, axis=-1, kind="stable")[..., :k]
-
-
 def infoscore_beam_search(lvlm: SimLVLM, anchors: np.ndarray, pools: np.ndarray, beam_size: int,
                           max_shot: int) -> dict[int, dict]:
-    """InfoScore beam search over each anchor's pool, vectorised over anchors, beams and candidates.
+    """InfoScore beam search (spec §1a) with the simulated LVLM, vectorised over all anchors: the shared
+    :func:`leverplus.scorers.infoscore.infoscore_beam_search` with ``P(y | prompt)`` = ``p_correct`` (the
+    teacher-forced probability of the anchor's canonical answer, ``answer_prob``)."""
+    from leverplus.scorers.infoscore import infoscore_beam_search as shared
 
-    Step t, for each beam with chosen ICDs ``C`` (prompt order) and each pool item ``c`` not in ``C``:
-    ``InfoScore(c) = P(y | [c] + C + query) − P(y | C + query)`` with ``y`` the anchor's canonical answer
-    (``answer_prob`` of the gold answer = ``p_correct``). Each beam keeps its ``beam_size`` largest scores
-    (``topk`` largest — not the reference's Qwen ``largest=False`` quirk), then the global ``beam_size`` largest
-    survive (``beam_filter``). New ICDs are prepended. Returns beam-JSON records keyed by anchor id.
-    """
-    A, K = pools.shape
-    if K < max_shot + beam_size - 1:
-        raise LeverPlusInputError(f"a pool of {K} cannot feed {beam_size} beams of {max_shot} ICDs",
-                                  field="data.sim.candidate_num", fix="raise candidate_num or lower beam_size")
-    rows = np.arange(A)[:, None]
-    chosen = np.zeros((A, 1, 0), dtype=np.int64)  # [A, nb, t], prompt order
-    history = np.zeros((A, 1, 0))  # [A, nb, t], per-step InfoScore in selection order
-    p_cur = lvlm.p_correct_batch("train", anchors, np.zeros((A, 0), dtype=np.int64))[:, None]  # [A, nb]
-    for _ in range(max_shot):
-        nb, t = chosen.shape[1], chosen.shape[2]
-        new = np.broadcast_to(pools[:, None, :, None], (A, nb, K, 1))
-        old = np.broadcast_to(chosen[:, :, None, :], (A, nb, K, t))
-        icds = np.concatenate([new, old], axis=3).reshape(A * nb * K, t + 1)
-        p_new = lvlm.p_correct_batch("train", np.repeat(anchors, nb * K), icds).reshape(A, nb, K)
-        score = p_new - p_cur[:, :, None]
-        used = (pools[:, None, :, None] == chosen[:, :, None, :]).any(axis=3)
-        score = np.where(used, -np.inf, score)
-        per_beam = _topk_desc(score, beam_size)  # [A, nb, bs]
-        flat = np.take_along_axis(score, per_beam, axis=2).reshape(A, nb * beam_size)
-        keep = _topk_desc(flat, beam_size)  # [A, bs], beam_filter
-        parent = keep // beam_size
-        pos = np.take_along_axis(per_beam.reshape(A, nb * beam_size), keep, axis=1)
-        chosen = np.concatenate([pools[rows, pos][:, :, None], chosen[rows, parent]], axis=2)
-        history = np.concatenate([history[rows, parent], np.take_along_axis(flat, keep, axis=1)[:, :, None]],
-                                 axis=2)
-        p_cur = p_new[rows, parent, pos]
-
-    records: dict[int, dict] = {}
-    for a in range(A):
-        qid = int(anchors[a])
-        id_list = [[int(x) for x in chosen[a, b]] + [qid] for b in range(chosen.shape[1])]
-        shot_scores = [[float(s) for s in history[a, b]] for b in range(chosen.shape[1])]
-        score_list = [row[-1] for row in shot_scores]
-        beams = [{"shots": [{"id": i, "score": s} for i, s in zip(reversed(ids[:-1]), scores)],
-                  "final_score": final, "full_sequence": ids}
-                 for ids, scores, final in zip(id_list, shot_scores, score_list)]
-        records[qid] = {"id_list": id_list, "score_list": score_list, "shot_scores": shot_scores,
-                        "beams": beams, "few_shot_num": max_shot}
-    return records
+    return shared(lambda q, icds: lvlm.p_correct_batch("train", q, icds), anchors, pools, beam_size, max_shot)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -181,10 +133,16 @@ def proposal_logits(world: World, qidx: int, pool: np.ndarray, cos: Optional[np.
     return (cos + noise) / p.proposal_temperature
 
 
+def candidate_settings(p: SimParams) -> CandidateSettings:
+    """The §6.2 generator counts of the world's parameters."""
+    return CandidateSettings(num_beams=p.num_beams, temps=tuple(p.temps), num_samples_per_temp=p.num_samples_per_temp,
+                             num_retrieval=p.num_retrieval, num_random=p.num_random)
+
+
 def pointer_candidates(world: World, qidx: int, shot_num: int) -> list[dict]:
-    """Spec §6.2 candidates for one anchor: beam, sample, retrieval, random; de-duplicated by unordered set
-    with priority beam > retrieval > sample > random (a higher-priority duplicate replaces the stored one in
-    place; insertion order is kept). Pointers are LOCAL positions in the anchor's pool, prompt order.
+    """Spec §6.2 candidates for one anchor from the shared builder (:func:`leverplus.candidates.build_candidates`:
+    beam, sample, retrieval, random; de-duplicated with priority beam > retrieval > sample > random) driven by the
+    PROPOSAL policy. Pointers are LOCAL positions in the anchor's pool, prompt order.
 
     For ``shot_num != 2`` retrieval takes windows of ``shot_num`` consecutive neighbours
     ``(s_{r+1}, ..., s_{r+S})`` (most similar first, as the reference's pairs) and random draws ``shot_num``
@@ -192,42 +150,15 @@ def pointer_candidates(world: World, qidx: int, shot_num: int) -> list[dict]:
     """
     p = world.params
     pool = world.pool("train", qidx)
-    K = len(pool)
     cos = world.visible_similarity("train", qidx, pool)
     logits = torch.as_tensor(proposal_logits(world, qidx, pool, cos), dtype=torch.float32)
 
     def step(prefix: Sequence[int]) -> torch.Tensor:
         return logits
 
-    made: list[dict] = []
-    for d in beam_search(step, K, shot_num, num_beams=p.num_beams):
-        made.append({"gen_method": "beam", "pointer": list(d.pointer), "beam_rank": d.rank, "beam_score": d.score,
-                     "logprob_score": d.logprob, "temperature": None, "similarity_score": None})
-    torch_seed = int(np.random.SeedSequence([p.seed, 2003, int(qidx), shot_num]).generate_state(1)[0])
-    gen = torch.Generator().manual_seed(torch_seed)
-    for temp in p.temps:
-        for d in sample_sequences(step, K, shot_num, temp, p.num_samples_per_temp, gen):
-            made.append({"gen_method": "sample", "pointer": list(d.pointer), "beam_rank": None, "beam_score": None,
-                         "logprob_score": d.logprob, "temperature": float(temp), "similarity_score": None})
-    order = np.argsort(-cos, kind="stable")
-    for r in range(p.num_retrieval):
-        if r + shot_num > K:
-            break
-        ptr = [int(i) for i in order[r:r + shot_num]]
-        made.append({"gen_method": "retrieval", "pointer": ptr, "beam_rank": None, "beam_score": None,
-                     "logprob_score": None, "temperature": None, "similarity_score": float(cos[ptr].mean())})
-    rng = np.random.default_rng([p.seed, 2002, int(qidx), shot_num])
-    for _ in range(p.num_random):
-        ptr = [int(i) for i in rng.choice(K, size=shot_num, replace=False)]
-        made.append({"gen_method": "random", "pointer": ptr, "beam_rank": None, "beam_score": None,
-                     "logprob_score": None, "temperature": None, "similarity_score": None})
-
-    kept: dict[tuple, dict] = {}
-    for cand in made:
-        key = tuple(sorted(cand["pointer"]))
-        if key not in kept or GEN_PRIORITY[cand["gen_method"]] > GEN_PRIORITY[kept[key]["gen_method"]]:
-            kept[key] = cand  # replacing keeps the key's original position (dict order)
-    return list(kept.values())
+    sample_gen, random_rng = query_generators(p.seed, qidx, shot_num)
+    return build_candidates(step, cos, shot_num, candidate_settings(p), sample_generator=sample_gen,
+                            random_rng=random_rng)
 
 
 def fallback_anchor_set(world: World) -> set[int]:
@@ -266,61 +197,19 @@ def rl_records(world: World, lvlm: SimLVLM, shot_num: int, fallback_anchors: set
                cache: Optional[dict] = None) -> tuple[dict, dict]:
     """All RL-JSON query records for one shot count, plus the eval-mode counts.
 
+    Candidates come from :func:`pointer_candidates`; answers, correctness (official metric, or the noisy
+    fallback for ``fallback_anchors``), ``vqa_gt_prob`` and relevance from the shared
+    :func:`leverplus.candidates.score_queries` with the ``sim`` scorer, in one vectorised batch over all anchors.
     ``cache`` (shared across shot counts) memoises the VQA accuracy and relevance of (anchor, prediction).
     """
-    cands_by_anchor = {int(a): pointer_candidates(world, int(a), shot_num) for a in world.anchors}
-    flat_q, flat_icds = [], []
-    for a, cands in cands_by_anchor.items():
-        pool = world.pool("train", a)
-        for c in cands:
-            c["pointer_global"] = [int(pool[i]) for i in c["pointer"]]
-            flat_q.append(a)
-            flat_icds.append(c["pointer_global"])
-    flat_q_arr = np.asarray(flat_q, dtype=np.int64)
-    flat_icds_arr = np.asarray(flat_icds, dtype=np.int64).reshape(len(flat_q), shot_num)
-    raws = lvlm.raw_generation_batch("train", flat_q_arr, flat_icds_arr)
-    gt_probs = lvlm.vqa_gt_prob_batch("train", flat_q_arr, flat_icds_arr)
+    from leverplus.candidates import score_queries
+    from leverplus.scorers.sim import SimScorer
 
-    cache = {} if cache is None else cache
-    acc_cache = cache.setdefault("acc", {})
-    rel_cache = cache.setdefault("rel", {})
-    query_cache = cache.setdefault("query", {})
-    counts = {"vqaEval": 0, "fallback": 0, "error": 0}
-    records: dict[int, dict] = {}
-    k = 0
-    for a, cands in cands_by_anchor.items():
-        if a not in query_cache:
-            query_cache[a] = _query_block(world, "train", a)
-        query = query_cache[a]
-        out = []
-        for c in cands:
-            raw, gt_prob = raws[k], float(gt_probs[k])
-            k += 1
-            pred = vqa_postprocess(raw)
-            if a in fallback_anchors:
-                correct, acc = score_fallback(world, a, c["pointer_global"], pred, query["gt_answers_raw"])
-                mode, split_used = "fallback", "fallback"
-            else:  # the official accuracy depends on the prediction only through its normalised form
-                key = (a, normalize_answer(pred))
-                if key not in acc_cache:
-                    acc_cache[key] = vqa_accuracy(pred, query["gt_answers_raw"])
-                acc = acc_cache[key]
-                correct, mode, split_used = int(acc > 0), "vqaEval", "train"
-            counts[mode] += 1
-            if (a, pred) not in rel_cache:
-                # relevance is a max over GTs, so duplicates can be dropped (order kept for determinism)
-                rel_cache[(a, pred)] = answer_relevance(pred, list(dict.fromkeys(query["gt_answers_norm"])))
-            out.append({
-                "pointer": c["pointer"], "pointer_global": c["pointer_global"], "pointer_pos": list(c["pointer"]),
-                "gen_method": c["gen_method"], "beam_rank": c["beam_rank"], "beam_score": c["beam_score"],
-                "logprob_score": c["logprob_score"], "temperature": c["temperature"],
-                "similarity_score": c["similarity_score"], "vqa_raw_generation": raw, "vqa_pred_answer": pred,
-                "vqa_correct": correct, "vqa_acc_score": acc, "vqa_gt_prob": gt_prob, **rel_cache[(a, pred)],
-                "vqa_eval_mode": mode, "eval_split_used": split_used, "eval_failed": False,
-            })
-        records[a] = {"query": dict(query), "candidate_pool_ids": [int(i) for i in world.pool("train", a)],
-                      "pointer_candidates": out}
-    return records, counts
+    scorer = SimScorer(lvlm, fallback_queries=fallback_anchors)
+    jobs = [QueryJob(int(a), [int(i) for i in world.pool("train", int(a))], pointer_candidates(world, int(a), shot_num))
+            for a in world.anchors]
+    records, counts = score_queries(scorer, "train", jobs, strict_eval=False, cache=cache)
+    return records, counts.mode_counts()
 
 
 def rl_meta(p: SimParams, shot_num: int, counts: dict) -> dict:

@@ -1,4 +1,4 @@
-"""AblationSweeper: a Hydra sweeper for reward ablations against a baseline arm.
+"""AblationSweeper: a Hydra sweeper (registered through the ``hydra.plugins`` entry point in pyproject.toml) for reward ablations against a baseline arm.
 
 It expands ``factors`` (a cartesian grid of arms) plus one ``baseline`` arm, crosses every arm with the
 ``paired_by`` factors (shot_num, seed) so each arm has a baseline partner, and launches the jobs through whatever
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AblationSweeperConf:
-    _target_: str = "hydra_plugins.leverplus_sweeper.ablation_sweeper.AblationSweeper"
+    _target_: str = "leverplus.sweeper.AblationSweeper"
     sweep_name: str = "sweep"
     # name -> list of values. A name that is a config key ("reward.mode") takes plain values; any other name
     # ("weights") takes dicts {config key: value}.
@@ -51,7 +51,9 @@ class AblationSweeperConf:
     fail_fast: bool = False
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="ablation", node=AblationSweeperConf, provider="leverplus")
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="ablation", node=AblationSweeperConf, provider="leverplus", replace=True
+)
 
 
 def fmt(value: Any) -> str:
@@ -157,7 +159,6 @@ class AblationSweeper(Sweeper):
         return self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
 
     def dedupe(self, jobs: List[Job], fixed: List[str]) -> List[Job]:
-        from leverplus.config import to_container
         from leverplus.tracking import canonical_config
         from leverplus.utils import stable_hash
 
@@ -166,9 +167,7 @@ class AblationSweeper(Sweeper):
         composed: Dict[int, DictConfig] = {}
         for job in jobs:
             cfg = self._compose(fixed + job.overrides)
-            c = to_container(cfg)
-            c.pop("hydra", None)
-            key = stable_hash(canonical_config(c))
+            key = stable_hash(canonical_config(_plain(cfg)))
             if key in seen:
                 if job.arm != seen[key].arm:
                     self.aliases.setdefault(job.arm, seen[key].arm)
@@ -184,7 +183,6 @@ class AblationSweeper(Sweeper):
         """Arms whose configs differ only in the reward section and whose rewards are identical on the data."""
         import hashlib
 
-        from leverplus.config import to_container
         from leverplus.pipeline import load_data, prepare_groups
         from leverplus.tracking import canonical_config
         from leverplus.utils import stable_hash
@@ -194,7 +192,7 @@ class AblationSweeper(Sweeper):
         keep: List[Job] = []
         for job in jobs:
             cfg = composed[id(job)]
-            c = canonical_config({k: v for k, v in to_container(cfg).items() if k != "hydra"})
+            c = canonical_config(_plain(cfg))
             c.pop("reward", None)
             rest = stable_hash(c)
             data_key = stable_hash({"data": c.get("data"), "model": c.get("model")})
@@ -265,6 +263,13 @@ class AblationSweeper(Sweeper):
         os.environ["LEVERPLUS_SWEEP_FAILED_JOBS"] = str(failed)
         log.info(f"[{self.sweep_name}] done: {len(batches)} jobs launched, {failed} failed")
         return returns
+
+
+def _plain(cfg: DictConfig) -> Dict[str, Any]:
+    """The job config without the ``hydra`` node (which holds per-job values not known before launch)."""
+    from leverplus.config import to_container
+
+    return to_container(OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]))
 
 
 def _log_aliases(aliases: Dict[str, str]) -> None:
