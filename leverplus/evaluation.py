@@ -154,12 +154,15 @@ def select_icds(
         return [[pool[j] for j in torch.randperm(len(pool), generator=gen)[:shot_num].tolist()] for pool in pools]
     if method == "similarity":
         q = torch.nn.functional.normalize(qset.query_emb.float(), dim=-1)
+        e = torch.nn.functional.normalize(embeddings.float(), dim=-1)
         out = []
-        for i, pool in enumerate(pools):
-            c = torch.nn.functional.normalize(embeddings[pool].float(), dim=-1)
-            sims = c @ q[i]
-            top = torch.topk(sims, shot_num).indices.tolist()  # most similar first
-            out.append([pool[j] for j in reversed(top)])
+        for start in range(0, len(pools), batch_size):  # padded batches: one matmul per chunk
+            chunk = pools[start : start + batch_size]
+            idx = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(p) for p in chunk], batch_first=True)
+            valid = torch.arange(idx.shape[1])[None, :] < torch.tensor([len(p) for p in chunk])[:, None]
+            sims = torch.einsum("bkd,bd->bk", e[idx], q[start : start + len(chunk)]).masked_fill(~valid, -2.0)
+            top = torch.topk(sims, shot_num, dim=1).indices  # most similar first (stable across ties by index)
+            out.extend([[pool[j] for j in reversed(row)] for pool, row in zip(chunk, top.tolist())])
         return out
     if method == "selector":
         if model is None:

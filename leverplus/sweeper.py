@@ -49,6 +49,7 @@ class AblationSweeperConf:
     alias_identical_rewards: bool = True
     max_batch_size: Optional[int] = None
     fail_fast: bool = False
+    dry_run: bool = False  # print the distinct jobs and the aliases, launch nothing
 
 
 ConfigStore.instance().store(
@@ -83,7 +84,8 @@ class Job:
 
 class AblationSweeper(Sweeper):
     def __init__(self, sweep_name: str, factors, paired_by, baseline, baseline_label, arm_overrides,
-                 alias_identical_rewards: bool, max_batch_size: Optional[int], fail_fast: bool) -> None:
+                 alias_identical_rewards: bool, max_batch_size: Optional[int], fail_fast: bool,
+                 dry_run: bool = False) -> None:
         super().__init__()
         self.sweep_name = sweep_name
         self.factors = {k: list(v) for k, v in (OmegaConf.to_container(factors) if isinstance(factors, DictConfig) else dict(factors)).items()}
@@ -94,6 +96,7 @@ class AblationSweeper(Sweeper):
         self.alias_identical_rewards = alias_identical_rewards
         self.max_batch_size = max_batch_size
         self.fail_fast = fail_fast
+        self.dry_run = dry_run
         self.aliases: Dict[str, str] = {}
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -244,6 +247,12 @@ class AblationSweeper(Sweeper):
                 "tracking.skip_finished=true",
             ]
             batches.append(fixed + job.overrides + tags)
+        if self.dry_run:
+            for i, b in enumerate(batches):
+                print(f"job {i}: {' '.join(b)}")
+            print(f"[{self.sweep_name}] dry run: {n_total} jobs in the grid, {len(batches)} distinct, "
+                  f"{len(self.aliases)} aliases")
+            return []
         size = self.max_batch_size or len(batches) or 1
         returns, failed, idx = [], 0, 0
         for start in range(0, len(batches), size):

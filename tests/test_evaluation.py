@@ -1,0 +1,121 @@
+"""Evaluation harness: offline ranking metrics, downstream selection/baselines, CIs, paired comparisons."""
+
+import math
+
+import pytest
+import torch
+
+from leverplus.dataset import Group
+from leverplus.evaluation import (
+    EvalQuerySet,
+    _ndcg,
+    _spearman,
+    downstream_eval,
+    offline_metrics,
+    paired_comparison,
+    select_icds,
+)
+
+
+class RewardOracle(torch.nn.Module):
+    """Scores each member by a fixed per-member score table (stands in for a policy's log-probs)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table  # query_id -> tensor[G]
+
+    def sequence_log_probs(self, query_emb, cand_emb, labels, cand_mask=None):
+        out = torch.full(labels.shape[:2], -1e9)
+        for b in range(labels.shape[0]):
+            qid = int(query_emb[b, 0])
+            out[b, : len(self.table[qid])] = self.table[qid]
+        return out
+
+
+def groups_and_emb():
+    emb = torch.zeros(10, 2)
+    emb[:, 0] = torch.arange(10).float()  # row q carries its own id in column 0
+    g1 = Group(0, 2, [5, 6, 7], torch.tensor([[0, 1], [1, 2], [0, 2]]), torch.tensor([2.0, 0.0, 1.3]),
+               torch.zeros(3), torch.tensor([1.0, 0.0, 0.3]), [0, 1, 2])
+    g2 = Group(1, 2, [5, 6, 7], torch.tensor([[2, 1], [1, 0]]), torch.tensor([0.0, 1.6]), torch.zeros(2),
+               torch.tensor([0.0, 0.6]), [0, 1])
+    return emb, [g1, g2]
+
+
+def test_oracle_policy_gets_the_oracle_score():
+    emb, groups = groups_and_emb()
+    model = RewardOracle({0: torch.tensor([2.0, 0.0, 1.3]), 1: torch.tensor([0.0, 1.6])})
+    summary, rows = offline_metrics(model, groups, emb)
+    assert summary["top1_reward"] == pytest.approx(summary["oracle_reward"]) == pytest.approx((2.0 + 1.6) / 2)
+    assert summary["top1_acc"] == pytest.approx((1.0 + 0.6) / 2)
+    assert summary["mean_acc"] == pytest.approx(((1.0 + 0.0 + 0.3) / 3 + 0.3) / 2)
+    assert summary["ndcg"] == pytest.approx(1.0) and summary["spearman"] == pytest.approx(1.0)
+    assert [r["top1_index"] for r in rows] == [0, 1]
+
+
+def test_worst_policy_and_hand_computed_ndcg():
+    emb, groups = groups_and_emb()
+    model = RewardOracle({0: torch.tensor([0.0, 2.0, 1.0]), 1: torch.tensor([1.0, 0.0])})  # ranks worst first
+    summary, _ = offline_metrics(model, groups, emb)
+    assert summary["top1_reward"] == pytest.approx(0.0)
+    # group 1: order by score = members [1, 2, 0], gains (r - min) = [0, 1.3, 2.0]
+    #   DCG = 0/log2(2) + 1.3/log2(3) + 2.0/log2(4) = 0.8202 + 1.0 = 1.8202
+    #   IDCG = 2.0/1 + 1.3/log2(3) + 0 = 2.8202  -> 0.6454
+    # group 2: order [0, 1], gains [0, 1.6]: DCG = 1.6/log2(3) = 1.0095, IDCG = 1.6 -> 0.6309
+    assert summary["ndcg"] == pytest.approx((1.8202 / 2.8202 + 1.0095 / 1.6) / 2, abs=1e-3)
+    assert summary["spearman"] == pytest.approx(-1.0)
+
+
+def test_ndcg_and_spearman_undefined_cases():
+    import numpy as np
+
+    assert math.isnan(_ndcg(np.array([1.0, 2.0]), np.array([0.0, 0.0])))
+    assert math.isnan(_spearman(np.array([1.0, 2.0]), np.array([3.0, 3.0])))
+
+
+class FixedScorer:
+    """Correct iff the last ICD is even (so selection matters and the truth is known)."""
+
+    def answer(self, split, q, icds):
+        return "yes" if icds and icds[-1] % 2 == 0 else "no"
+
+    def gt_answers(self, split, q):
+        return ["yes"] * 10
+
+
+def qset(n=200, pool=8, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pools = [torch.randperm(50, generator=g)[:pool].tolist() for _ in range(n)]
+    return EvalQuerySet("test", list(range(n)), torch.randn(n, d, generator=g), pools)
+
+
+def test_similarity_orders_most_similar_last_and_random_is_seeded():
+    emb = torch.eye(4)
+    qs = EvalQuerySet("test", [0], torch.tensor([[1.0, 0.5, 0.0, 0.0]]), [[3, 1, 0, 2]])
+    # cosine with the query: item0 0.894, item1 0.447, others 0 -> top-2 [0, 1], most similar last -> [1, 0]
+    assert select_icds("similarity", qs, emb, 2) == [[1, 0]]
+    a = select_icds("random", qset(), torch.randn(50, 4), 2, seed=1)
+    assert a == select_icds("random", qset(), torch.randn(50, 4), 2, seed=1)
+    assert all(len(set(s)) == 2 and set(s) <= set(p) for s, p in zip(a, qset().pools))
+    assert select_icds("zero_shot", qs, emb, 2) == [[]]
+    with pytest.raises(ValueError, match="valid: selector"):
+        select_icds("oracle", qs, emb, 2)
+
+
+class RandomPolicy(torch.nn.Module):
+    def greedy(self, query_emb, cand_emb, shot_num, cand_mask=None):
+        g = torch.Generator().manual_seed(123)
+        scores = torch.rand(cand_emb.shape[:2], generator=g).masked_fill(~cand_mask, -1)
+        return torch.topk(scores, shot_num, dim=1).indices
+
+
+def test_random_selector_matches_random_baseline_within_ci_and_pairing():
+    qs = qset(n=400)
+    emb = torch.randn(50, 4)
+    summ, rows = downstream_eval(FixedScorer(), qs, emb, 2, ["selector", "random"], model=RandomPolicy())
+    # truth: half of the ids are even -> accuracy 0.5 for any random choice
+    for m in ("selector", "random"):
+        assert summ[m]["n"] == 400 and summ[m]["ci_lo"] < 0.5 < summ[m]["ci_hi"]
+    assert summ["selector"]["ci_lo"] < summ["random"]["acc"] < summ["selector"]["ci_hi"]
+    res = paired_comparison(rows["selector"], rows["random"], n_boot=500)
+    assert res.lo < 0 < res.hi and res.n == 400
