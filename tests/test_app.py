@@ -186,3 +186,38 @@ def test_cli_runs_and_prints_the_objective(store, tmp_path):
     assert "objective val/downstream_acc =" in out.stdout
     assert _find(store, "cli").info.status == "FINISHED"  # MLFLOW_TRACKING_URI was honoured
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_real_lever_plus_files_load_and_train(store, tmp_path):
+    """data=files on files in the Lever-Plus formats (made by the simulator) and a Lightning SFT checkpoint."""
+    import torch
+
+    from leverplus.model import PointerSelector
+    from leverplus.sim.generate import load_or_generate
+    from leverplus.sim.params import SimParams
+
+    sim = compose_cfg(["data=sim_tiny"]).data.sim
+    from omegaconf import OmegaConf
+
+    paths = load_or_generate(SimParams.from_mapping(OmegaConf.to_container(sim)), Path(store["cache"]) / "sim")
+    model = PointerSelector(32, hidden_dim=32)
+    ckpt = {"state_dict": {**{f"lever_lm.pointer_selector.{k}": v for k, v in model.state_dict().items()},
+                           "lever_lm.img_model.vision.weight": torch.zeros(2, 2)},
+            "epoch": 3, "global_step": 10}
+    torch.save(ckpt, tmp_path / "sft.ckpt")
+    value = run(compose_cfg([
+        "data=files", "rce.epochs=1", "model.hidden_dim=32", "tracking.enabled=false", f"output_dir={tmp_path}/out",
+        f"+data.files.rl_json.2={paths.rl_json[2]}", f"data.files.embeddings={paths.embeddings}",
+        f"data.files.beam_json={paths.beam_json}", f"data.files.sft_checkpoint={tmp_path / 'sft.ckpt'}"]))
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["objective"] == "val/offline/top1_acc" and metrics["objective_value"] == pytest.approx(value)
+    assert "test/downstream_acc" not in metrics["metrics"]  # no scorer for real files
+    # a checkpoint that does not fit (hidden 64 weights into a hidden-32 config) fails before training
+    torch.save({"state_dict": {f"lever_lm.pointer_selector.{k}": v
+                               for k, v in PointerSelector(32, hidden_dim=64).state_dict().items()}},
+               tmp_path / "bad.ckpt")
+    with pytest.raises(LeverPlusInputError, match="bad.ckpt"):
+        run(compose_cfg(["data=files", "model.hidden_dim=32", "tracking.enabled=false",
+                         f"output_dir={tmp_path}/out2", f"+data.files.rl_json.2={paths.rl_json[2]}",
+                         f"data.files.embeddings={paths.embeddings}", f"data.files.sft_checkpoint={tmp_path / 'bad.ckpt'}"]))
+    assert not (tmp_path / "out2" / "checkpoints").exists()
