@@ -221,3 +221,42 @@ def test_real_lever_plus_files_load_and_train(store, tmp_path):
                          f"output_dir={tmp_path}/out2", f"+data.files.rl_json.2={paths.rl_json[2]}",
                          f"data.files.embeddings={paths.embeddings}", f"data.files.sft_checkpoint={tmp_path / 'bad.ckpt'}"]))
     assert not (tmp_path / "out2" / "checkpoints").exists()
+
+
+def test_ctrl_c_marks_the_run_killed(store, tmp_path):
+    """SIGINT during training: the MLflow run ends KILLED and no temp/half-written checkpoint is left."""
+    import signal
+    import time
+
+    import torch
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "LEVERPLUS_CACHE": store["cache"]}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "leverplus.train", *TINY, "rce.epochs=400", f"tracking.artifact_root={store['artifacts']}",
+         "tracking.run_name=interrupted", f"hydra.run.dir={tmp_path}/run", f"output_dir={tmp_path}/out"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = _client(store)
+    deadline = time.time() + 300
+    ckpt_dir = tmp_path / "out" / "checkpoints"
+    while time.time() < deadline and not (ckpt_dir.exists() and any(ckpt_dir.glob("rce_epoch*.pt"))):
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    r = _find(store, "interrupted")
+    assert r.info.status == "KILLED"
+    for p in ckpt_dir.iterdir():  # only complete checkpoints, no temp files
+        assert p.suffix == ".pt" and not p.name.startswith(".")
+        torch.load(p, weights_only=True)
+
+
+def test_joint_training_over_several_shot_files(store, tmp_path):
+    run(compose_cfg(TINY + ["data.shot_nums=[1,2]", "tracking.enabled=false", f"data.cache_dir={store['cache']}",
+                            f"output_dir={tmp_path}"]))
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"1", "2"} == set(m["filter_stats"])  # both RL files were loaded and filtered
+    for shot in (1, 2):
+        assert f"val/downstream/shot{shot}/selector_acc" in m["metrics"]
+    # the headline is the mean over the shots
+    per_shot = [m["metrics"][f"val/downstream/shot{s}/selector_acc"] for s in (1, 2)]
+    assert m["metrics"]["val/downstream_acc"] == pytest.approx(sum(per_shot) / 2)
