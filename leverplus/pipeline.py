@@ -259,17 +259,23 @@ class StageCache:
 
 
 def stage_keys(cfg, data: LoadedData, groups: PreparedGroups) -> Dict[str, str]:
+    """Cache keys of the stages: everything that determines a stage's weights, nothing else.
+
+    SFT depends on the embeddings, the beam targets (query, pool, labels), the model and SFT configs and the seed,
+    not on which RL file (shot count) the run trains on afterwards, so all shots of a sweep share one SFT.
+    """
+    import hashlib
+
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    base = {
-        "data": data.fingerprint,
-        "code": code_version(),
-        "model": c["model"],
-        "seed": c["seed"],
-        "d": int(data.embeddings.shape[1]),
-    }
-    sft = stable_hash({**base, "sft": c["sft"], "sft_ids": [g.query_id for g in groups.sft_train]})
+    h = hashlib.sha256(data.embeddings.numpy().tobytes())
+    for g in groups.sft_train:
+        h.update(str((g.query_id, g.pool_ids)).encode())
+        h.update(g.labels.numpy().tobytes())
+    common = {"code": code_version(), "model": c["model"], "seed": c["seed"], "d": int(data.embeddings.shape[1])}
+    sft = stable_hash({**common, "sft": c["sft"], "sft_data": h.hexdigest()})
     data_cfg = {k: v for k, v in c["data"].items() if k not in ("cache_dir",)}
-    rce = stable_hash({**base, "sft_key": sft, "rce": c["rce"], "reward": c["reward"], "data_cfg": data_cfg})
+    rce = stable_hash({**common, "data": data.fingerprint, "sft_key": sft, "rce": c["rce"], "reward": c["reward"],
+                       "data_cfg": data_cfg})
     return {"sft": sft, "rce": rce}
 
 

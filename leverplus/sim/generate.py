@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from leverplus.candidates import GEN_PRIORITY, CandidateSettings, QueryJob, build_candidates, query_generators
+from leverplus.candidates import CandidateSettings, QueryJob, build_candidates, query_generators
 from leverplus.errors import LeverPlusInputError
 from leverplus.formats import (atomic_write_json, load_json, read_embeddings, save_embeddings, write_beam_json,
                                write_rl_json)
