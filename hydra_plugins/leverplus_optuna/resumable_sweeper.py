@@ -160,6 +160,7 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
         cfg = self.config
         os.environ["LEVERPLUS_LAUNCH_DIR"] = str(Path(cfg.hydra.runtime.cwd).resolve())
         launch = launch_dir()
+        sweep_dir = (launch / cfg.hydra.sweep.dir).resolve()
         S.require_validation_objective(cfg.objective, self.objective_prefix)
         if not self.study_name:
             raise LeverPlusInputError("the study has no name, so it cannot be resumed",
@@ -196,7 +197,7 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
                 artifact_root=resolve_artifact_root(cfg.tracking.artifact_root), storage=storage,
                 tags={"optuna_storage": storage, "n_trials": self.n_trials, "direction": directions[0],
                       "objective": cfg.objective, "max_failure_rate": self.max_failure_rate,
-                      "sampler": type(study.sampler).__name__, "sweep_dir": cfg.hydra.sweep.dir,
+                      "sampler": type(study.sampler).__name__, "sweep_dir": str(sweep_dir),
                       "search_space": {k: repr(v) for k, v in distributions.items()}})
         status = "FAILED"
         try:
@@ -225,11 +226,11 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
                     self._tell(study, t, ret, tracker)
                 todo -= len(batch)
                 self._check_failures(study, max_failures)
-            S.report_study(study, Path(cfg.hydra.sweep.dir), n_trials=self.n_trials,
+            S.report_study(study, sweep_dir, n_trials=self.n_trials,
                            counted_states=self.counted_states, tracker=tracker)
             status = "FINISHED"
         except TooManyFailedTrials:
-            S.report_study(study, Path(cfg.hydra.sweep.dir), n_trials=self.n_trials,
+            S.report_study(study, sweep_dir, n_trials=self.n_trials,
                            counted_states=self.counted_states, tracker=tracker)
             raise
         except KeyboardInterrupt:
