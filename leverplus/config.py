@@ -252,6 +252,7 @@ def register_configs() -> None:
         ("tracking", TrackingConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=node, replace=True)
+    import leverplus.optuna_sweeper  # noqa: F401  (stores hydra/sweeper=leverplus_optuna)
     import leverplus.sweeper  # noqa: F401  (stores hydra/sweeper=ablation)
 
     register_sweeps()

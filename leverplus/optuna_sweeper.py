@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ResumableOptunaSweeperConf(OptunaSweeperConf):
-    _target_: str = "hydra_plugins.leverplus_optuna.resumable_sweeper.ResumableOptunaSweeper"
+    _target_: str = "leverplus.optuna_sweeper.ResumableOptunaSweeper"
     storage: Optional[str] = None  # None: sqlite:///<folder of the MLflow sqlite store>/optuna.db
     n_jobs: int = 1  # trials asked per batch (a parallel launcher runs a batch at once)
     max_failure_rate: float = 0.5  # of n_trials, for the whole study

@@ -1,1 +1,0 @@
-"""leverplus's resumable Optuna sweeper (``hydra/sweeper=leverplus_optuna``); see ``resumable_sweeper``."""
