@@ -174,12 +174,16 @@ def fallback_anchor_set(world: World) -> set[int]:
 def score_fallback(world: World, qidx: int, pointer_global: Sequence[int], prediction: str,
                    gt_answers: Sequence[str]) -> tuple[int, float]:
     """Noisy fallback scoring: ``fallback_match``, then with prob ``fallback_noise`` the correctness is
-    replaced by a fair coin flip unrelated to the answer (score 1.0 if heads else 0.0). Hash-seeded."""
+    replaced by a fair coin flip unrelated to the answer (``fallback_noise_kind="coin"``) or inverted ("flip");
+    score 1.0 if correct else 0.0. Hash-seeded."""
     p = world.params
     correct, score = fallback_match(prediction, gt_answers)
     q, icds = np.asarray([qidx]), np.asarray([list(pointer_global)])
     if hash_uniform(p.seed, STREAM_FALLBACK_NOISE, 1, q, icds)[0] < p.fallback_noise:
-        correct = int(hash_uniform(p.seed, STREAM_FALLBACK_COIN, 1, q, icds)[0] < 0.5)
+        if p.fallback_noise_kind == "flip":
+            correct = 1 - int(correct)
+        else:
+            correct = int(hash_uniform(p.seed, STREAM_FALLBACK_COIN, 1, q, icds)[0] < 0.5)
         score = 1.0 if correct else 0.0
     return correct, float(score)
 

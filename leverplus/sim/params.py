@@ -72,7 +72,8 @@ class SimParams:
 
     # --- scoring: official metric vs the noisy string-match fallback (spec §6.5) ------------------------
     fallback_fraction: float = 0.1  # anchors whose candidates are scored by fallback_match
-    fallback_noise: float = 0.3  # prob. a fallback-scored correctness is replaced by a fair coin flip
+    fallback_noise: float = 0.3  # prob. a fallback-scored correctness is corrupted (see fallback_noise_kind)
+    fallback_noise_kind: str = "coin"  # "coin": replaced by a fair coin flip; "flip": inverted (a planted, harmful bias)
 
     # --- InfoScore beam JSON (spec §1a) ----------------------------------------------------------------
     beam_size: int = 5
@@ -162,6 +163,8 @@ class SimParams:
         if self.distractor_alt_weight + self.distractor_copy_weight > 1.0:
             bad("distractor_copy_weight", "distractor_alt_weight + distractor_copy_weight exceeds 1",
                 "lower one of them")
+        if self.fallback_noise_kind not in ("coin", "flip"):
+            bad("fallback_noise_kind", f"must be 'coin' or 'flip', got {self.fallback_noise_kind!r}", "use coin or flip")
         if not -1.0 <= self.redundancy_threshold < 1.0:
             bad("redundancy_threshold", f"must lie in [-1, 1), got {self.redundancy_threshold}", "use a cosine")
         for name in ("saturation", "answer_temperature", "proposal_temperature"):
