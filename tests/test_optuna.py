@@ -286,7 +286,9 @@ def test_rce_ran_once_and_every_other_trial_reused_it(killed_and_resumed):
     hits = [n for n in (1, 2, 4) if n not in computed]
     assert all(children[n].data.tags["cache_hit_rce"] == "True" for n in hits), why
     assert parents[0].data.metrics["rce_phase_computed"] == len(versions), why
-    assert parents[0].data.metrics["rce_cache_hits"] == len(hits), why
+    # the killed trial 3 may or may not have reached its cache hit before SIGKILL: count what the runs recorded
+    tagged = [n for n, r in children.items() if r.data.tags.get("cache_hit_rce") == "True"]
+    assert set(hits) <= set(tagged) and parents[0].data.metrics["rce_cache_hits"] == len(tagged), why
     assert len(list((root / "cache" / "stages" / "rce").glob("*.pt"))) == len(versions), why
 
 
