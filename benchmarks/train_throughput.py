@@ -61,7 +61,7 @@ def main() -> None:
 
     emb, rl = okvqa_like()
     groups = build_groups(rl, GroupOptions())
-    train, val = groups[:640], groups[640:]
+    train = groups[:640]
     pool = sum(len(g.pool_ids) for g in train) / len(train)
     members = sum(g.size for g in train) / len(train)
     print(f"data: {len(train)} train queries, {members:.1f} candidates/group, pools of {pool:.1f} items, d={emb.shape[1]}")

@@ -300,7 +300,7 @@ def validate_config(cfg: Any) -> None:
     need(not bad, "eval.baselines", f"unknown baselines {bad}", "choose from zero_shot, random, similarity")
 
 
-def sweeps_dir() -> "Path":
+def sweeps_dir():  # -> pathlib.Path
     from pathlib import Path
 
     return Path(__file__).resolve().parent.parent / "sweeps"

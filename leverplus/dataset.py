@@ -9,7 +9,7 @@ everything from here on.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -386,6 +386,3 @@ def beam_groups(
         )
     return groups
 
-
-def with_rewards(group: Group, rewards: torch.Tensor) -> Group:
-    return replace(group, rewards=rewards)

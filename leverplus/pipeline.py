@@ -6,15 +6,12 @@ after the readers is shared. Every input is read and validated before any traini
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from leverplus.dataset import (
     FilterStats,
@@ -31,7 +28,6 @@ from leverplus.formats import (
     BeamRecord,
     RLData,
     atomic_torch_save,
-    atomic_write_json,
     file_fingerprint,
     read_beam_json,
     read_embeddings,

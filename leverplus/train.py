@@ -64,7 +64,6 @@ def summary_lines(metrics: Dict[str, float], objective: str) -> str:
 def run(cfg: DictConfig) -> float:
     """The whole run; usable without Hydra's decorator (tests compose a config and call this)."""
     from leverplus.pipeline import load_data, train_and_evaluate
-    from leverplus.plots import training_curves
     from leverplus.tracking import (
         MlflowRun,
         find_finished_run,

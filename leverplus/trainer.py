@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Protocol
 
 import torch
 
-from leverplus.dataset import Batch, Group, collate, iterate_batches, num_batches
+from leverplus.dataset import Group, collate, iterate_batches, num_batches
 from leverplus.evaluation import offline_metrics
 from leverplus.losses import grpo_loss, rce_loss, top1_member, top_k_members
 from leverplus.model import PointerSelector, save_pointer_checkpoint

@@ -235,7 +235,6 @@ def test_ctrl_c_marks_the_run_killed(store, tmp_path):
         [sys.executable, "-m", "leverplus.train", *TINY, "rce.epochs=400", f"tracking.artifact_root={store['artifacts']}",
          "tracking.run_name=interrupted", f"hydra.run.dir={tmp_path}/run", f"output_dir={tmp_path}/out"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    client = _client(store)
     deadline = time.time() + 300
     ckpt_dir = tmp_path / "out" / "checkpoints"
     while time.time() < deadline and not (ckpt_dir.exists() and any(ckpt_dir.glob("rce_epoch*.pt"))):
