@@ -32,8 +32,10 @@ class SimParams:
     # --- sizes (RandSampler: anchors drawn from the train items, one 64-pool per query) --------------------
     num_train: int = 3000  # train items = the ICD pool; row i of the embedding table
     num_anchors: int = 800  # RL / beam anchor queries drawn from the train items (OKVQA sample_num=800)
-    num_val: int = 300  # eval queries for model selection
-    num_test: int = 500  # eval queries for the final numbers
+    # Eval sets sized so that a 5-point paired difference is resolved (the answer draw is a Bernoulli per query;
+    # with 500 test queries the paired CI half-width was ~5 points).
+    num_val: int = 1000  # eval queries for model selection (the objective)
+    num_test: int = 2000  # eval queries for the final numbers
     candidate_num: int = 64  # per-query candidate pool size (RandSampler candidate_num)
 
     # --- hidden factors and the visible embedding ------------------------------------------------------
