@@ -366,13 +366,17 @@ class Trainer:
                 temp_ctl.update(kl_value)
                 for key in keys:
                     sums[key] += float(out[key].detach()) * len(chunk)
-                # frac_reward_zero_std over the selected members, per group (TRL's metric)
-                for i in range(len(chunk)):
-                    vals = r[i][sel_mask[i]]
-                    zero_std += int(vals.numel() < 2 or torch.isclose(vals.std(), torch.tensor(0.0), atol=1e-6))
-                    reward_sum += float(b.rewards_raw[i][b.member_mask[i]].sum())
-                    reward_sq += float((b.rewards_raw[i][b.member_mask[i]] ** 2).sum())
-                    n_members += int(b.member_mask[i].sum())
+                # frac_reward_zero_std over the selected members, per group (TRL's metric), vectorised
+                with torch.no_grad():
+                    sel = sel_mask.float()
+                    cnt = sel.sum(1)
+                    mean = (r * sel).sum(1) / cnt.clamp(min=1)
+                    spread = (((r - mean[:, None]) * sel) ** 2).sum(1)
+                    zero_std += int(((cnt < 2) | (spread <= 1e-12 * (cnt - 1).clamp(min=1))).sum())  # std <= 1e-6
+                    raw = b.rewards_raw * b.member_mask
+                    reward_sum += float(raw.sum())
+                    reward_sq += float((raw**2).sum())
+                    n_members += int(b.member_mask.sum())
                 n += len(chunk)
                 bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl_value:.4f}", beta=f"{kl_ctl.beta:.3f}")
             self.kl_beta = kl_ctl.beta

@@ -99,3 +99,15 @@ def test_diverging_training_fails_loudly(tmp_path):
 
     with pytest.raises(NonFiniteLossError, match="RCE epoch"):
         run(tmp_path, ["rce.epochs=3", "rce.lr=1e30", "rce.lr_schedule=constant", "rce.grad_clip=1e30"])
+
+
+def test_frac_reward_zero_std_counts_flat_groups(tmp_path):
+    """Groups whose selected rewards are all equal give no GRPO signal; TRL's metric counts them."""
+    emb, groups = make_groups(n_queries=40)
+    for g in groups[:16]:  # half of the 32 train groups become flat
+        g.rewards_raw = torch.ones_like(g.rewards_raw)
+        g.rewards = torch.ones_like(g.rewards)
+    _, t = run(tmp_path, ["rce.epochs=0", "grpo.epochs=1", "grpo.top_k_schedule=[[-1,-1]]"], groups=(emb, groups))
+    (_, frac), = t.memory.series("grpo/frac_reward_zero_std")
+    # the other groups have 5 members with rewards drawn from continuous similarities: never flat
+    assert frac == pytest.approx(16 / 32)
