@@ -14,7 +14,6 @@ excluded), like the reference's RandSampler but with per-anchor seeds (so shards
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from omegaconf import DictConfig
 
 from leverplus.errors import LeverPlusInputError
 from leverplus.formats import atomic_write_json, file_fingerprint, read_beam_json
-from leverplus.generation import (ResumableOutput, chunks, ids_fingerprint, merge_outputs, read_pool_file,
+from leverplus.generation import (ResumableOutput, dispatch_cli, merge_cli, chunks, ids_fingerprint, merge_outputs, read_pool_file,
                                   shard_range)
 from leverplus.scorers import Scorer, ScorerConfig, build_scorer
 from leverplus.scorers.infoscore import infoscore_beam_search
@@ -231,13 +230,7 @@ def merge(output: str, inputs: List[str], allow_gaps: bool = False, say: Callabl
 
 
 def merge_main(argv: List[str]) -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m leverplus.{LABEL} merge",
-                                     description="Merge finished beam-data shards into one file.")
-    parser.add_argument("output")
-    parser.add_argument("shards", nargs="+")
-    parser.add_argument("--allow-gaps", action="store_true", help="merge even if some index range is missing")
-    args = parser.parse_args(argv)
-    merge(args.output, args.shards, args.allow_gaps)
+    merge_cli(LABEL, "beam-data", merge, argv)
 
 
 @hydra.main(config_path="../conf/generate", config_name="beam_data", version_base=None)
@@ -250,11 +243,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "merge":
-        try:
-            merge_main(sys.argv[2:])
-        except LeverPlusInputError as e:
-            print(f"[leverplus] error: {e}", file=sys.stderr)
-            sys.exit(1)
-    else:
-        main()
+    dispatch_cli(merge_main, main)

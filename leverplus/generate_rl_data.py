@@ -21,7 +21,6 @@ Examples (docs/rldata.md)::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
 from enum import Enum
@@ -37,7 +36,7 @@ from leverplus.candidates import (CandidateSettings, QueryJob, build_candidates,
                                   score_queries)
 from leverplus.errors import LeverPlusInputError
 from leverplus.formats import file_fingerprint, read_beam_json, read_embeddings, write_rl_json
-from leverplus.generation import (ResumableOutput, chunks, ids_fingerprint, merge_outputs, read_pool_file,
+from leverplus.generation import (ResumableOutput, dispatch_cli, merge_cli, chunks, ids_fingerprint, merge_outputs, read_pool_file,
                                   shard_range)
 from leverplus.scorers import Scorer, ScorerConfig, build_scorer
 
@@ -324,13 +323,7 @@ def merge(output: str, inputs: List[str], allow_gaps: bool = False, say: Callabl
 
 
 def merge_main(argv: List[str]) -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m leverplus.{LABEL} merge",
-                                     description="Merge finished RL-data shards into one file.")
-    parser.add_argument("output")
-    parser.add_argument("shards", nargs="+")
-    parser.add_argument("--allow-gaps", action="store_true", help="merge even if some index range is missing")
-    args = parser.parse_args(argv)
-    merge(args.output, args.shards, args.allow_gaps)
+    merge_cli(LABEL, "RL-data", merge, argv)
 
 
 @hydra.main(config_path="../conf/generate", config_name="rl_data", version_base=None)
@@ -343,11 +336,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "merge":
-        try:
-            merge_main(sys.argv[2:])
-        except LeverPlusInputError as e:
-            print(f"[leverplus] error: {e}", file=sys.stderr)
-            sys.exit(1)
-    else:
-        main()
+    dispatch_cli(merge_main, main)

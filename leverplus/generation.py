@@ -223,3 +223,33 @@ def chunks(items: Sequence[int], size: int) -> Iterable[list[int]]:
 
 __all__ = ["FIXED_CREATED_AT", "ResumableOutput", "chunks", "ids_fingerprint", "merge_outputs",
            "read_pool_file", "resolve_created_at", "shard_range"]
+
+
+
+def merge_cli(label: str, what: str, merge_fn, argv) -> None:
+    """``python -m leverplus.<label> merge OUT SHARD... [--allow-gaps]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m leverplus.{label} merge",
+                                     description=f"Merge finished {what} shards into one file.")
+    parser.add_argument("output")
+    parser.add_argument("shards", nargs="+")
+    parser.add_argument("--allow-gaps", action="store_true", help="merge even if some index range is missing")
+    args = parser.parse_args(argv)
+    merge_fn(args.output, args.shards, args.allow_gaps)
+
+
+def dispatch_cli(merge_main, hydra_main) -> None:
+    """``merge ...`` as the first argument merges shards (clear error, exit 1, on bad shards); else run the app."""
+    import sys
+
+    from leverplus.errors import LeverPlusInputError
+
+    if len(sys.argv) > 1 and sys.argv[1] == "merge":
+        try:
+            merge_main(sys.argv[2:])
+        except LeverPlusInputError as e:
+            print(f"[leverplus] error: {e}", file=sys.stderr)
+            sys.exit(1)
+    else:
+        hydra_main()
