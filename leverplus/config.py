@@ -197,6 +197,7 @@ class EvalConfig:
     downstream_splits: List[str] = field(default_factory=lambda: ["val", "test"])
     pool: EvalPool = EvalPool.query_pool
     baselines: List[str] = field(default_factory=lambda: ["zero_shot", "random", "similarity"])
+    baseline_splits: List[str] = field(default_factory=lambda: ["test"])  # model-free context; val needs none
     max_queries: Optional[int] = None  # cap on downstream queries per split (None = all)
     select_metric: str = "val/offline/top1_reward"  # picks the best checkpoint across epochs
     select_mode: str = "max"

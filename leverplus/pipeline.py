@@ -366,7 +366,8 @@ def train_and_evaluate(
                         data.scorer, qset, data.embeddings, shot, ["selector"], model=model,
                         pool_mode=pool_mode, seed=int(cfg.seed),
                     )
-                    for method in cfg.eval.baselines:  # model-free: computed once per process and data
+                    baselines = cfg.eval.baselines if split in cfg.eval.baseline_splits else []
+                    for method in baselines:  # model-free: computed once per process and data
                         bkey = (data.fingerprint, split, len(qset), shot, method, pool_mode, int(cfg.seed))
                         if bkey not in _BASELINE_MEMO:
                             _BASELINE_MEMO[bkey] = downstream_eval(
