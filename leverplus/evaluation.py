@@ -33,12 +33,20 @@ def _ndcg(scores: np.ndarray, gains: np.ndarray) -> float:
     return dcg / idcg if idcg > 0 else float("nan")
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties given their average rank (scipy.stats.rankdata's "average")."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
 
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho = Pearson correlation of the average ranks (equals scipy.stats.spearmanr, 30× cheaper for
+    one small group, which matters: it runs for every validation query every epoch)."""
     if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
-    return float(spearmanr(a, b).statistic)
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / np.sqrt((ra * ra).sum() * (rb * rb).sum()))
 
 
 @torch.no_grad()
@@ -193,8 +201,12 @@ def score_selections(scorer: Scorer, qset: EvalQuerySet, selections: Sequence[Se
         preds = scorer.answer_batch(qset.split, list(qset.query_index), [list(s) for s in selections])
     else:
         preds = [scorer.answer(qset.split, q, list(s)) for q, s in zip(qset.query_index, selections)]
+    memo: Dict[tuple, float] = {}  # the official metric is pure and answers repeat a lot: score each pair once
     for qidx, icds, pred in zip(qset.query_index, selections, preds):
-        acc = vqa_accuracy(pred, scorer.gt_answers(qset.split, qidx))
+        gts = tuple(scorer.gt_answers(qset.split, qidx))
+        acc = memo.get((pred, gts))
+        if acc is None:
+            acc = memo[(pred, gts)] = vqa_accuracy(pred, gts)
         rows.append({"split": qset.split, "query_index": qidx, "icds": list(icds), "prediction": pred, "acc": acc})
     return rows
 

@@ -206,7 +206,8 @@ class PreparedGroups:
     stats: Dict[int, FilterStats]
 
 
-def prepare_groups(cfg, data: LoadedData) -> PreparedGroups:
+def prepare_groups(cfg, data: LoadedData, *, with_sft: bool = True) -> PreparedGroups:
+    """RL train/val groups (filtered, rewards computed) and, when ``with_sft``, the SFT beam groups."""
     opts = GroupOptions.from_config(cfg.data, cfg.reward)
     infos = infoscore_lookup(data.beams) if opts.reward_mode == "hybrid" else None
     train, val, stats, train_ids_all = [], [], {}, set()
@@ -225,7 +226,7 @@ def prepare_groups(cfg, data: LoadedData) -> PreparedGroups:
             fix="check data.skip_fallback_reward / filter_gen_methods / require_positive_query",
         )
     sft_train: List[Group] = []
-    if data.beams is not None and data.sft_checkpoint is None:
+    if with_sft and data.beams is not None and data.sft_checkpoint is None:
         val_ids = {g.query_id for g in val}
         ids = [q for q in data.beams if q not in val_ids]
         sft_train = beam_groups(data.beams, data.pools, ids, max_pool_size=cfg.data.max_pool_size)

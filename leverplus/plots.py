@@ -37,7 +37,7 @@ def training_curves(history: Iterable[Tuple[int, str, float]], path: str | Path)
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes, color="grey")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.95, hspace=0.3, wspace=0.15)  # tight_layout: 2x slower
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -119,3 +119,20 @@ def test_random_selector_matches_random_baseline_within_ci_and_pairing():
     assert summ["selector"]["ci_lo"] < summ["random"]["acc"] < summ["selector"]["ci_hi"]
     res = paired_comparison(rows["selector"], rows["random"], n_boot=500)
     assert res.lo < 0 < res.hi and res.n == 400
+
+
+def test_spearman_hand_computed_with_ties_and_equal_to_scipy():
+    import numpy as np
+
+    # a = [1, 2, 2, 3] -> ranks [1, 2.5, 2.5, 4]; b = [10, 30, 20, 40] -> ranks [1, 3, 2, 4]
+    # centred: [-1.5, 0, 0, 1.5] and [-1.5, 0.5, -0.5, 1.5]; rho = 4.5 / sqrt(4.5 * 5) = 0.948683
+    assert _spearman(np.array([1.0, 2.0, 2.0, 3.0]), np.array([10.0, 30.0, 20.0, 40.0])) == pytest.approx(0.948683, abs=1e-6)
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(2, 15))
+        a, b = rng.integers(0, 4, n).astype(float), rng.normal(size=n).round(1)
+        want = spearmanr(a, b).statistic if np.ptp(a) and np.ptp(b) else float("nan")
+        got = _spearman(a, b)
+        assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, abs=1e-12)

@@ -449,3 +449,44 @@ def test_sampling_without_replacement_exclude_and_uniform_fallback():
     assert isinstance(out[0], Decoded)
     with pytest.raises(LeverPlusInputError, match="temperature"):
         sample_sequences(dead, 4, 2, 0.0, 1, torch.Generator())
+
+
+@pytest.mark.parametrize("num_heads,bias_scale", [(1, 0.0), (1, 0.3), (4, 0.3)])
+def test_factored_attention_equals_nn_multihead_attention(num_heads, bias_scale):
+    """The encoder's single-query attention is nn.MultiheadAttention's function on the same parameters."""
+    from leverplus.model import single_query_attention
+
+    torch.manual_seed(3)
+    attn = torch.nn.MultiheadAttention(16, num_heads, dropout=0.1, batch_first=True).eval()
+    with torch.no_grad():
+        attn.in_proj_bias.copy_(torch.randn(48) * bias_scale)
+        attn.out_proj.bias.copy_(torch.randn(16) * bias_scale)
+    h, c = torch.randn(5, 16), torch.randn(5, 7, 16)
+    pad = torch.zeros(5, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    pad[3, 1:] = True  # a single valid key
+    want, _ = attn(h.unsqueeze(1), c, c, key_padding_mask=pad, need_weights=False)
+    got = single_query_attention(attn, h, c, pad)
+    assert torch.allclose(got, want.squeeze(1), atol=1e-5)
+    # with one valid key the output is out_proj(W_v c_0 + b_v), whatever the other keys hold
+    w_v, b_v = attn.in_proj_weight[32:], attn.in_proj_bias[32:]
+    assert torch.allclose(got[3], attn.out_proj(c[3, 0] @ w_v.T + b_v), atol=1e-5)
+    # gradients flow to every projection (the factored form must stay trainable)
+    attn.train()
+    single_query_attention(attn, h, c, pad).sum().backward()
+    assert attn.in_proj_weight.grad[16:32].abs().sum() > 0 and attn.in_proj_weight.grad[32:].abs().sum() > 0
+
+
+def test_rand_dropout_keeps_with_probability_1_minus_p_and_rescales():
+    from leverplus.model import RandDropout
+
+    d = RandDropout(0.5).train()
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    y = d(x)
+    assert set(torch.unique(y).tolist()) == {0.0, 2.0}  # dropped, or kept and scaled by 1/(1-p)
+    assert abs(float((y > 0).float().mean()) - 0.5) < 0.01  # keep rate 1 - p (sd 0.0011)
+    torch.manual_seed(0)
+    assert torch.equal(d(x), y)  # deterministic under the seed
+    assert torch.equal(d.eval()(x), x) and torch.equal(RandDropout(0.0).train()(x), x)
+    assert torch.equal(RandDropout(1.0).train()(x), torch.zeros_like(x))
