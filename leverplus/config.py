@@ -236,6 +236,7 @@ class TrainConfig:
     device: str = "cpu"
     num_threads: int = 0  # 0 = leave torch's default
     progress: Optional[bool] = None  # None = only when stdout is a TTY
+    checkpoint_every_epoch: bool = True  # as the reference; sweeps turn it off (best.pt is always written)
 
 
 def register_configs() -> None:

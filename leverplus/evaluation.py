@@ -201,12 +201,8 @@ def score_selections(scorer: Scorer, qset: EvalQuerySet, selections: Sequence[Se
         preds = scorer.answer_batch(qset.split, list(qset.query_index), [list(s) for s in selections])
     else:
         preds = [scorer.answer(qset.split, q, list(s)) for q, s in zip(qset.query_index, selections)]
-    memo: Dict[tuple, float] = {}  # the official metric is pure and answers repeat a lot: score each pair once
     for qidx, icds, pred in zip(qset.query_index, selections, preds):
-        gts = tuple(scorer.gt_answers(qset.split, qidx))
-        acc = memo.get((pred, gts))
-        if acc is None:
-            acc = memo[(pred, gts)] = vqa_accuracy(pred, gts)
+        acc = vqa_accuracy(pred, scorer.gt_answers(qset.split, qidx))
         rows.append({"split": qset.split, "query_index": qidx, "icds": list(icds), "prediction": pred, "acc": acc})
     return rows
 

@@ -21,6 +21,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
+from functools import lru_cache
 
 from .errors import LeverPlusInputError
 
@@ -128,6 +129,11 @@ def normalize_answer(text: str) -> str:
     return process_digit_article(process_punctuation(clean_whitespace(text)))
 
 
+# Pure string functions, called for 10 annotator answers of every scored prediction: cached (bounded).
+_normalize_cached = lru_cache(maxsize=1 << 17)(normalize_answer)
+_punctuation_cached = lru_cache(maxsize=1 << 17)(process_punctuation)
+
+
 def vqa_accuracy(
     prediction: str,
     gt_answers: Sequence[str],
@@ -166,11 +172,11 @@ def vqa_accuracy(
     for j, gt in enumerate(gts):
         _require_str(gt, "gt_answers", record=str(j))
 
-    pred = normalize_answer(prediction)
+    pred = _normalize_cached(prediction)
     if normalization == "lever_plus":
-        gts = [normalize_answer(g) for g in gts]
+        gts = [_normalize_cached(g) for g in gts]
     elif len(set(gts)) > 1:
-        gts = [process_punctuation(g) for g in gts]
+        gts = [_punctuation_cached(g) for g in gts]
 
     per_annotator = []
     for j in range(len(gts)):

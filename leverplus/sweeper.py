@@ -131,6 +131,8 @@ class AblationSweeper(Sweeper):
             key = ov.get_key_element()
             bare = key.lstrip("+~")
             values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.get_value_element_as_str()]
+            parsed = list(ov.sweep_iterator()) if ov.is_sweep_override() else [ov.value()]
+            values = [fmt(p) if isinstance(p, bool) else v for v, p in zip(values, parsed)]  # "False" -> "false"
             if bare in factors or bare in self.paired_by:
                 factors[bare] = values
                 self._cli_strings.add(bare)
@@ -308,8 +310,7 @@ class AblationSweeper(Sweeper):
         size = self.max_batch_size or len(batches) or 1
         returns, failed, idx = [], 0, 0
         for start in range(0, len(batches), size):
-            batch = batches[start : start + size]
-            self.validate_batch_is_legal(batch)
+            batch = batches[start : start + size]  # (no validate_batch_is_legal: dedupe composed every job already)
             results = self.launcher.launch(batch, initial_job_idx=idx)
             idx += len(batch)
             for r in results:

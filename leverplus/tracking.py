@@ -18,6 +18,7 @@ import os
 import random
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, TypeVar
 
@@ -41,7 +42,7 @@ REWARD_MODE_FIELDS: Dict[str, tuple] = {
 REWARD_KNOBS = ("hard_weight", "soft_weight", "rel_weight", "reward_alpha", "reward_beta", "correctness_mode",
                 "use_logprob", "info_weight")
 # Fields that never change results.
-COSMETIC = ("tracking", "progress", "output_dir", "num_threads", "objective", "device")
+COSMETIC = ("tracking", "progress", "output_dir", "num_threads", "objective", "device", "checkpoint_every_epoch")
 
 
 def launch_dir() -> Path:
@@ -167,6 +168,39 @@ def find_finished_run(uri: str, experiment_id: str, key: str) -> Optional[str]:
         )
     )
     return runs[0].info.run_id if runs else None
+
+
+def record_reused_run(uri: str, experiment_id: str, done_run_id: str, *, tags: Mapping[str, Any],
+                      params: Mapping[str, Any], parent_run_id: Optional[str], run_name: Optional[str]) -> Dict[str, float]:
+    """A job whose run key already has a FINISHED run is not trained again. Inside a sweep it still becomes a child
+    of this invocation's parent run, as a FINISHED run tagged ``reused_run_id`` (the run that trained; pointers are
+    followed) with that run's final metrics, so the parent lists every job and ``leverplus.compare`` sees a resumed
+    sweep whole. Returns the final metrics plus ``_source_run_id``."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    src = with_retries(lambda: client.get_run(done_run_id))
+    source_id = src.data.tags.get("reused_run_id") or done_run_id
+    if source_id != done_run_id:
+        src = with_retries(lambda: client.get_run(source_id))
+    metrics = dict(src.data.metrics)
+    if parent_run_id:
+        all_tags = {k: str(v) for k, v in tags.items() if v is not None}
+        all_tags.update({"reused_run_id": source_id, "mlflow.parentRunId": parent_run_id})
+        run = with_retries(lambda: client.create_run(experiment_id, run_name=run_name or f"{tags.get('arm') or 'run'} (reused)",
+                                                     tags=all_tags))
+        rid = run.info.run_id
+        now = int(time.time() * 1000)
+        items = [Param(_clean(k), str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            with_retries(partial(client.log_batch, rid, params=items[i : i + 100]))
+        ms = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        for i in range(0, len(ms), 1000):
+            with_retries(partial(client.log_batch, rid, metrics=ms[i : i + 1000]))
+        with_retries(lambda: client.set_terminated(rid, "FINISHED"))
+    metrics["_source_run_id"] = source_id
+    return metrics
 
 
 class MlflowRun:

@@ -69,6 +69,7 @@ def run(cfg: DictConfig) -> float:
         find_finished_run,
         flatten,
         get_or_create_experiment,
+        record_reused_run,
         resolve_artifact_root,
         resolve_tracking_uri,
         run_key,
@@ -99,14 +100,6 @@ def run(cfg: DictConfig) -> float:
     uri = resolve_tracking_uri(t.uri)
     experiment = t.experiment or f"leverplus-{data.source}"
     exp_id = get_or_create_experiment(experiment, uri, resolve_artifact_root(t.artifact_root))
-    if t.skip_finished:
-        done = find_finished_run(uri, exp_id, key)
-        if done is not None:
-            import mlflow
-
-            metrics = mlflow.MlflowClient(tracking_uri=uri).get_run(done).data.metrics
-            print(f"[leverplus] run key {key} already FINISHED as MLflow run {done}: skipped.")
-            return objective_value(metrics, cfg.objective)
     tags = standard_tags(
         sweep=t.sweep,
         arm=t.arm,
@@ -120,6 +113,13 @@ def run(cfg: DictConfig) -> float:
     for k, v in (t.extra_tags or {}).items():
         tags[k] = v
     parent = t.parent_run_id or os.environ.get("LEVERPLUS_PARENT_RUN_ID")
+    if t.skip_finished:
+        done = find_finished_run(uri, exp_id, key)
+        if done is not None:
+            metrics = record_reused_run(uri, exp_id, done, tags=tags, params=flatten(resolved), parent_run_id=parent,
+                                        run_name=t.run_name)
+            print(f"[leverplus] run key {key} already FINISHED as MLflow run {metrics.pop('_source_run_id')}: skipped.")
+            return objective_value(metrics, cfg.objective)
     with MlflowRun(uri=uri, experiment_id=exp_id, run_name=t.run_name, tags=tags, parent_run_id=parent) as mrun:
         mrun.log_params(flatten(resolved))
         outcome, value = execute(logger=mrun)

@@ -441,6 +441,9 @@ def test_per_query_artifact_errors_name_run_line_and_field(tmp_path):
     with pytest.raises(LeverPlusInputError) as e:
         _parse_per_query(path, "r1", "test", "selector")
     assert (e.value.file, e.value.record, e.value.field) == ("run r1: per_query.jsonl", "line 2", "acc")
-    path.write_text(json.dumps(good) + "\n{oops\n")
+    path.write_text(json.dumps(good) + '\n{"method": "selector", oops\n')
     with pytest.raises(LeverPlusInputError, match="malformed JSON"):
         _parse_per_query(path, "r1", "test", "selector")
+    # a line that cannot be a row of the wanted method is skipped unparsed (the baselines are most of the file)
+    path.write_text(json.dumps(good) + '\n{"method": "random", oops\n')
+    assert _parse_per_query(path, "r1", "test", "selector")["acc"].tolist() == [1.0]

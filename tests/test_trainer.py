@@ -49,6 +49,13 @@ def test_rce_only_is_deterministic_and_writes_checkpoints(tmp_path):
     assert t1.memory.series("rce/tau")[-1][1] == pytest.approx(0.5)
 
 
+def test_checkpoint_every_epoch_off_keeps_only_best_and_changes_nothing_else(tmp_path):
+    r1, t1 = run(tmp_path / "a", ["rce.epochs=2", "checkpoint_every_epoch=false"])
+    r2, t2 = run(tmp_path / "b", ["rce.epochs=2"])
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["best.pt"]
+    assert t1.memory.history == t2.memory.history and r1.best == r2.best
+
+
 def test_rce_learns_the_reward_signal(tmp_path):
     _, t = run(tmp_path, ["rce.epochs=8", "rce.lr=3e-3"])
     top1 = [v for _, v in t.memory.series("val/offline/top1_reward")]
