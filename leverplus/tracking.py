@@ -188,8 +188,8 @@ def record_reused_run(uri: str, experiment_id: str, done_run_id: str, *, tags: M
     if parent_run_id:
         all_tags = {k: str(v) for k, v in tags.items() if v is not None}
         all_tags.update({"reused_run_id": source_id, "mlflow.parentRunId": parent_run_id})
-        run = with_retries(lambda: client.create_run(experiment_id, run_name=run_name or f"{tags.get('arm') or 'run'} (reused)",
-                                                     tags=all_tags))
+        name = run_name or f"{tags.get('arm') or 'run'} (reused)"
+        run = with_retries(lambda: client.create_run(experiment_id, run_name=name, tags=all_tags))
         rid = run.info.run_id
         now = int(time.time() * 1000)
         items = [Param(_clean(k), str(v)[:6000]) for k, v in params.items()]
