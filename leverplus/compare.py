@@ -74,6 +74,7 @@ class ArmSummary:
     missing_baseline_seeds: Tuple[int, ...]  # arm runs with no baseline run of the same (shot, seed)
     missing_arm_seeds: Tuple[int, ...]  # baseline seeds this arm has no run for
     aliases: Tuple[str, ...] = ()  # arm labels not run because they are equivalent to this arm
+    delta_q: Optional[float] = None  # Benjamini-Hochberg q of the seed-level p over all arm cells of the report
 
     @property
     def n_seeds(self) -> int:
@@ -151,6 +152,7 @@ def _cell_row(c: ArmSummary, label: str, alias_of: str) -> Dict[str, object]:
         **_est("acc", c.acc),
         "acc_std": c.acc.std,
         **_paired("delta", c.delta),
+        "delta_q": math.nan if c.delta_q is None else c.delta_q,
         "verdict": c.verdict,
         **_paired("objective_delta", c.objective_delta),
         **_paired("query_delta", c.query_delta),
@@ -333,12 +335,38 @@ def compare_runs(
                 tuple(sorted(a for a, c in aliases.items() if c == arm)), missing_baseline, notes,
             ))
 
+    cells, n_tests, n_sig, n_sig_q = _with_fdr(cells, baseline_arm, confidence)
+    if n_tests > 1:
+        notes.append(f"multiple comparisons: {n_sig} of {n_tests} arm cells have p < {1 - confidence:.2g}; after "
+                     f"Benjamini-Hochberg (FDR {1 - confidence:.2g}) {n_sig_q} remain (column q). With many cells, "
+                     "read a lone 'better'/'worse' with a large q as a likely false discovery.")
     main_effects = _main_effects([c for c in cells if c.arm != baseline_arm], present)
     return ComparisonReport(
         metric=metric, objective=objective, baseline_arm=baseline_arm, cells=cells, main_effects=main_effects,
         aliases=dict(sorted(aliases.items())), missing_baseline=missing_baseline, factors=tuple(present),
         confidence=confidence, n_boot=n_boot, notes=list(dict.fromkeys(notes)),
     )
+
+
+def _with_fdr(cells: List[ArmSummary], baseline_arm: str, confidence: float):
+    """Attach Benjamini-Hochberg q-values (``scipy.stats.false_discovery_control``) to the seed-level tests of the
+    arm cells (the baseline and cells without a finite p are left out). Returns (cells, tests, p-significant,
+    q-significant)."""
+    from dataclasses import replace
+
+    from scipy.stats import false_discovery_control
+
+    idx = [i for i, c in enumerate(cells) if c.arm != baseline_arm and c.delta is not None
+           and math.isfinite(c.delta.p_value)]
+    if not idx:
+        return cells, 0, 0, 0
+    ps = np.array([cells[i].delta.p_value for i in idx])
+    qs = false_discovery_control(ps, method="bh")
+    out = list(cells)
+    for i, q in zip(idx, qs):
+        out[i] = replace(cells[i], delta_q=float(q))
+    alpha = 1 - confidence
+    return out, len(idx), int((ps < alpha).sum()), int((qs < alpha).sum())
 
 
 def _finite_estimate(values: np.ndarray, confidence: float) -> Optional[Estimate]:
@@ -452,9 +480,9 @@ def report_markdown(report: ComparisonReport) -> str:
         "seeds (ignores seed-to-seed variance).",
         "",
         f"| arm | shot | n | {report.objective} (mean) | {report.metric} (%) [{conf} CI] "
-        f"| Δ{report.metric} (pp) [{conf} CI] | p | verdict | per-query Δ (pp) [{conf} CI] | per-query verdict "
-        "| notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| Δ{report.metric} (pp) [{conf} CI] | p | q (BH) | verdict | per-query Δ (pp) [{conf} CI] "
+        "| per-query verdict | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in report.cells:
         obj = "n/a" if c.objective is None else f"{c.objective.mean:.4f}"
@@ -478,7 +506,8 @@ def report_markdown(report: ComparisonReport) -> str:
             note.append(f"aliases: {', '.join(c.aliases)}")
         verdict_text = c.verdict if c.delta is None or c.delta.n > 1 or c.verdict != NO_DIFFERENCE \
             else f"{NO_DIFFERENCE} (1 seed)"
-        lines.append(f"| {_md(c.arm)} | {c.shot_num} | {c.n_seeds} | {obj} | {acc} | {d} | {p} | {verdict_text} | {q} "
+        fdr = "n/a" if c.delta_q is None else _p(c.delta_q)
+        lines.append(f"| {_md(c.arm)} | {c.shot_num} | {c.n_seeds} | {obj} | {acc} | {d} | {p} | {fdr} | {verdict_text} | {q} "
                      f"| {c.query_verdict or 'n/a'} | {_md('; '.join(note))} |")
     if report.main_effects:
         lines += ["", f"### Main effects (mean Δ{report.metric} over the cells at each level, other factors averaged)",

@@ -268,7 +268,7 @@ def test_markdown_verdicts(report):
     # arm labels contain '|', escaped as '\|' so the table keeps its columns
     table = [re.split(r"(?<!\\)\|", line)[1:-1] for line in md.splitlines()
              if line.startswith("| mode=") or line.startswith(f"| {BASE}")]
-    table = [cells for cells in table if len(cells) == 11]  # the main table (not the alias table)
+    table = [cells for cells in table if len(cells) == 12]  # the main table (not the alias table)
     assert len(table) == 6
     rows = {(cells[0].strip().replace("\\|", "|"), cells[1].strip()): "|".join(cells) + "|" for cells in table}
     assert "| better |" in rows[A, "1"]
@@ -447,3 +447,31 @@ def test_per_query_artifact_errors_name_run_line_and_field(tmp_path):
     # a line that cannot be a row of the wanted method is skipped unparsed (the baselines are most of the file)
     path.write_text(json.dumps(good) + '\n{"method": "random", oops\n')
     assert _parse_per_query(path, "r1", "test", "selector")["acc"].tolist() == [1.0]
+
+
+def _bh_by_hand(ps):
+    """Benjamini-Hochberg: sort ascending, q_(i) = min over j >= i of m/j * p_(j), capped at 1."""
+    m = len(ps)
+    order = sorted(range(m), key=lambda i: ps[i])
+    q, running = [0.0] * m, 1.0
+    for rank in range(m, 0, -1):
+        i = order[rank - 1]
+        running = min(running, ps[i] * m / rank)
+        q[i] = running
+    return q
+
+
+def test_fdr_q_values_over_arm_cells(report):
+    assert _bh_by_hand([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.04, 0.04])  # the hand formula itself
+    arm_cells = [c for c in report.cells if c.arm != report.baseline_arm and c.delta is not None
+                 and math.isfinite(c.delta.p_value)]
+    assert len(arm_cells) >= 2
+    want = _bh_by_hand([c.delta.p_value for c in arm_cells])
+    assert [c.delta_q for c in arm_cells] == pytest.approx(want)
+    assert all(c.delta_q >= c.delta.p_value for c in arm_cells)
+    assert report.cell(BASE, 1).delta_q is None  # the baseline is not a test
+    n_sig = sum(c.delta.p_value < 0.05 for c in arm_cells)
+    n_sig_q = sum(q < 0.05 for q in want)
+    assert any(f"{n_sig} of {len(arm_cells)} arm cells have p < 0.05" in n and f"{n_sig_q} remain" in n
+               for n in report.notes)
+    assert "| q (BH) |" in report_markdown(report)
