@@ -30,6 +30,7 @@ from leverplus.errors import LeverPlusInputError
 TINY = ["data=sim_tiny", "rce.epochs=1", "sft.epochs=1", "model.hidden_dim=32", "eval.baselines=[zero_shot]",
         "grpo.epochs=int(interval(1,2))"]
 DIVERGE = "hydra.sweeper.enqueue=[{grpo.lr:1e30,grpo.epochs:1}]"
+SLOW_DIM = 512
 
 
 # ---------------------------------------------------------------------------------------------- rules
@@ -140,8 +141,9 @@ def _env(root: Path) -> dict:
     return env
 
 
-def _cmd(*extra):
-    return [sys.executable, "-m", "leverplus.train", "-m", "+sweep=grpo_optuna", *TINY, "hydra.sweeper.n_trials=4",
+def _cmd(*extra, hidden_dim: int = 32):
+    tiny = [f"model.hidden_dim={hidden_dim}" if t.startswith("model.hidden_dim=") else t for t in TINY]
+    return [sys.executable, "-m", "leverplus.train", "-m", "+sweep=grpo_optuna", *tiny, "hydra.sweeper.n_trials=4",
             *extra]
 
 
@@ -163,7 +165,9 @@ def killed_and_resumed(tmp_path_factory):
     """Invocation 1 (n_trials=4) SIGKILLed while trial 3 runs; invocation 2 resumes; invocation 3 finds it done."""
     root = tmp_path_factory.mktemp("study")
     env = _env(root)
-    proc = subprocess.Popen(_cmd(DIVERGE), cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    # a wider model keeps each trial RUNNING long enough for the poll below to catch trial 3 (sim_tiny trials
+    # at hidden_dim 32 can finish between two polls)
+    proc = subprocess.Popen(_cmd(DIVERGE, hidden_dim=SLOW_DIM), cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     deadline = time.monotonic() + 400
     try:
@@ -176,14 +180,14 @@ def killed_and_resumed(tmp_path_factory):
                     break
             except Exception:  # the study or the MLflow tables are being created
                 pass
-            time.sleep(0.3)
+            time.sleep(0.1)
     finally:
         proc.kill()  # SIGKILL: no clean-up runs in the killed process
         first_log = proc.communicate()[0]
     before = [(t.number, t.state.name) for t in _load(root).trials]
-    second = subprocess.run(_cmd(DIVERGE), cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(_cmd(DIVERGE, hidden_dim=SLOW_DIM), cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    third = subprocess.run(_cmd(DIVERGE), cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    third = subprocess.run(_cmd(DIVERGE, hidden_dim=SLOW_DIM), cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     return {"root": root, "before": before, "first_log": first_log,
             "third_log": third.stdout + third.stderr}
