@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 
 class LeverPlusInputError(ValueError):
@@ -33,3 +35,14 @@ class LeverPlusInputError(ValueError):
         if fix:
             msg += f". Fix: {fix}"
         super().__init__(msg)
+
+
+@contextmanager
+def printed_input_errors() -> Iterator[None]:
+    """For Hydra entry points: print a LeverPlusInputError as one ``[leverplus] error: ...`` line on stderr, then
+    re-raise (Hydra reports the failure and exits non-zero)."""
+    try:
+        yield
+    except LeverPlusInputError as e:
+        print(f"[leverplus] error: {e}", file=sys.stderr)
+        raise

@@ -15,7 +15,6 @@ excluded), like the reference's RandSampler but with per-anchor seeds (so shards
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from leverplus.errors import LeverPlusInputError
+from leverplus.errors import LeverPlusInputError, printed_input_errors
 from leverplus.formats import atomic_write_json, file_fingerprint, read_beam_json
 from leverplus.generation import (ResumableOutput, dispatch_cli, merge_cli, chunks, ids_fingerprint, merge_outputs, read_pool_file,
                                   shard_range)
@@ -235,11 +234,8 @@ def merge_main(argv: List[str]) -> None:
 
 @hydra.main(config_path="../conf/generate", config_name="beam_data", version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
+    with printed_input_errors():
         run(cfg)
-    except LeverPlusInputError as e:
-        print(f"[leverplus] error: {e}", file=sys.stderr)
-        raise
 
 
 if __name__ == "__main__":

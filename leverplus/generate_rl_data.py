@@ -21,7 +21,6 @@ Examples (docs/rldata.md)::
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -34,7 +33,7 @@ from omegaconf import DictConfig
 
 from leverplus.candidates import (CandidateSettings, QueryJob, build_candidates, eval_mode_percent, query_generators,
                                   score_queries)
-from leverplus.errors import LeverPlusInputError
+from leverplus.errors import LeverPlusInputError, printed_input_errors
 from leverplus.formats import file_fingerprint, read_beam_json, read_embeddings, write_rl_json
 from leverplus.generation import (ResumableOutput, dispatch_cli, merge_cli, chunks, ids_fingerprint, merge_outputs, read_pool_file,
                                   shard_range)
@@ -328,11 +327,8 @@ def merge_main(argv: List[str]) -> None:
 
 @hydra.main(config_path="../conf/generate", config_name="rl_data", version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
+    with printed_input_errors():
         run(cfg)
-    except LeverPlusInputError as e:
-        print(f"[leverplus] error: {e}", file=sys.stderr)
-        raise
 
 
 if __name__ == "__main__":

@@ -202,23 +202,25 @@ class AblationSweeper(Sweeper):
 
         seen: Dict[str, Job] = {}
         unique: List[Job] = []
-        composed: Dict[int, DictConfig] = {}
+        composed: Dict[int, Tuple[DictConfig, Dict[str, Any]]] = {}
         compose = self._fast_composer(fixed, jobs[-1].overrides) if jobs else None
         for job in jobs:
             cfg = compose(job.overrides)
-            key = stable_hash(canonical_config(_plain(cfg)))
+            plain = _plain(cfg)
+            key = stable_hash(canonical_config(plain))
             if key in seen:
                 if job.arm != seen[key].arm:
                     self.aliases.setdefault(job.arm, seen[key].arm)
                 continue
             seen[key] = job
-            composed[id(job)] = cfg
+            composed[id(job)] = (cfg, plain)
             unique.append(job)
         if self.alias_identical_rewards:
             unique = self._alias_identical_rewards(unique, composed)
         return unique
 
-    def _alias_identical_rewards(self, jobs: List[Job], composed: Dict[int, DictConfig]) -> List[Job]:
+    def _alias_identical_rewards(self, jobs: List[Job], composed: Dict[int, Tuple[DictConfig, Dict[str, Any]]]
+                                 ) -> List[Job]:
         """Arms whose configs differ only in the reward section and whose training consumes identical tensors.
 
         What a run consumes from its rewards: RCE the raw or the group-normalised rewards (``rce.use_raw_reward``),
@@ -242,12 +244,12 @@ class AblationSweeper(Sweeper):
         seen: Dict[str, Job] = {}
         keep: List[Job] = []
         for job in jobs:
-            cfg = composed[id(job)]
-            c = canonical_config(_plain(cfg))
+            cfg, plain = composed[id(job)]
+            c = canonical_config(plain)
             c.pop("reward", None)
             rest = stable_hash(c)
             data_key = stable_hash({"data": c.get("data"), "model": c.get("model")})
-            groups_key = stable_hash({"data_key": data_key, "reward": _plain(cfg)["reward"]})
+            groups_key = stable_hash({"data_key": data_key, "reward": plain["reward"]})
             try:
                 if data_key not in data_cache:
                     data_cache[data_key] = load_data(cfg)
@@ -374,10 +376,10 @@ def _plain_cfg(cfg: DictConfig) -> DictConfig:
 
 
 def _plain(cfg: DictConfig) -> Dict[str, Any]:
-    """The job config without the ``hydra`` node (which holds per-job values not known before launch)."""
+    """The job config without the ``hydra`` node (which holds per-job values not known before launch), as plain data."""
     from leverplus.config import to_container
 
-    return to_container(OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]))
+    return to_container(_plain_cfg(cfg))
 
 
 def _log_aliases(aliases: Dict[str, str]) -> None:

@@ -170,6 +170,15 @@ def find_finished_run(uri: str, experiment_id: str, key: str) -> Optional[str]:
     return runs[0].info.run_id if runs else None
 
 
+def _log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
+    """Params in batches of 100 (MLflow's limit), values cut to 6000 characters."""
+    from mlflow.entities import Param
+
+    items = [Param(_clean(k), str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        with_retries(partial(client.log_batch, run_id, params=items[i : i + 100]))
+
+
 def record_reused_run(uri: str, experiment_id: str, done_run_id: str, *, tags: Mapping[str, Any],
                       params: Mapping[str, Any], parent_run_id: Optional[str], run_name: Optional[str]) -> Dict[str, float]:
     """A job whose run key already has a FINISHED run is not trained again. Inside a sweep it still becomes a child
@@ -177,7 +186,7 @@ def record_reused_run(uri: str, experiment_id: str, done_run_id: str, *, tags: M
     followed) with that run's final metrics, so the parent lists every job and ``leverplus.compare`` sees a resumed
     sweep whole. Returns the final metrics plus ``_source_run_id``."""
     import mlflow
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     src = with_retries(lambda: client.get_run(done_run_id))
@@ -192,9 +201,7 @@ def record_reused_run(uri: str, experiment_id: str, done_run_id: str, *, tags: M
         run = with_retries(lambda: client.create_run(experiment_id, run_name=name, tags=all_tags))
         rid = run.info.run_id
         now = int(time.time() * 1000)
-        items = [Param(_clean(k), str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            with_retries(partial(client.log_batch, rid, params=items[i : i + 100]))
+        _log_params(client, rid, params)
         ms = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
         for i in range(0, len(ms), 1000):
             with_retries(partial(client.log_batch, rid, metrics=ms[i : i + 1000]))
@@ -239,11 +246,7 @@ class MlflowRun:
             with_retries(lambda: self.client.log_batch(self.run_id, metrics=batch[i : i + 500]))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(_clean(k), str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            with_retries(lambda: self.client.log_batch(self.run_id, params=items[i : i + 100]))
+        _log_params(self.client, self.run_id, params)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -16,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from leverplus.config import register_configs, to_container
-from leverplus.errors import LeverPlusInputError
+from leverplus.errors import LeverPlusInputError, printed_input_errors
 
 register_configs()
 
@@ -167,11 +166,8 @@ def _print_summary(outcome, objective: str, value: float) -> None:
 
 @hydra.main(config_path="../conf", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> Optional[float]:
-    try:
+    with printed_input_errors():
         return run(cfg)
-    except LeverPlusInputError as e:
-        print(f"[leverplus] error: {e}", file=sys.stderr)
-        raise
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ class Trainer:
         val = self.validate(model)
         self.last_val = val
         self.logger.log_metrics({**train_metrics, **val}, step=self.epoch_counter)
-        if getattr(self.cfg, "checkpoint_every_epoch", True):
+        if self.cfg.checkpoint_every_epoch:
             path = self.output_dir / "checkpoints" / f"{phase}_epoch{epoch + 1}.pt"
             save_pointer_checkpoint(
                 path, model, phase=phase, epoch=epoch, kl_beta=self.kl_beta, metrics={**train_metrics, **val}
