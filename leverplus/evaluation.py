@@ -26,6 +26,7 @@ from leverplus.stats import mean_ci, paired_bootstrap
 
 
 def _ndcg(scores: np.ndarray, gains: np.ndarray) -> float:
+    """NDCG of one group: members ranked by ``scores`` (ties in index order), gains as given."""
     order = np.argsort(-scores, kind="stable")
     discounts = 1.0 / np.log2(np.arange(2, len(gains) + 2))
     dcg = float((gains[order] * discounts).sum())
@@ -40,8 +41,7 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rho = Pearson correlation of the average ranks (equals scipy.stats.spearmanr, 30× cheaper for
-    one small group, which matters: it runs for every validation query every epoch)."""
+    """Spearman's rho = Pearson correlation of the average ranks (equals scipy.stats.spearmanr)."""
     if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
     ra, rb = _average_ranks(a), _average_ranks(b)
@@ -49,11 +49,66 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((ra * rb).sum() / np.sqrt((ra * ra).sum() * (rb * rb).sum()))
 
 
+def _masked_average_ranks(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Row-wise :func:`_average_ranks` over the entries where ``mask`` is True (``[B, G]``; padding gets 0).
+    Pairwise counts: rank_i = #{j: x_j < x_i} + (#{j: x_j = x_i} + 1) / 2 over valid j; G is small (≤ ~64)."""
+    m = mask[:, None, :]
+    less = ((x[:, None, :] < x[:, :, None]) & m).sum(-1)
+    equal = ((x[:, None, :] == x[:, :, None]) & m).sum(-1)
+    return np.where(mask, less + (equal + 1) / 2.0, 0.0)
+
+
+def ranking_stats(scores: np.ndarray, rewards: np.ndarray, acc: np.ndarray, mask: np.ndarray) -> Dict[str, np.ndarray]:
+    """Per-group offline ranking statistics for a padded batch, vectorised (float64 ``[B, G]`` inputs, ``mask``
+    True on real members). Same definitions as the per-group :func:`_ndcg` / :func:`_spearman`: top-1 is the first
+    argmax of the scores, NDCG gains are reward − group min, Spearman is NaN for a group with one distinct score or
+    reward. Returns arrays of length B."""
+    n = mask.sum(1)
+    neg_inf = np.where(mask, 0.0, -np.inf)
+    top = np.argmax(scores + neg_inf, axis=1)
+    best = np.argmax(rewards + neg_inf, axis=1)
+    rows = np.arange(len(n))
+    r_min = np.where(mask, rewards, np.inf).min(1)
+    r_max = np.where(mask, rewards, -np.inf).max(1)
+    s_min = np.where(mask, scores, np.inf).min(1)
+    s_max = np.where(mask, scores, -np.inf).max(1)
+    # NDCG: padding sorts last (score +inf in the ascending sort of -score) and carries gain 0
+    gains = np.where(mask, rewards - r_min[:, None], 0.0)
+    order = np.argsort(np.where(mask, -scores, np.inf), axis=1, kind="stable")
+    discounts = 1.0 / np.log2(np.arange(2, scores.shape[1] + 2))
+    dcg = (np.take_along_axis(gains, order, 1) * discounts).sum(1)
+    idcg = (-np.sort(-gains, axis=1) * discounts).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ndcg = np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), np.nan)
+        ra, rb = _masked_average_ranks(scores, mask), _masked_average_ranks(rewards, mask)
+        nn_ = np.maximum(n, 1)[:, None]
+        ra = np.where(mask, ra - ra.sum(1, keepdims=True) / nn_, 0.0)
+        rb = np.where(mask, rb - rb.sum(1, keepdims=True) / nn_, 0.0)
+        rho = (ra * rb).sum(1) / np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
+    rho = np.where((n < 2) | (s_max - s_min == 0) | (r_max - r_min == 0), np.nan, rho)
+    acc_valid = np.where(mask, acc, 0.0)
+    return {
+        "top1_index": top,
+        "top1_reward": rewards[rows, top],
+        "top1_acc": acc[rows, top],
+        "oracle_reward": rewards[rows, best],
+        "oracle_acc": np.where(mask, acc, -np.inf).max(1),
+        "mean_reward": np.where(mask, rewards, 0.0).sum(1) / np.maximum(n, 1),
+        "mean_acc": acc_valid.sum(1) / np.maximum(n, 1),
+        "ndcg": ndcg,
+        "spearman": rho,
+    }
+
+
+OFFLINE_KEYS = ("top1_reward", "top1_acc", "oracle_reward", "oracle_acc", "mean_reward", "mean_acc", "ndcg", "spearman")
+
+
 @torch.no_grad()
 def offline_metrics(
-    model, groups: Sequence[Group], embeddings: torch.Tensor, batch_size: int = 64
+    model, groups: Sequence[Group], embeddings: torch.Tensor, batch_size: int = 64, *, with_rows: bool = True
 ) -> Tuple[Dict[str, float], List[dict]]:
-    """Rank every group's members by the policy (eval mode). Returns (summary, per-query rows).
+    """Rank every group's members by the policy (eval mode). Returns (summary, per-query rows; empty unless
+    ``with_rows``).
 
     Summary keys: top1_reward, top1_acc, oracle_reward, oracle_acc, mean_reward, mean_acc, ndcg, spearman, rce_loss
     (the reference's val loss: RCE on raw rewards at τ=1), n_queries. NDCG uses gains = reward − group min and skips
@@ -61,38 +116,34 @@ def offline_metrics(
     """
     was_training = model.training
     model.eval()
+    # a PointerSelector projects every item once (ItemTable); any other policy only needs sequence_log_probs
+    table = model.item_table(embeddings) if hasattr(model, "item_table") else None
     rows: List[dict] = []
+    per_key: Dict[str, List[np.ndarray]] = {k: [] for k in OFFLINE_KEYS}
     loss_sum, n = 0.0, 0
-    for chunk in iterate_batches(list(groups), batch_size, shuffle=False):
-        b = collate(chunk, embeddings)
-        lp = model.sequence_log_probs(b.query_emb, b.cand_emb, b.labels, b.cand_mask)
-        loss_sum += float(rce_loss(lp, b.rewards_raw, 1.0, b.member_mask)["loss"]) * len(chunk)
-        n += len(chunk)
-        for i, g in enumerate(chunk):
-            s = lp[i, : g.size].numpy().astype(np.float64)
-            r = g.rewards_raw.numpy().astype(np.float64)
-            a = g.acc.numpy().astype(np.float64)
-            top = int(np.argmax(s))
-            best = int(np.argmax(r))
-            rows.append(
-                {
-                    "query_id": g.query_id,
-                    "shot_num": g.shot_num,
-                    "top1_index": g.candidate_index[top],
-                    "top1_reward": r[top],
-                    "top1_acc": a[top],
-                    "oracle_reward": r[best],
-                    "oracle_acc": float(a.max()),
-                    "mean_reward": float(r.mean()),
-                    "mean_acc": float(a.mean()),
-                    "ndcg": _ndcg(s, r - r.min()),
-                    "spearman": _spearman(s, r),
-                }
-            )
-    model.train(was_training)
-    summary: Dict[str, float] = {"n_queries": float(len(rows)), "rce_loss": loss_sum / max(n, 1)}
-    for key in ["top1_reward", "top1_acc", "oracle_reward", "oracle_acc", "mean_reward", "mean_acc", "ndcg", "spearman"]:
-        vals = np.array([row[key] for row in rows], dtype=np.float64)
+    try:
+        for chunk in iterate_batches(list(groups), batch_size, shuffle=False):
+            b = collate(chunk, embeddings)
+            if table is not None:
+                lp = model.sequence_log_probs_indexed(b.query_emb, b.pool_idx, b.labels, table, b.cand_mask)
+            else:
+                lp = model.sequence_log_probs(b.query_emb, b.cand_emb, b.labels, b.cand_mask)
+            loss_sum += float(rce_loss(lp, b.rewards_raw, 1.0, b.member_mask)["loss"]) * len(chunk)
+            n += len(chunk)
+            st = ranking_stats(lp.double().numpy(), b.rewards_raw.double().numpy(), b.acc.double().numpy(),
+                               b.member_mask.numpy())
+            for k in OFFLINE_KEYS:
+                per_key[k].append(st[k])
+            if with_rows:
+                for i, g in enumerate(chunk):
+                    rows.append({"query_id": g.query_id, "shot_num": g.shot_num,
+                                 "top1_index": g.candidate_index[int(st["top1_index"][i])],
+                                 **{k: float(st[k][i]) for k in OFFLINE_KEYS}})
+    finally:
+        model.train(was_training)
+    summary: Dict[str, float] = {"n_queries": float(n), "rce_loss": loss_sum / max(n, 1)}
+    for key in OFFLINE_KEYS:
+        vals = np.concatenate(per_key[key]) if per_key[key] else np.zeros(0)
         vals = vals[~np.isnan(vals)]
         summary[key] = float(vals.mean()) if len(vals) else float("nan")
     return summary, rows
@@ -175,21 +226,20 @@ def select_icds(
     if method == "selector":
         if model is None:
             raise ValueError("method 'selector' needs a model")
-        was_training = model.training
-        model.eval()
+        # a PointerSelector projects every item once (ItemTable) and gathers rows; any other policy gets padded
+        # pool embeddings through greedy(query_emb, cand_emb, shot_num, cand_mask)
+        table = model.item_table(embeddings) if hasattr(model, "item_table") else None
         out = []
         for start in range(0, len(pools), batch_size):
             chunk = pools[start : start + batch_size]
-            K = max(len(p) for p in chunk)
-            d = embeddings.shape[1]
-            cand = torch.zeros(len(chunk), K, d)
-            mask = torch.zeros(len(chunk), K, dtype=torch.bool)
-            for b, pool in enumerate(chunk):
-                cand[b, : len(pool)] = embeddings[pool]
-                mask[b, : len(pool)] = True
-            picks = model.greedy(qset.query_emb[start : start + len(chunk)], cand, shot_num, mask)
+            idx = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(p, dtype=torch.long) for p in chunk], batch_first=True)
+            mask = torch.arange(idx.shape[1])[None, :] < torch.tensor([len(p) for p in chunk])[:, None]
+            q = qset.query_emb[start : start + len(chunk)]
+            if table is not None:
+                picks = model.greedy_indexed(q, idx, shot_num, table, mask)
+            else:
+                picks = model.greedy(q, embeddings[idx] * mask[..., None].to(embeddings.dtype), shot_num, mask)
             out.extend([[pool[j] for j in row] for pool, row in zip(chunk, picks.tolist())])
-        model.train(was_training)
         return out
     raise ValueError(f"unknown selection method {method!r}; valid: selector, {', '.join(BASELINES)}")
 

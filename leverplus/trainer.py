@@ -106,15 +106,13 @@ def sequence_log_probs_by_query(
     model: PointerSelector, groups: List[Group], embeddings: torch.Tensor, batch_size: int = 64
 ) -> Dict[int, torch.Tensor]:
     """Eval-mode log-probs of every member of every group: the GRPO "old" policy."""
-    was_training = model.training
-    model.eval()
+    table = model.item_table(embeddings)
     out: Dict[int, torch.Tensor] = {}
     for chunk in iterate_batches(groups, batch_size, shuffle=False):
         b = collate(chunk, embeddings)
-        lp = model.sequence_log_probs(b.query_emb, b.cand_emb, b.labels, b.cand_mask)
+        lp = model.sequence_log_probs_indexed(b.query_emb, b.pool_idx, b.labels, table, b.cand_mask)
         for i, g in enumerate(chunk):
             out[g.query_id] = lp[i, : g.size].clone()
-    model.train(was_training)
     return out
 
 
@@ -173,7 +171,7 @@ class Trainer:
         """val/loss (reference: RCE loss on raw rewards at τ=1) plus offline ranking metrics."""
         if not self.val_groups:
             return {}
-        metrics, _ = offline_metrics(model, self.val_groups, self.embeddings)
+        metrics, _ = offline_metrics(model, self.val_groups, self.embeddings, with_rows=False)
         out = {f"val/offline/{k}": v for k, v in metrics.items()}
         out["val/loss"] = metrics["rce_loss"]
         return out

@@ -136,3 +136,33 @@ def test_spearman_hand_computed_with_ties_and_equal_to_scipy():
         want = spearmanr(a, b).statistic if np.ptp(a) and np.ptp(b) else float("nan")
         got = _spearman(a, b)
         assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, abs=1e-12)
+
+
+def test_vectorised_ranking_stats_equal_the_per_group_definitions():
+    """ranking_stats on a padded batch (ties in scores and rewards, groups of 1..7) equals _ndcg / _spearman /
+    first-argmax computed group by group."""
+    import numpy as np
+
+    from leverplus.evaluation import OFFLINE_KEYS, ranking_stats
+
+    rng = np.random.default_rng(0)
+    B, G = 60, 7
+    sizes = rng.integers(1, G + 1, size=B)
+    mask = np.arange(G)[None, :] < sizes[:, None]
+    scores = np.round(rng.normal(size=(B, G)), 1)  # rounding makes ties
+    rewards = rng.integers(0, 3, size=(B, G)).astype(float) * 0.5
+    acc = rng.random((B, G))
+    scores[~mask], rewards[~mask], acc[~mask] = 99.0, 99.0, 99.0  # padding must never leak in
+    st = ranking_stats(scores, rewards, acc, mask)
+    for i in range(B):
+        n = sizes[i]
+        s, r, a = scores[i, :n], rewards[i, :n], acc[i, :n]
+        top, best = int(np.argmax(s)), int(np.argmax(r))
+        want = {"top1_reward": r[top], "top1_acc": a[top], "oracle_reward": r[best], "oracle_acc": a.max(),
+                "mean_reward": r.mean(), "mean_acc": a.mean(), "ndcg": _ndcg(s, r - r.min()), "spearman": _spearman(s, r)}
+        assert int(st["top1_index"][i]) == top
+        for k in OFFLINE_KEYS:
+            if math.isnan(want[k]):
+                assert math.isnan(st[k][i]), (i, k)
+            else:
+                assert st[k][i] == pytest.approx(want[k], abs=1e-12), (i, k)

@@ -490,3 +490,48 @@ def test_rand_dropout_keeps_with_probability_1_minus_p_and_rescales():
     assert torch.equal(d(x), y)  # deterministic under the seed
     assert torch.equal(d.eval()(x), x) and torch.equal(RandDropout(0.0).train()(x), x)
     assert torch.equal(RandDropout(1.0).train()(x), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("num_heads,gate,d", [(1, True, 6), (2, False, 6), (1, True, 8)])
+def test_item_table_path_equals_the_per_pool_eval_path(num_heads, gate, d):
+    """Eval on item tables (each item projected once, pools gather rows) computes the same function as projecting
+    every pool slot: same log-probs (to float rounding) and the same greedy picks, with padded pools."""
+    torch.manual_seed(3)
+    model = PointerSelector(d_model=d, hidden_dim=8, num_heads=num_heads, use_query_update_gate=gate, dropout=0.5)
+    model.train()  # the indexed methods switch to eval themselves and restore the mode
+    emb = torch.randn(30, d)
+    sizes = [7, 5, 7, 6]
+    pools = [torch.randperm(30)[:k] for k in sizes]
+    idx = torch.nn.utils.rnn.pad_sequence(pools, batch_first=True)
+    mask = torch.arange(idx.shape[1])[None, :] < torch.tensor(sizes)[:, None]
+    cand = emb[idx] * mask[..., None].float()
+    q = torch.randn(4, d)
+    labels = torch.stack([torch.stack([torch.randperm(k)[:3] for _ in range(5)]) for k in sizes])  # [4, 5, 3]
+    table = model.item_table(emb)
+    got = model.sequence_log_probs_indexed(q, idx, labels, table, mask)
+    model.eval()
+    want = model.sequence_log_probs(q, cand, labels, mask)
+    assert torch.allclose(got, want, atol=1e-5)
+    model.train()
+    assert torch.equal(model.greedy_indexed(q, idx, 3, table, mask), model.greedy(q, cand, 3, mask))
+    assert model.training  # restored
+    with pytest.raises(LeverPlusInputError, match=r"pool ids must lie in \[0, 30\)"):
+        model.greedy_indexed(q, idx + 30, 2, table, mask)
+    with pytest.raises(LeverPlusInputError, match="NaN or inf"):
+        model.item_table(torch.full((3, d), float("nan")))
+
+
+def test_rand_dropout_quantises_p_to_16_bits_and_stays_unbiased():
+    from leverplus.model import RandDropout
+
+    torch.manual_seed(1)
+    x = torch.ones(400_000)
+    y = RandDropout(0.1).train()(x)
+    q = round(0.1 * 65536) / 65536  # 0.10000610...: the drop probability actually used
+    kept = y > 0
+    assert abs(float(kept.float().mean()) - (1 - q)) < 0.003  # sd 0.0005
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - q)))  # scale 1/(1-q): E[y] = x exactly
+    assert abs(float(y.mean()) - 1.0) < 0.005
+    odd = torch.ones(3, 5, 7)  # numel not a multiple of 4
+    assert odd.shape == RandDropout(0.5).train()(odd).shape
+    assert torch.equal(RandDropout(0.99999999).train()(x), torch.zeros_like(x))  # rounds to p = 1

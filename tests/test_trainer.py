@@ -57,9 +57,17 @@ def test_checkpoint_every_epoch_off_keeps_only_best_and_changes_nothing_else(tmp
 
 
 def test_rce_learns_the_reward_signal(tmp_path):
+    from leverplus.evaluation import offline_metrics
+
+    cfg = compose_cfg(SMALL)
+    emb, groups = make_groups()
+    torch.manual_seed(cfg.seed)  # the same initial weights as run() builds
+    before, _ = offline_metrics(build_model(cfg.model, emb.shape[1]), groups[32:], emb)
     _, t = run(tmp_path, ["rce.epochs=8", "rce.lr=3e-3"])
     top1 = [v for _, v in t.memory.series("val/offline/top1_reward")]
-    assert top1[-1] > top1[0]
+    assert top1[-1] > before["top1_reward"] and top1[-1] > before["mean_reward"]  # ranks better than untrained/random
+    loss = [v for _, v in t.memory.series("rce/loss")]
+    assert loss[-1] < loss[0]
 
 
 def test_grpo_metrics_and_beta_adaptation(tmp_path):
