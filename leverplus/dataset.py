@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -56,6 +56,7 @@ class Batch:
     rewards_raw: torch.Tensor  # [B, G]
     acc: torch.Tensor  # [B, G]
     old_log_probs: Optional[torch.Tensor] = None  # [B, G], set by the trainer for GRPO
+    pool_idx: Optional[torch.Tensor] = None  # [B, K] embedding rows of the pool (padding: row 0, masked)
 
     def to(self, device: str | torch.device) -> "Batch":
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
@@ -136,30 +137,32 @@ def infoscore_lookup(beams: Optional[Mapping[int, BeamRecord]]) -> Dict[int, Dic
     return out
 
 
-def build_groups(
+@dataclass
+class GroupSkeleton:
+    """The reward-independent part of a group: surviving candidates, pool, local labels, accuracies. Every arm of
+    a reward sweep shares it, so :func:`prepare_groups <leverplus.pipeline.prepare_groups>` builds it once per
+    process and only recomputes the rewards."""
+
+    query_id: int
+    kept: List[Any]  # RLCandidate, in file order
+    pool_ids: List[int]
+    labels: torch.Tensor  # [G, S]
+    acc: torch.Tensor  # [G]
+
+
+def group_skeletons(
     rl: RLData,
     opts: GroupOptions,
     *,
-    embeddings: Optional[torch.Tensor] = None,
-    infoscores: Optional[Mapping[int, Mapping[Tuple[int, ...], float]]] = None,
     fallback_pools: Optional[Mapping[int, Sequence[int]]] = None,
     query_ids: Optional[Sequence[int]] = None,
     stats: Optional[FilterStats] = None,
-) -> List[Group]:
-    """Turn validated RL records into training groups (spec §4.2), in sorted query-id order.
-
-    Pools: ``candidate_pool_ids`` when present; else ``fallback_pools[qid]`` when the data source gives one; else the
-    reference's per-query sorted union of the surviving pointers' ids. Pools longer than ``max_pool_size`` are
-    truncated like the reference, but a pointer outside the truncated pool is an error (the reference's KeyError).
-    """
+) -> List[GroupSkeleton]:
+    """Filter the candidates and build pools and labels (the first half of :func:`build_groups`). Reads only the
+    filter and pool options of ``opts``; records queries/candidates in and every filter drop in ``stats``."""
     stats = stats if stats is not None else FilterStats()
     wanted = set(query_ids) if query_ids is not None else None
-    groups: List[Group] = []
-    if opts.reward_mode == "hybrid" and not infoscores:
-        # Still works (falls back to beam_score), but say so once.
-        import warnings
-
-        warnings.warn("reward.mode=hybrid without a beam JSON: info falls back to each candidate's beam_score")
+    out: List[GroupSkeleton] = []
     for qid, q in rl.queries.items():
         if wanted is not None and qid not in wanted:
             continue
@@ -182,6 +185,57 @@ def build_groups(
         if not kept:
             stats.drop("empty_query")
             continue
+        if q.candidate_pool_ids is not None:
+            pool = list(q.candidate_pool_ids)
+        elif fallback_pools is not None and qid in fallback_pools:
+            pool = list(fallback_pools[qid])
+        else:
+            pool = sorted({i for c in kept for i in c.pointer})
+        pool = pool[: opts.max_pool_size]
+        pos = {gid: j for j, gid in enumerate(pool)}
+        labels = []
+        for c in kept:
+            missing = [g for g in c.pointer if g not in pos]
+            if missing:
+                raise LeverPlusInputError(
+                    f"pointer ids {missing} are not in the query's pool (size {len(pool)} after truncation to "
+                    f"data.max_pool_size={opts.max_pool_size})",
+                    file=rl.path,
+                    record=f"query {qid}, candidate {c.index}",
+                    field="pointer",
+                    fix="raise data.max_pool_size or repair candidate_pool_ids",
+                )
+            labels.append([pos[g] for g in c.pointer])
+        out.append(GroupSkeleton(
+            query_id=qid,
+            kept=kept,
+            pool_ids=pool,
+            labels=torch.tensor(labels, dtype=torch.long),
+            acc=torch.tensor([float(c.raw.get("vqa_acc_score") or 0.0) for c in kept], dtype=torch.float32),
+        ))
+    return out
+
+
+def groups_from_skeletons(
+    rl: RLData,
+    skeletons: Sequence[GroupSkeleton],
+    opts: GroupOptions,
+    *,
+    embeddings: Optional[torch.Tensor] = None,
+    infoscores: Optional[Mapping[int, Mapping[Tuple[int, ...], float]]] = None,
+    stats: Optional[FilterStats] = None,
+) -> List[Group]:
+    """Rewards (raw, clipped, then group-normalised) for each skeleton, and the ``require_positive_query``
+    filter: the second half of :func:`build_groups`."""
+    stats = stats if stats is not None else FilterStats()
+    groups: List[Group] = []
+    if opts.reward_mode == "hybrid" and not infoscores:
+        # Still works (falls back to beam_score), but say so once.
+        import warnings
+
+        warnings.warn("reward.mode=hybrid without a beam JSON: info falls back to each candidate's beam_score")
+    for sk in skeletons:
+        qid, kept = sk.query_id, sk.kept
         info_vals: List[Optional[float]] = [None] * len(kept)
         if opts.reward_mode == "hybrid":
             table = (infoscores or {}).get(qid, {})
@@ -215,37 +269,16 @@ def build_groups(
         if opts.require_positive_query and not any(r >= opts.positive_reward_threshold for r in rewards):
             stats.drop("no_positive")
             continue
-        if q.candidate_pool_ids is not None:
-            pool = list(q.candidate_pool_ids)
-        elif fallback_pools is not None and qid in fallback_pools:
-            pool = list(fallback_pools[qid])
-        else:
-            pool = sorted({i for c in kept for i in c.pointer})
-        pool = pool[: opts.max_pool_size]
-        pos = {gid: j for j, gid in enumerate(pool)}
-        labels = []
-        for c in kept:
-            missing = [g for g in c.pointer if g not in pos]
-            if missing:
-                raise LeverPlusInputError(
-                    f"pointer ids {missing} are not in the query's pool (size {len(pool)} after truncation to "
-                    f"data.max_pool_size={opts.max_pool_size})",
-                    file=rl.path,
-                    record=f"query {qid}, candidate {c.index}",
-                    field="pointer",
-                    fix="raise data.max_pool_size or repair candidate_pool_ids",
-                )
-            labels.append([pos[g] for g in c.pointer])
         raw_t = torch.tensor(rewards, dtype=torch.float32)
         groups.append(
             Group(
                 query_id=qid,
                 shot_num=rl.shot_num,
-                pool_ids=pool,
-                labels=torch.tensor(labels, dtype=torch.long),
+                pool_ids=list(sk.pool_ids),
+                labels=sk.labels,
                 rewards_raw=raw_t,
                 rewards=normalize_group(raw_t, opts.normalize_method, opts.normalize_clamp),
-                acc=torch.tensor([float(c.raw.get("vqa_acc_score") or 0.0) for c in kept], dtype=torch.float32),
+                acc=sk.acc,
                 candidate_index=[c.index for c in kept],
                 gen_methods=[c.raw.get("gen_method") for c in kept],
             )
@@ -253,6 +286,28 @@ def build_groups(
         stats.queries_kept += 1
         stats.candidates_kept += len(kept)
     return groups
+
+
+def build_groups(
+    rl: RLData,
+    opts: GroupOptions,
+    *,
+    embeddings: Optional[torch.Tensor] = None,
+    infoscores: Optional[Mapping[int, Mapping[Tuple[int, ...], float]]] = None,
+    fallback_pools: Optional[Mapping[int, Sequence[int]]] = None,
+    query_ids: Optional[Sequence[int]] = None,
+    stats: Optional[FilterStats] = None,
+) -> List[Group]:
+    """Turn validated RL records into training groups (spec §4.2), in sorted query-id order.
+
+    Pools: ``candidate_pool_ids`` when present; else ``fallback_pools[qid]`` when the data source gives one; else the
+    reference's per-query sorted union of the surviving pointers' ids. Pools longer than ``max_pool_size`` are
+    truncated like the reference, but a pointer outside the truncated pool is an error (the reference's KeyError).
+    Two stages: :func:`group_skeletons` (filters, pools, labels) then :func:`groups_from_skeletons` (rewards).
+    """
+    stats = stats if stats is not None else FilterStats()
+    skeletons = group_skeletons(rl, opts, fallback_pools=fallback_pools, query_ids=query_ids, stats=stats)
+    return groups_from_skeletons(rl, skeletons, opts, embeddings=embeddings, infoscores=infoscores, stats=stats)
 
 
 def split_query_ids(
@@ -314,6 +369,7 @@ def collate(groups: Sequence[Group], embeddings: torch.Tensor, old_log_probs: Op
         rewards_raw=rewards_raw,
         acc=acc,
         old_log_probs=old,
+        pool_idx=pool_idx,
     )
 
 

@@ -18,7 +18,8 @@ from leverplus.dataset import (
     Group,
     GroupOptions,
     beam_groups,
-    build_groups,
+    group_skeletons,
+    groups_from_skeletons,
     infoscore_lookup,
     split_query_ids,
 )
@@ -56,6 +57,9 @@ class LoadedData:
     eval_sets: Dict[str, EvalQuerySet] = field(default_factory=dict)
     scorer: Optional[Scorer] = None
     pools: Dict[int, List[int]] = field(default_factory=dict)  # query id -> candidate pool (for SFT)
+    # reward-independent group parts, shared by every arm of a sweep: (shot, split, ids, filters) -> (skeletons,
+    # their filter stats); ("sft", ids, max_pool_size) -> SFT beam groups
+    group_cache: Dict[tuple, Any] = field(default_factory=dict)
 
 
 def _resolve(path: str, what: str, fix: str) -> Path:
@@ -207,17 +211,28 @@ class PreparedGroups:
 
 
 def prepare_groups(cfg, data: LoadedData, *, with_sft: bool = True) -> PreparedGroups:
-    """RL train/val groups (filtered, rewards computed) and, when ``with_sft``, the SFT beam groups."""
+    """RL train/val groups (filtered, rewards computed) and, when ``with_sft``, the SFT beam groups.
+
+    The reward-independent part (filters, pools, labels) is built once per loaded data and filter options and
+    reused: the arms of a reward sweep differ only in their rewards."""
     opts = GroupOptions.from_config(cfg.data, cfg.reward)
     infos = infoscore_lookup(data.beams) if opts.reward_mode == "hybrid" else None
     train, val, stats, train_ids_all = [], [], {}, set()
+    filter_key = (opts.drop_eval_errors, opts.skip_fallback_reward,
+                  tuple(opts.filter_gen_methods) if opts.filter_gen_methods is not None else None, opts.max_pool_size)
     for shot, rl in sorted(data.rl.items()):
         train_ids, val_ids = split_query_ids(list(rl.queries), cfg.data.train_fraction, cfg.data.split_file)
         train_ids_all.update(train_ids)
         st = FilterStats()
-        kw = dict(embeddings=data.embeddings, infoscores=infos, fallback_pools=data.pools or None, stats=st)
-        train += build_groups(rl, opts, query_ids=train_ids, **kw)
-        val += build_groups(rl, opts, query_ids=val_ids, **kw)
+        for split, ids, out in (("train", train_ids, train), ("val", val_ids, val)):
+            key = (shot, split, tuple(ids)) + filter_key
+            if key not in data.group_cache:
+                sk_stats = FilterStats()
+                sks = group_skeletons(rl, opts, fallback_pools=data.pools or None, query_ids=ids, stats=sk_stats)
+                data.group_cache[key] = (sks, sk_stats)
+            sks, sk_stats = data.group_cache[key]
+            _merge_stats(st, sk_stats)
+            out += groups_from_skeletons(rl, sks, opts, embeddings=data.embeddings, infoscores=infos, stats=st)
         stats[shot] = st
     if not train:
         raise LeverPlusInputError(
@@ -229,8 +244,20 @@ def prepare_groups(cfg, data: LoadedData, *, with_sft: bool = True) -> PreparedG
     if with_sft and data.beams is not None and data.sft_checkpoint is None:
         val_ids = {g.query_id for g in val}
         ids = [q for q in data.beams if q not in val_ids]
-        sft_train = beam_groups(data.beams, data.pools, ids, max_pool_size=cfg.data.max_pool_size)
+        key = ("sft", tuple(ids), cfg.data.max_pool_size)
+        if key not in data.group_cache:
+            data.group_cache[key] = beam_groups(data.beams, data.pools, ids, max_pool_size=cfg.data.max_pool_size)
+        sft_train = list(data.group_cache[key])
     return PreparedGroups(train=train, val=val, sft_train=sft_train, stats=stats)
+
+
+def _merge_stats(into: FilterStats, other: FilterStats) -> None:
+    into.queries_in += other.queries_in
+    into.queries_kept += other.queries_kept
+    into.candidates_in += other.candidates_in
+    into.candidates_kept += other.candidates_kept
+    for reason, n in other.dropped.items():
+        into.drop(reason, n)
 
 
 # ---------------------------------------------------------------------------------------------- stage cache
@@ -297,8 +324,12 @@ def train_and_evaluate(
     output_dir: Path,
     logger=None,
     say: Callable[[str], None] = print,
+    on_trained: Optional[Callable[[List[tuple]], None]] = None,
 ) -> RunOutcome:
-    """Train (SFT if needed, RCE, GRPO) and evaluate. Deterministic for a given config and seed on CPU."""
+    """Train (SFT if needed, RCE, GRPO) and evaluate. Deterministic for a given config and seed on CPU.
+
+    ``on_trained(history)`` is called once training has ended, before evaluation, with the complete training
+    history (the app starts drawing the training curves then)."""
     seed_everything(int(cfg.seed))
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
@@ -340,6 +371,9 @@ def train_and_evaluate(
     finally:  # the post-RCE state is final once RCE ends: keep it even if GRPO then fails (a diverging trial)
         if cfg.rce.cache and post_rce is None and getattr(trainer, "post_rce_state", None) is not None:
             cache.put("rce", keys["rce"], trainer.post_rce_state)
+
+    if on_trained is not None:
+        on_trained(sft_history + result.history)
 
     # ---- evaluation
     model = result.model

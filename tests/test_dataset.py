@@ -139,3 +139,34 @@ def test_beam_groups_use_the_rl_pool():
     assert g.labels.tolist() == [[1, 3], [0, 1]]
     # InfoScore of each beam: sum of shot scores -> 0.5, 0.2
     assert torch.allclose(g.rewards_raw, torch.tensor([0.5, 0.2]))
+
+
+def test_prepare_groups_reuses_skeletons_across_reward_configs_and_equals_build_groups(tmp_path):
+    """Arms of a reward sweep share one loaded dataset: the cached reward-independent part must give exactly
+    the groups (and filter stats) that build_groups computes from scratch, whatever reward comes after."""
+    from conftest import compose_cfg
+    from leverplus.dataset import FilterStats, GroupOptions, build_groups, split_query_ids
+    from leverplus.pipeline import load_data, prepare_groups
+
+    base = ["data=sim_tiny", "data.shot_nums=[1,2]", f"data.cache_dir={tmp_path}", "tracking.enabled=false"]
+    configs = [compose_cfg(base + extra) for extra in (
+        [], ["reward.mode=hard_only", "reward.hard_weight=2"], ["reward.mode=soft_only", "data.require_positive_query=true"],
+        ["data.skip_fallback_reward=false"])]
+    data = load_data(configs[0])
+    for cfg in configs + configs[:1]:  # the last one hits the cache filled by the first
+        got = prepare_groups(cfg, data, with_sft=False)
+        opts = GroupOptions.from_config(cfg.data, cfg.reward)
+        for shot, rl in sorted(data.rl.items()):
+            tr, va = split_query_ids(list(rl.queries), cfg.data.train_fraction)
+            st = FilterStats()
+            want = [build_groups(rl, opts, embeddings=data.embeddings, fallback_pools=data.pools, query_ids=ids,
+                                 stats=st) for ids in (tr, va)]
+            assert got.stats[shot] == st
+            for mine, ref in ((got.train, want[0]), (got.val, want[1])):
+                mine = [g for g in mine if g.shot_num == shot]
+                assert [g.query_id for g in mine] == [g.query_id for g in ref]
+                for a, b in zip(mine, ref):
+                    assert a.pool_ids == b.pool_ids and a.candidate_index == b.candidate_index
+                    for f in ("labels", "rewards_raw", "rewards", "acc"):
+                        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    assert len(data.group_cache) == 2 * 2 * 2  # (shot 1, 2) x (train, val) x (skip_fallback true, false)
