@@ -219,7 +219,7 @@ def select_icds(
             chunk = pools[start : start + batch_size]
             idx = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(p) for p in chunk], batch_first=True)
             valid = torch.arange(idx.shape[1])[None, :] < torch.tensor([len(p) for p in chunk])[:, None]
-            sims = torch.einsum("bkd,bd->bk", e[idx], q[start : start + len(chunk)]).masked_fill(~valid, -2.0)
+            sims = torch.einsum("bkd,bd->bk", torch.nn.functional.embedding(idx, e), q[start : start + len(chunk)]).masked_fill(~valid, -2.0)
             top = torch.topk(sims, shot_num, dim=1).indices  # most similar first (stable across ties by index)
             out.extend([[pool[j] for j in reversed(row)] for pool, row in zip(chunk, top.tolist())])
         return out
@@ -238,7 +238,7 @@ def select_icds(
             if table is not None:
                 picks = model.greedy_indexed(q, idx, shot_num, table, mask)
             else:
-                picks = model.greedy(q, embeddings[idx] * mask[..., None].to(embeddings.dtype), shot_num, mask)
+                picks = model.greedy(q, torch.nn.functional.embedding(idx, embeddings) * mask[..., None].to(embeddings.dtype), shot_num, mask)
             out.extend([[pool[j] for j in row] for pool, row in zip(chunk, picks.tolist())])
         return out
     raise ValueError(f"unknown selection method {method!r}; valid: selector, {', '.join(BASELINES)}")

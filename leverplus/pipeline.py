@@ -324,12 +324,8 @@ def train_and_evaluate(
     output_dir: Path,
     logger=None,
     say: Callable[[str], None] = print,
-    on_trained: Optional[Callable[[List[tuple]], None]] = None,
 ) -> RunOutcome:
-    """Train (SFT if needed, RCE, GRPO) and evaluate. Deterministic for a given config and seed on CPU.
-
-    ``on_trained(history)`` is called once training has ended, before evaluation, with the complete training
-    history (the app starts drawing the training curves then)."""
+    """Train (SFT if needed, RCE, GRPO) and evaluate. Deterministic for a given config and seed on CPU."""
     seed_everything(int(cfg.seed))
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
@@ -371,9 +367,6 @@ def train_and_evaluate(
     finally:  # the post-RCE state is final once RCE ends: keep it even if GRPO then fails (a diverging trial)
         if cfg.rce.cache and post_rce is None and getattr(trainer, "post_rce_state", None) is not None:
             cache.put("rce", keys["rce"], trainer.post_rce_state)
-
-    if on_trained is not None:
-        on_trained(sft_history + result.history)
 
     # ---- evaluation
     model = result.model

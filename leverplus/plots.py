@@ -21,8 +21,7 @@ CURVE_PANELS = [
 def training_curves(history: Iterable[Tuple[int, str, float]], path: str | Path) -> Path:
     """One figure, four panels (losses, validation ranking metrics, KL/β, PPO statistics) against the epoch.
 
-    Built on a bare ``Figure`` (no pyplot state), so it may run in a worker thread while the run evaluates
-    (:class:`BackgroundPlot`)."""
+    Built on a bare ``Figure`` (no pyplot state: nothing to close, safe in any thread)."""
     from matplotlib.figure import Figure
 
     series: Dict[str, List[Tuple[int, float]]] = {}
@@ -48,40 +47,6 @@ def training_curves(history: Iterable[Tuple[int, str, float]], path: str | Path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)  # one per run: keep it cheap
     return path
-
-
-class BackgroundPlot:
-    """Render :func:`training_curves` in a worker thread: the curves are final once training ends, so the figure
-    (~0.3 s of matplotlib) is drawn while the run evaluates. ``result()`` waits and re-raises any error; when
-    ``start`` was never called it renders in the caller's thread."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._thread = None
-        self._error: BaseException | None = None
-        self._history: List[Tuple[int, str, float]] = []
-
-    def start(self, history: Iterable[Tuple[int, str, float]]) -> None:
-        import threading
-
-        self._history = list(history)
-
-        def work() -> None:
-            try:
-                training_curves(self._history, self.path)
-            except BaseException as e:  # re-raised in result()
-                self._error = e
-
-        self._thread = threading.Thread(target=work, name="leverplus-training-curves", daemon=True)
-        self._thread.start()
-
-    def result(self, history: Iterable[Tuple[int, str, float]]) -> Path:
-        if self._thread is None:
-            return training_curves(history, self.path)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self.path
 
 
 def bar_with_ci(labels: Sequence[str], means: Sequence[float], los: Sequence[float], his: Sequence[float],

@@ -42,7 +42,8 @@ REWARD_MODE_FIELDS: Dict[str, tuple] = {
 REWARD_KNOBS = ("hard_weight", "soft_weight", "rel_weight", "reward_alpha", "reward_beta", "correctness_mode",
                 "use_logprob", "info_weight")
 # Fields that never change results.
-COSMETIC = ("tracking", "progress", "output_dir", "num_threads", "objective", "device", "checkpoint_every_epoch")
+COSMETIC = ("tracking", "progress", "output_dir", "num_threads", "objective", "device", "checkpoint_every_epoch",
+             "plot_curves")
 
 
 def launch_dir() -> Path:

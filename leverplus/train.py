@@ -85,18 +85,14 @@ def run(cfg: DictConfig) -> float:
     key = run_key(resolved, data.fingerprint)
     t = cfg.tracking
 
-    from leverplus.plots import BackgroundPlot
-
-    curves = BackgroundPlot(out_dir / "training_curves.png")  # drawn while the run evaluates
-
     def execute(logger=None):
-        outcome = train_and_evaluate(cfg, data, out_dir, logger=logger, on_trained=curves.start)
+        outcome = train_and_evaluate(cfg, data, out_dir, logger=logger)
         value = objective_value(outcome.metrics, cfg.objective)
         return outcome, value
 
     if not t.enabled:
         outcome, value = execute()
-        _write_artifacts(cfg, outcome, value, out_dir, curves)
+        _write_artifacts(cfg, outcome, value, out_dir)
         _print_summary(outcome, cfg.objective, value)
         return value
 
@@ -131,8 +127,8 @@ def run(cfg: DictConfig) -> float:
         mrun.set_tags({f"cache_hit_{k}": v for k, v in outcome.cache_hits.items()})
         mrun.set_tags({"trainable_params": outcome.result.param_counts.get("trainable"),
                        "total_params": outcome.result.param_counts.get("total")})
-        _write_artifacts(cfg, outcome, value, out_dir, curves)
-        for name in ("config.yaml", "metrics.json", "per_query.jsonl", "training_curves.png"):
+        _write_artifacts(cfg, outcome, value, out_dir)
+        for name in ("config.yaml", "metrics.json", "per_query.jsonl") + (("training_curves.png",) if cfg.plot_curves else ()):
             mrun.log_artifact(out_dir / name)
         if t.log_checkpoints and outcome.result.best_checkpoint is not None:
             mrun.log_artifact(outcome.result.best_checkpoint, "checkpoints")
@@ -142,8 +138,9 @@ def run(cfg: DictConfig) -> float:
     return value
 
 
-def _write_artifacts(cfg, outcome, value: float, out_dir: Path, curves) -> None:
+def _write_artifacts(cfg, outcome, value: float, out_dir: Path) -> None:
     from leverplus.formats import atomic_write_json
+    from leverplus.plots import training_curves
 
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     stats = {str(s): {"queries_in": st.queries_in, "queries_kept": st.queries_kept, "candidates_in": st.candidates_in,
@@ -155,7 +152,8 @@ def _write_artifacts(cfg, outcome, value: float, out_dir: Path, curves) -> None:
     with open(out_dir / "per_query.jsonl", "w") as fh:
         for row in outcome.per_query:
             fh.write(json.dumps(row, default=float) + "\n")
-    curves.result(outcome.history)
+    if cfg.plot_curves:
+        training_curves(outcome.history, out_dir / "training_curves.png")
 
 
 def _print_summary(outcome, objective: str, value: float) -> None:

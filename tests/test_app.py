@@ -146,6 +146,24 @@ def test_same_config_and_seed_give_the_same_metrics(store):
     assert a == b and drop(ma) == drop(mb)
 
 
+def test_plot_curves_off_skips_the_png_and_changes_nothing_else(store):
+    """Sweeps set plot_curves=false: no training_curves.png (run dir and MLflow), same metrics, same run key."""
+    from leverplus.tracking import run_key
+
+    a = run(compose_cfg(tracked(store, "curves_on")))
+    b = run(compose_cfg(tracked(store, "curves_off", "plot_curves=false")))
+    ra, rb = _find(store, "curves_on"), _find(store, "curves_off")
+    assert a == b and ra.data.tags["run_key"] == rb.data.tags["run_key"]
+    assert (store["root"] / "curves_on" / "training_curves.png").exists()
+    assert not (store["root"] / "curves_off" / "training_curves.png").exists()
+    names = {x.path for x in _client(store).list_artifacts(rb.info.run_id)}
+    assert "training_curves.png" not in names and {"metrics.json", "per_query.jsonl"} <= names
+    from leverplus.config import to_container
+
+    cfg = to_container(compose_cfg(["plot_curves=false"]))
+    assert run_key(cfg, "fp") == run_key(to_container(compose_cfg([])), "fp")
+
+
 @pytest.mark.parametrize("mode", [m.value for m in RewardMode])
 def test_one_tiny_training_per_reward_mode(store, mode):
     extra = ["reward.reward_alpha=1.0", "reward.reward_beta=1.0"] if mode == "legacy" else []
