@@ -240,6 +240,9 @@ class TrainConfig:
     # training_curves.png per run (~0.3 s of matplotlib). Sweeps turn it off: MLflow charts the same per-epoch
     # metrics for every run, and the sweep's own figures go to the parent run.
     plot_curves: bool = True
+    # keep freed tensor memory in the heap (glibc mallopt; see leverplus.utils.tune_malloc): fewer page faults, ~10%
+    # faster training steps on CPU, identical results
+    tune_malloc: bool = True
 
 
 def register_configs() -> None:

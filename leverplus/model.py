@@ -294,17 +294,24 @@ class PointerSelector(nn.Module):
         labels: Optional[torch.Tensor],
         steps: int,
         policy_temperature: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pointer steps for ``G`` sequences per query: state ``[B, G, H]``, ĉ ``[B, K, H]``, labels ``[B, G, T]``.
+        need_preds: bool = True,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Pointer steps for ``G`` sequences per query: ĉ ``[B, K, H]``, labels ``[B, G, T]``, state ``[B, G, H]``
+        or ``[B, 1, H]`` when every member starts from the query's own state (then the shared steps — the first,
+        and all of them without the gate — take one ``[B, 1, K]`` product per query instead of ``G``).
 
-        Returns logits ``[B, G, S, K]`` (chosen = ``mask_value``, padded = ``-inf``) and greedy picks ``[B, G, S]``.
+        Returns logits ``[B, G, S, K]`` (chosen = ``mask_value``, padded = ``-inf``) and greedy picks ``[B, G, S]``
+        (``None`` when ``need_preds`` is False and the labels cover every step: teacher-forced training).
         Teacher forcing on ``labels`` for ``t < T``; the greedy pick afterwards.
         """
         if not policy_temperature > 0:
             raise LeverPlusInputError(
                 f"policy_temperature must be > 0, got {policy_temperature}", field="policy_temperature"
             )
-        B, G, H = state.shape
+        B, G0, H = state.shape
+        G = labels.shape[1] if labels is not None else G0
+        if G0 not in (1, G):
+            raise ValueError(f"state has {G0} rows per query, labels {G}")
         K = cand_hat.shape[1]
         n_valid = int(valid.sum(dim=1).min())
         if steps < 1 or steps > n_valid:
@@ -314,23 +321,33 @@ class PointerSelector(nn.Module):
                 fix="lower the shot number or enlarge the candidate pool",
             )
         padded = ~valid.unsqueeze(1)  # [B, 1, K]
-        chosen = torch.zeros(B, G, K, dtype=torch.bool, device=state.device)
+        chosen = None  # [B, G, K] bool once something is chosen
         all_logits, all_preds = [], []
         for t in range(steps):
-            logits = torch.bmm(state, cand_hat.transpose(1, 2)) / self.temperature
+            logits = torch.bmm(state, cand_hat.transpose(1, 2)) / self.temperature  # [B, G0 or G, K]
             if policy_temperature != 1.0:
                 logits = logits / policy_temperature
-            logits = logits.masked_fill(chosen, self.mask_value).masked_fill(padded, float("-inf"))
-            # argmax with chosen at -inf: identical to the reference's argmax, but can never repeat an item
-            pred = logits.masked_fill(chosen, float("-inf")).argmax(dim=-1)  # [B, G]
+            logits = logits.masked_fill(padded, float("-inf"))
+            if logits.shape[1] != G:
+                logits = logits.expand(B, G, K)
+            if chosen is not None:
+                logits = logits.masked_fill(chosen, self.mask_value)
+            teacher = labels is not None and t < labels.shape[2]
+            if need_preds or not teacher:
+                # argmax with chosen at -inf: identical to the reference's argmax, but can never repeat an item
+                pred = (logits if chosen is None else logits.masked_fill(chosen, float("-inf"))).argmax(dim=-1)
+                all_preds.append(pred)
             all_logits.append(logits)
-            all_preds.append(pred)
-            idx = labels[:, :, t] if labels is not None and t < labels.shape[2] else pred
-            chosen = chosen.scatter(2, idx.unsqueeze(-1), True)
-            if self.use_query_update_gate and t < steps - 1:
-                picked = torch.gather(cand_hat, 1, idx.unsqueeze(-1).expand(B, G, H))  # [B, G, H]
-                state = self.gate_update(state, picked)
-        return torch.stack(all_logits, dim=2), torch.stack(all_preds, dim=2)
+            idx = labels[:, :, t] if teacher else pred  # [B, G]
+            if t < steps - 1:
+                if chosen is None:
+                    chosen = torch.zeros(B, G, K, dtype=torch.bool, device=state.device)
+                chosen = chosen.scatter(2, idx.unsqueeze(-1), True)
+                if self.use_query_update_gate:
+                    picked = torch.gather(cand_hat, 1, idx.unsqueeze(-1).expand(B, G, H))  # [B, G, H]
+                    state = self.gate_update(state.expand(B, G, H), picked)
+        preds = torch.stack(all_preds, dim=2) if len(all_preds) == steps else None
+        return torch.stack(all_logits, dim=2), preds
 
     def forward(
         self,
@@ -380,12 +397,11 @@ class PointerSelector(nn.Module):
             )
             K = cand_hat.shape[1]
             flat = self._check_labels(labels.reshape(B * G, 1, S), valid)
-            logits, _ = self._unroll(state.unsqueeze(1), cand_hat, valid, flat, S, policy_temperature)
+            logits, _ = self._unroll(state.unsqueeze(1), cand_hat, valid, flat, S, policy_temperature, need_preds=False)
             return logits.reshape(B, G, S, K), flat.reshape(B, G, S), valid.reshape(B, G, K)[:, 0]
         state, cand_hat, valid = self._encode(query_emb, cand_emb, cand_mask)  # once per query, shared by the group
         labels = self._check_labels(labels, valid)
-        states = state.unsqueeze(1).expand(B, G, state.shape[-1])
-        logits, _ = self._unroll(states, cand_hat, valid, labels, S, policy_temperature)
+        logits, _ = self._unroll(state.unsqueeze(1), cand_hat, valid, labels, S, policy_temperature, need_preds=False)
         return logits, labels, valid
 
     def sequence_log_probs(
@@ -532,7 +548,7 @@ class PointerSelector(nn.Module):
                 raise LeverPlusInputError(f"expected labels [B, G, S], got {tuple(labels.shape)}", field="labels")
             labels = self._check_labels(labels, valid)
             B, G, S = labels.shape
-            logits, _ = self._unroll(state.unsqueeze(1).expand(B, G, state.shape[-1]), cand_hat, valid, labels, S, 1.0)
+            logits, _ = self._unroll(state.unsqueeze(1), cand_hat, valid, labels, S, 1.0, need_preds=False)
         finally:
             self.train(was_training)
         logp = torch.log_softmax(logits, dim=-1)

@@ -329,6 +329,10 @@ def train_and_evaluate(
     seed_everything(int(cfg.seed))
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
+    if cfg.tune_malloc:
+        from leverplus.utils import tune_malloc
+
+        tune_malloc()
     groups = prepare_groups(cfg, data)
     keys = stage_keys(cfg, data, groups)
     cache_root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()

@@ -43,7 +43,7 @@ REWARD_KNOBS = ("hard_weight", "soft_weight", "rel_weight", "reward_alpha", "rew
                 "use_logprob", "info_weight")
 # Fields that never change results.
 COSMETIC = ("tracking", "progress", "output_dir", "num_threads", "objective", "device", "checkpoint_every_epoch",
-             "plot_curves")
+             "plot_curves", "tune_malloc")
 
 
 def launch_dir() -> Path:

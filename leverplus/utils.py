@@ -25,6 +25,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_MALLOC_TUNED = False
+
+
+def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Keep freed tensor memory in the process heap instead of handing it back to the kernel (glibc ``mallopt``).
+
+    With glibc's defaults a multi-MB tensor (a ``[32, 64, 256]`` activation is 2 MB) often gets fresh pages from
+    the kernel, and their first-touch page faults were ~10% of a training step on the 2-core container (871 faults
+    per step; 241 with these thresholds). It changes no result, only where memory comes from; the heap may keep up
+    to ``trim_threshold`` bytes of freed memory. Linux with glibc only (a no-op elsewhere); idempotent.
+    Returns whether it is in effect.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        ok = libc.mallopt(m_mmap_threshold, int(mmap_threshold)) == 1
+        ok = libc.mallopt(m_trim_threshold, int(trim_threshold)) == 1 and ok
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    _MALLOC_TUNED = ok
+    return ok
+
+
 def stable_hash(obj: Any, length: int = 16) -> str:
     """sha256 of the canonical JSON of ``obj`` (sorted keys), truncated."""
     blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
