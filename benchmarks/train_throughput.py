@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from leverplus.utils import tune_malloc
+
+    print(f"tune_malloc: {tune_malloc()}  (as every run of the app; see leverplus.utils.tune_malloc)")
 
     from hydra import compose, initialize_config_dir
 
