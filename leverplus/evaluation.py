@@ -20,6 +20,7 @@ import torch
 from leverplus.dataset import Group, collate, iterate_batches
 from leverplus.losses import rce_loss
 from leverplus.metrics import vqa_accuracy
+from leverplus.model import eval_mode
 from leverplus.stats import mean_ci, paired_bootstrap
 
 # ---------------------------------------------------------------------------------------------- offline
@@ -114,14 +115,12 @@ def offline_metrics(
     (the reference's val loss: RCE on raw rewards at τ=1), n_queries. NDCG uses gains = reward − group min and skips
     groups whose rewards are all equal; Spearman skips groups with one distinct reward.
     """
-    was_training = model.training
-    model.eval()
     # a PointerSelector projects every item once (ItemTable); any other policy only needs sequence_log_probs
     table = model.item_table(embeddings) if hasattr(model, "item_table") else None
     rows: List[dict] = []
     per_key: Dict[str, List[np.ndarray]] = {k: [] for k in OFFLINE_KEYS}
     loss_sum, n = 0.0, 0
-    try:
+    with eval_mode(model):
         for chunk in iterate_batches(list(groups), batch_size, shuffle=False):
             b = collate(chunk, embeddings)
             if table is not None:
@@ -139,8 +138,6 @@ def offline_metrics(
                     rows.append({"query_id": g.query_id, "shot_num": g.shot_num,
                                  "top1_index": g.candidate_index[int(st["top1_index"][i])],
                                  **{k: float(st[k][i]) for k in OFFLINE_KEYS}})
-    finally:
-        model.train(was_training)
     summary: Dict[str, float] = {"n_queries": float(n), "rce_loss": loss_sum / max(n, 1)}
     for key in OFFLINE_KEYS:
         vals = np.concatenate(per_key[key]) if per_key[key] else np.zeros(0)

@@ -11,6 +11,7 @@ pool never changes any result.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -85,6 +86,17 @@ def single_query_attention(
     if b_v is not None:
         v = v + b_v.view(nh, hd) * a.sum(-1, keepdim=True)
     return attn.out_proj(v.reshape(B, H))
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Run a block with ``module`` in eval mode, restoring its previous train/eval mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 @dataclass(frozen=True)
@@ -521,13 +533,9 @@ class PointerSelector(nn.Module):
         cand_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """:meth:`greedy` for pools given as item rows of ``table`` -> positions into ``pool_idx`` ``[B, shot_num]``."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             state, cand_hat, valid = self._encode_indexed(query_emb, pool_idx, cand_mask, table)
             _, preds = self._unroll(state.unsqueeze(1), cand_hat, valid, None, shot_num, 1.0)
-        finally:
-            self.train(was_training)
         return preds.squeeze(1)
 
     @torch.no_grad()
@@ -540,17 +548,13 @@ class PointerSelector(nn.Module):
         cand_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Eval-mode :meth:`sequence_log_probs` for pools given as item rows of ``table``: ``[B, G]``."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             state, cand_hat, valid = self._encode_indexed(query_emb, pool_idx, cand_mask, table)
             if labels.dim() != 3 or labels.shape[0] != query_emb.shape[0]:
                 raise LeverPlusInputError(f"expected labels [B, G, S], got {tuple(labels.shape)}", field="labels")
             labels = self._check_labels(labels, valid)
-            B, G, S = labels.shape
-            logits, _ = self._unroll(state.unsqueeze(1), cand_hat, valid, labels, S, 1.0, need_preds=False)
-        finally:
-            self.train(was_training)
+            logits, _ = self._unroll(state.unsqueeze(1), cand_hat, valid, labels, labels.shape[2], 1.0,
+                                     need_preds=False)
         logp = torch.log_softmax(logits, dim=-1)
         return torch.gather(logp, 3, labels.unsqueeze(-1)).squeeze(-1).sum(dim=-1)
 
@@ -567,12 +571,8 @@ class PointerSelector(nn.Module):
         Raises if ``shot_num`` exceeds the number of valid pool entries (the reference silently repeated, C1).
         The previous train/eval mode is restored afterwards.
         """
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             _, preds = self.forward(query_emb, cand_emb, shot_num=shot_num, cand_mask=cand_mask)
-        finally:
-            self.train(was_training)
         return preds
 
     @torch.no_grad()
@@ -601,12 +601,8 @@ class PointerSelector(nn.Module):
             raise LeverPlusInputError(
                 f"policy_temperature must be > 0, got {policy_temperature}", field="policy_temperature"
             )
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             state0, cand_hat, _ = self._encode(query_emb.unsqueeze(0), cand_emb.unsqueeze(0), None)
-        finally:
-            self.train(was_training)
         state0, cand_hat = state0[0], cand_hat[0]  # [H], [K, H]
         K = cand_hat.shape[0]
 
