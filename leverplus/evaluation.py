@@ -229,13 +229,15 @@ def select_icds(
         out = []
         for start in range(0, len(pools), batch_size):
             chunk = pools[start : start + batch_size]
-            idx = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(p, dtype=torch.long) for p in chunk], batch_first=True)
+            idx = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(p, dtype=torch.long) for p in chunk],
+                                                  batch_first=True)
             mask = torch.arange(idx.shape[1])[None, :] < torch.tensor([len(p) for p in chunk])[:, None]
             q = qset.query_emb[start : start + len(chunk)]
             if table is not None:
                 picks = model.greedy_indexed(q, idx, shot_num, table, mask)
             else:
-                picks = model.greedy(q, torch.nn.functional.embedding(idx, embeddings) * mask[..., None].to(embeddings.dtype), shot_num, mask)
+                cand = torch.nn.functional.embedding(idx, embeddings) * mask[..., None].to(embeddings.dtype)
+                picks = model.greedy(q, cand, shot_num, mask)
             out.extend([[pool[j] for j in row] for pool, row in zip(chunk, picks.tolist())])
         return out
     raise ValueError(f"unknown selection method {method!r}; valid: selector, {', '.join(BASELINES)}")

@@ -128,7 +128,8 @@ def run(cfg: DictConfig) -> float:
         mrun.set_tags({"trainable_params": outcome.result.param_counts.get("trainable"),
                        "total_params": outcome.result.param_counts.get("total")})
         _write_artifacts(cfg, outcome, value, out_dir)
-        for name in ("config.yaml", "metrics.json", "per_query.jsonl") + (("training_curves.png",) if cfg.plot_curves else ()):
+        names = ["config.yaml", "metrics.json", "per_query.jsonl"] + (["training_curves.png"] if cfg.plot_curves else [])
+        for name in names:
             mrun.log_artifact(out_dir / name)
         if t.log_checkpoints and outcome.result.best_checkpoint is not None:
             mrun.log_artifact(outcome.result.best_checkpoint, "checkpoints")
