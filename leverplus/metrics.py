@@ -142,30 +142,6 @@ def vqa_accuracy(
     matches_for_full_credit: int = 3,
     ndigits: int = 2,
 ) -> float:
-    """VQA accuracy of one prediction against its annotators' answers, in [0, 1] (see :func:`_vqa_accuracy`).
-
-    A pure function of its arguments, and every evaluation scores the same few thousand queries with answers
-    from a small vocabulary, so results are memoised (bounded); unhashable input skips the memo and gets the
-    validation error.
-    """
-    key = (prediction, tuple(gt_answers) if isinstance(gt_answers, (list, tuple)) else gt_answers, normalization,
-           matches_for_full_credit, ndigits)
-    try:
-        hash(key)
-    except TypeError:
-        return _vqa_accuracy(prediction, gt_answers, normalization=normalization,
-                             matches_for_full_credit=matches_for_full_credit, ndigits=ndigits)
-    return _vqa_accuracy_memo(*key)
-
-
-def _vqa_accuracy(
-    prediction: str,
-    gt_answers: Sequence[str],
-    *,
-    normalization: str = "official",
-    matches_for_full_credit: int = 3,
-    ndigits: int = 2,
-) -> float:
     """VQA accuracy of one prediction against its annotators' answers, in [0, 1].
 
     For each annotator j, count the *other* annotators k != j whose answer equals the prediction
@@ -178,7 +154,21 @@ def _vqa_accuracy(
     cleaned and fully normalised; GT answers get ``process_punctuation`` only, and only when they are not all
     identical. ``"lever_plus"`` is the reference's copy (spec §6.5): prediction and GTs always get
     ``normalize_answer``.
+
+    A pure function, and every evaluation scores the same few thousand queries with answers from a small
+    vocabulary, so results are memoised (bounded); unhashable input skips the memo and gets the validation error.
     """
+    args = (prediction, tuple(gt_answers) if isinstance(gt_answers, (list, tuple)) else gt_answers, normalization,
+            matches_for_full_credit, ndigits)
+    try:
+        hash(args)
+    except TypeError:
+        return _vqa_accuracy(*args)
+    return _vqa_accuracy_cached(*args)
+
+
+def _vqa_accuracy(prediction, gt_answers, normalization, matches_for_full_credit, ndigits) -> float:
+    """:func:`vqa_accuracy` itself: validation, normalisation, leave-one-out matching."""
     _require_str(prediction, "prediction")
     if normalization not in NORMALIZATION_MODES:
         raise LeverPlusInputError(
@@ -210,10 +200,7 @@ def _vqa_accuracy(
     return round(100 * acc, ndigits) / 100
 
 
-@lru_cache(maxsize=1 << 17)
-def _vqa_accuracy_memo(prediction, gt_answers, normalization, matches_for_full_credit, ndigits) -> float:
-    return _vqa_accuracy(prediction, gt_answers, normalization=normalization,
-                         matches_for_full_credit=matches_for_full_credit, ndigits=ndigits)
+_vqa_accuracy_cached = lru_cache(maxsize=1 << 17)(_vqa_accuracy)
 
 
 def vqa_correct(acc: float, *, threshold: float = 0.0) -> int:

@@ -365,3 +365,16 @@ def test_answer_relevance_empty_cases_are_zero():
     assert answer_relevance("?!", ["dog"]) == zero  # no tokens
     assert answer_relevance("dog", []) == zero
     assert answer_relevance("dog", ["", "?"]) == zero
+
+
+def test_vqa_accuracy_memo_is_transparent_and_bad_input_still_raises():
+    from leverplus.errors import LeverPlusInputError
+    from leverplus.metrics import _vqa_accuracy_cached, vqa_accuracy
+
+    gts = ["2"] * 3 + ["three"] * 7
+    first = vqa_accuracy("two", gts)  # the prediction is normalised ("two" -> "2"), GTs only de-punctuated
+    hits = _vqa_accuracy_cached.cache_info().hits
+    assert vqa_accuracy("two", tuple(gts)) == first == 0.9  # 3 matching annotators -> 0.9, list or tuple alike
+    assert _vqa_accuracy_cached.cache_info().hits == hits + 1
+    with pytest.raises(LeverPlusInputError, match="expected a string"):
+        vqa_accuracy("2", [["two"]] + gts[1:])  # unhashable GT: skips the memo, gets the validation error
