@@ -225,9 +225,13 @@ class PointerSelector(nn.Module):
                 )
             if not torch.isfinite(x).all():
                 raise LeverPlusInputError("contains NaN or inf", field=name, fix="re-export the embeddings")
-        B, K = cand_emb.shape[:2]
+        return self._check_mask(cand_mask, *cand_emb.shape[:2], device=cand_emb.device)
+
+    @staticmethod
+    def _check_mask(cand_mask: Optional[torch.Tensor], B: int, K: int, device=None) -> torch.Tensor:
+        """The boolean validity mask ``[B, K]`` (all valid when None); every row needs a valid entry."""
         if cand_mask is None:
-            return torch.ones(B, K, dtype=torch.bool, device=cand_emb.device)
+            return torch.ones(B, K, dtype=torch.bool, device=device)
         if cand_mask.shape != (B, K) or cand_mask.dtype != torch.bool:
             raise LeverPlusInputError(
                 f"expected a bool tensor of shape ({B}, {K}), got {cand_mask.dtype} {tuple(cand_mask.shape)}",
@@ -279,14 +283,17 @@ class PointerSelector(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``encode`` plus the validity mask ``[B, K]`` it checked."""
         valid = self._check_inputs(query_emb, cand_emb, cand_mask)
-        q0 = self.input_proj(query_emb)  # [B, H]
         c = self.input_proj(cand_emb)  # [B, K, H]
-        h = q0
+        cand_hat = F.normalize(self.cand_proj(self.dropout(c)), p=2, dim=-1)
+        return self._query_state(query_emb, c, valid), cand_hat, valid
+
+    def _query_state(self, query_emb: torch.Tensor, c: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The query side of ``encode``: projection, cross-attention over ``c [B, K, H]`` (post-norm residual),
+        dropout, ``query_proj``, L2-norm -> ``[B, H]``."""
+        h = self.input_proj(query_emb)
         for attn, norm in zip(self.cross_attn_layers, self.attn_norms):
             h = norm(single_query_attention(attn, h, c, ~valid) + h)
-        state = F.normalize(self.query_proj(self.dropout(h)), p=2, dim=-1)
-        cand_hat = F.normalize(self.cand_proj(self.dropout(c)), p=2, dim=-1)
-        return state, cand_hat, valid
+        return F.normalize(self.query_proj(self.dropout(h)), p=2, dim=-1)
 
     def gate_update(self, state: torch.Tensor, chosen_hat: torch.Tensor) -> torch.Tensor:
         """V4-1 state update ``s ← normalize(g⊙s + (1−g)⊙x)``, ``g = σ(W[s; x] + b)``, x = ĉ of the chosen item.
@@ -510,18 +517,9 @@ class PointerSelector(nn.Module):
                 f"query_emb must be finite with last dimension {self.d_model}, got {tuple(query_emb.shape)}",
                 field="query_emb",
             )
-        B, K = pool_idx.shape
-        valid = torch.ones(B, K, dtype=torch.bool) if cand_mask is None else cand_mask
-        if valid.shape != (B, K) or valid.dtype != torch.bool or not valid.any(dim=1).all():
-            raise LeverPlusInputError(
-                f"expected a bool mask of shape ({B}, {K}) with a valid entry per row", field="cand_mask"
-            )
+        valid = self._check_mask(cand_mask, *pool_idx.shape, device=pool_idx.device)
         c = F.embedding(pool_idx, table.c)  # table.c[pool_idx], [B, K, H] (a row gather ~4x faster than indexing)
-        h = self.input_proj(query_emb)
-        for attn, norm in zip(self.cross_attn_layers, self.attn_norms):
-            h = norm(single_query_attention(attn, h, c, ~valid) + h)
-        state = F.normalize(self.query_proj(h), p=2, dim=-1)
-        return state, F.embedding(pool_idx, table.cand_hat), valid
+        return self._query_state(query_emb, c, valid), F.embedding(pool_idx, table.cand_hat), valid
 
     @torch.no_grad()
     def greedy_indexed(
