@@ -129,6 +129,15 @@ class FilterStats:
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
 
+    def add(self, other: "FilterStats") -> None:
+        """Add another stage's counts to these (``other`` is left unchanged)."""
+        self.queries_in += other.queries_in
+        self.queries_kept += other.queries_kept
+        self.candidates_in += other.candidates_in
+        self.candidates_kept += other.candidates_kept
+        for reason, n in other.dropped.items():
+            self.drop(reason, n)
+
 
 def infoscore_lookup(beams: Optional[Mapping[int, BeamRecord]]) -> Dict[int, Dict[Tuple[int, ...], float]]:
     """query id -> {ICD sequence in prompt order: total InfoScore of that beam} (for the hybrid reward)."""

@@ -231,7 +231,7 @@ def prepare_groups(cfg, data: LoadedData, *, with_sft: bool = True) -> PreparedG
                 sks = group_skeletons(rl, opts, fallback_pools=data.pools or None, query_ids=ids, stats=sk_stats)
                 data.group_cache[key] = (sks, sk_stats)
             sks, sk_stats = data.group_cache[key]
-            _merge_stats(st, sk_stats)
+            st.add(sk_stats)
             out += groups_from_skeletons(rl, sks, opts, embeddings=data.embeddings, infoscores=infos, stats=st)
         stats[shot] = st
     if not train:
@@ -249,15 +249,6 @@ def prepare_groups(cfg, data: LoadedData, *, with_sft: bool = True) -> PreparedG
             data.group_cache[key] = beam_groups(data.beams, data.pools, ids, max_pool_size=cfg.data.max_pool_size)
         sft_train = list(data.group_cache[key])
     return PreparedGroups(train=train, val=val, sft_train=sft_train, stats=stats)
-
-
-def _merge_stats(into: FilterStats, other: FilterStats) -> None:
-    into.queries_in += other.queries_in
-    into.queries_kept += other.queries_kept
-    into.candidates_in += other.candidates_in
-    into.candidates_kept += other.candidates_kept
-    for reason, n in other.dropped.items():
-        into.drop(reason, n)
 
 
 # ---------------------------------------------------------------------------------------------- stage cache
