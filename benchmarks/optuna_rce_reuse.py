@@ -36,7 +36,7 @@ def _generate_world(cache: Path, overrides: list[str]) -> None:
     """The simulated world, once, so neither mode pays for its generation."""
     from hydra import compose, initialize_config_dir
 
-    from leverplus.config import register_configs
+    from leverplus.config.store import register_configs
     from leverplus.pipeline import load_data
 
     register_configs()

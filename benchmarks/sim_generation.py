@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leverplus.metrics import vqa_accuracy
+from leverplus.evaluation.vqa_metric import vqa_accuracy
 from leverplus.sim.generate import generate_world_data
 from leverplus.sim.lvlm import SimLVLM
 from leverplus.sim.params import SimParams, params_hash

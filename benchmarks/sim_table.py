@@ -21,8 +21,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
-    from leverplus.config import register_configs
-    from leverplus.evaluation import paired_comparison
+    from leverplus.config.store import register_configs
+    from leverplus.evaluation.downstream import paired_comparison
     from leverplus.pipeline import load_data, train_and_evaluate
     from leverplus.utils import PACKAGE_ROOT
 

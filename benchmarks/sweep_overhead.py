@@ -25,9 +25,11 @@ def main() -> None:
     import pandas as pd
     from hydra import compose, initialize_config_dir
 
-    from leverplus.compare import compare_runs, write_report
-    from leverplus.config import register_configs, to_container
-    from leverplus.tracking import MlflowRun, flatten, get_or_create_experiment
+    from leverplus.analysis.compare import compare_runs, write_report
+    from leverplus.config.identity import to_container
+    from leverplus.config.store import register_configs
+    from leverplus.tracking.run import MlflowRun, flatten
+    from leverplus.tracking.store import get_or_create_experiment
     from leverplus.utils import PACKAGE_ROOT
 
     register_configs()

@@ -16,9 +16,10 @@ import time
 
 import torch
 
-from leverplus.dataset import GroupOptions, build_groups
-from leverplus.formats import RLCandidate, RLData, RLQuery
-from leverplus.trainer import Trainer, build_model, sequence_log_probs_by_query
+from leverplus.data.formats.rl_json import RLCandidate, RLData, RLQuery
+from leverplus.data.groups import GroupOptions, build_groups
+from leverplus.model.build import build_model
+from leverplus.training.trainer import Trainer, sequence_log_probs_by_query
 
 REF_RCE_QPS, REF_GRPO_QPS = 36.0, 59.0
 
@@ -53,7 +54,7 @@ def main() -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from leverplus.config import register_configs
+    from leverplus.config.store import register_configs
     from leverplus.utils import PACKAGE_ROOT
 
     register_configs()

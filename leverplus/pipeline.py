@@ -1,84 +1,35 @@
-"""One training run end to end: data -> (SFT) -> RCE -> (GRPO) -> evaluation, with tracking.
+"""One training run end to end: inputs -> (SFT) -> RCE -> (GRPO) -> evaluation.
 
-The real-file path and the simulated path differ only in where the files come from (``load_data``); everything
-after the readers is shared. Every input is read and validated before any training starts.
+This is the one interface the apps and the sweepers use: :func:`load_data` reads and validates every input
+before anything is trained, :func:`train_and_evaluate` runs the stages and returns metrics. The real-file path and
+the simulated path differ only in where the files come from; everything after the readers is shared.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from omegaconf import OmegaConf
 
-from leverplus.dataset import (
-    FilterStats,
-    Group,
-    GroupOptions,
-    beam_groups,
-    group_skeletons,
-    groups_from_skeletons,
-    infoscore_lookup,
-    split_query_ids,
-)
-from leverplus.errors import LeverPlusInputError
-from leverplus.evaluation import EvalQuerySet, Scorer, downstream_eval, format_table, offline_metrics
-from leverplus.formats import (
-    BeamRecord,
-    RLData,
-    atomic_torch_save,
-    file_fingerprint,
-    read_beam_json,
-    read_embeddings,
-    read_rl_json,
-)
-from leverplus.model import PointerSelector, load_pointer_checkpoint
-from leverplus.trainer import Trainer, TrainResult, build_model
-from leverplus.utils import code_version, default_cache_dir, seed_everything, stable_hash
+from leverplus.data.groups import FilterStats
+from leverplus.data.loading import LoadedData, PreparedGroups, file_state, load_files, prepare_groups
+from leverplus.evaluation.downstream import evaluate_splits
+from leverplus.evaluation.ranking import offline_metrics, validation_metrics
+from leverplus.model.build import build_model, load_model
+from leverplus.model.pointer import PointerSelector
+from leverplus.sim.source import load_sim
+from leverplus.training.stage_cache import StageCache, stage_keys
+from leverplus.training.trainer import Trainer, TrainResult
+from leverplus.utils import default_cache_dir, enum_value, seed_everything, stable_hash, tune_malloc
 
-
-def _enum(x):
-    return x.value if hasattr(x, "value") else x
-
-
-@dataclass
-class LoadedData:
-    """Everything read from disk (validated), before groups are built."""
-
-    source: str
-    embeddings: torch.Tensor  # [N, d]
-    rl: Dict[int, RLData]  # shot_num -> file
-    beams: Optional[Dict[int, BeamRecord]]
-    sft_checkpoint: Optional[str]
-    files: List[Path]
-    fingerprint: str
-    eval_sets: Dict[str, EvalQuerySet] = field(default_factory=dict)
-    scorer: Optional[Scorer] = None
-    pools: Dict[int, List[int]] = field(default_factory=dict)  # query id -> candidate pool (for SFT)
-    # reward-independent group parts, shared by every arm of a sweep: (shot, split, ids, filters) -> (skeletons,
-    # their filter stats); ("sft", ids, max_pool_size) -> SFT beam groups
-    group_cache: Dict[tuple, Any] = field(default_factory=dict)
-
-
-def _resolve(path: str, what: str, fix: str) -> Path:
-    from leverplus.tracking import launch_dir
-
-    p = Path(path).expanduser()
-    if not p.is_absolute():
-        p = launch_dir() / p
-    if not p.exists():
-        raise LeverPlusInputError(f"{what} not found", file=str(p), fix=fix)
-    return p
-
+#: data source (``data.source``) -> loader
+SOURCES: Dict[str, Callable[..., LoadedData]] = {"sim": load_sim, "files": load_files}
 
 _DATA_MEMO: "Dict[str, Tuple[tuple, LoadedData]]" = {}
-_BASELINE_MEMO: Dict[tuple, tuple] = {}  # model-free downstream baselines, per process
-
-
-def _file_state(paths: List[Path]) -> tuple:
-    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
 
 
 def load_data(cfg) -> LoadedData:
@@ -90,211 +41,16 @@ def load_data(cfg) -> LoadedData:
     hit = _DATA_MEMO.get(key)
     if hit is not None:
         try:
-            if _file_state(hit[1].files) == hit[0]:
+            if file_state(hit[1].files) == hit[0]:
                 return hit[1]
         except OSError:
             pass
-    data = _load_data(cfg)
+    data = SOURCES[enum_value(cfg.data.source)](cfg)
+    if data.sft_checkpoint:  # fail now, not after data prep, if the checkpoint does not fit
+        load_model(cfg.model, data.sft_checkpoint, data.embeddings.shape[1])
     _DATA_MEMO.clear()  # keep one dataset in memory
-    _DATA_MEMO[key] = (_file_state(data.files), data)
+    _DATA_MEMO[key] = (file_state(data.files), data)
     return data
-
-
-def _load_data(cfg) -> LoadedData:
-    """Read and validate every input of the run (sim: generate/cached first). Fails before any training."""
-    source = _enum(cfg.data.source)
-    shot_nums = [int(s) for s in cfg.data.shot_nums]
-    if not shot_nums:
-        raise LeverPlusInputError("data.shot_nums is empty", field="data.shot_nums", fix="e.g. data.shot_nums=[2]")
-    if source == "sim":
-        from leverplus.sim.params import SimParams
-
-        params = SimParams.from_mapping(OmegaConf.to_container(cfg.data.sim, resolve=True))
-        missing = [s for s in shot_nums if s not in params.shot_nums]
-        if missing:
-            raise LeverPlusInputError(
-                f"shot_num {missing} not generated by the simulator (data.sim.shot_nums={params.shot_nums})",
-                field="data.shot_nums",
-                fix="add them to data.sim.shot_nums",
-            )
-        cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
-        from leverplus.sim.generate import load_eval_queries, load_lvlm, load_or_generate
-
-        paths = load_or_generate(params, cache / "sim")
-        rl_paths = {s: Path(paths.rl_json[s]) for s in shot_nums}
-        emb_path, beam_path, sft_ckpt = Path(paths.embeddings), Path(paths.beam_json), None
-        eval_sets = {}
-        for split in ("val", "test"):
-            eq = load_eval_queries(paths, split)
-            eval_sets[split] = EvalQuerySet(split, list(eq.query_index), eq.embeddings, [list(p) for p in eq.pools])
-        scorer = load_lvlm(paths)
-        extra_files = [Path(paths.eval_queries)] + [Path(paths.eval_embeddings[s]) for s in ("val", "test")]
-    elif source == "files":
-        f = cfg.data.files
-        if not f.embeddings:
-            raise LeverPlusInputError(
-                "no embedding file given", field="data.files.embeddings", fix="pass data.files.embeddings=/path/emb.pt"
-            )
-        emb_path = _resolve(f.embeddings, "embedding file", "check data.files.embeddings")
-        rl_map = {int(k): v for k, v in dict(f.rl_json).items()}
-        missing = [s for s in shot_nums if s not in rl_map]
-        if missing:
-            raise LeverPlusInputError(
-                f"no RL JSON for shot_num {missing}",
-                field="data.files.rl_json",
-                fix="pass data.files.rl_json={2:/path/rl_data.json} (one per shot_num in data.shot_nums)",
-            )
-        rl_paths = {s: _resolve(rl_map[s], f"RL JSON for shot {s}", "check data.files.rl_json") for s in shot_nums}
-        beam_path = _resolve(f.beam_json, "beam JSON", "check data.files.beam_json") if f.beam_json else None
-        sft_ckpt = (
-            str(_resolve(f.sft_checkpoint, "SFT checkpoint", "check data.files.sft_checkpoint"))
-            if f.sft_checkpoint
-            else None
-        )
-        eval_sets, scorer, extra_files = {}, None, []
-    else:  # pragma: no cover - the enum prevents it
-        raise LeverPlusInputError(f"unknown data.source {source!r}", fix="use sim or files")
-
-    embeddings = read_embeddings(emb_path)
-    n_items = embeddings.shape[0]
-    rl = {s: read_rl_json(p, shot_num=s, num_items=n_items) for s, p in rl_paths.items()}
-    beams = read_beam_json(beam_path, num_items=n_items) if beam_path else None
-    files = [emb_path, *rl_paths.values()] + ([beam_path] if beam_path else []) + ([Path(sft_ckpt)] if sft_ckpt else [])
-    files += extra_files
-    pools: Dict[int, List[int]] = {}
-    for data in rl.values():
-        for qid, q in data.queries.items():
-            if q.candidate_pool_ids is not None and qid not in pools:
-                pools[qid] = list(q.candidate_pool_ids)
-    if sft_ckpt:  # fail now, not after data prep, if the checkpoint does not fit
-        _load_sft_checkpoint(cfg, sft_ckpt, embeddings.shape[1])
-    return LoadedData(
-        source=source,
-        embeddings=embeddings,
-        rl=rl,
-        beams=beams,
-        sft_checkpoint=sft_ckpt,
-        files=files,
-        fingerprint=file_fingerprint(files),
-        eval_sets=eval_sets,
-        scorer=scorer,
-        pools=pools,
-    )
-
-
-def _model_kwargs(cfg) -> Dict[str, Any]:
-    m = cfg.model
-    return dict(
-        hidden_dim=m.hidden_dim,
-        num_heads=m.num_heads,
-        num_layers=m.num_layers,
-        dropout=m.dropout,
-        attn_dropout=m.attn_dropout,
-        temperature=m.temperature,
-        use_query_update_gate=m.use_query_update_gate,
-        mask_value=m.mask_value,
-        label_smoothing=m.label_smoothing,
-    )
-
-
-def _load_sft_checkpoint(cfg, path: str, d_model: int) -> PointerSelector:
-    model = load_pointer_checkpoint(path, strict=cfg.model.strict_load, d_model=d_model, **_model_kwargs(cfg))
-    return model
-
-
-@dataclass
-class PreparedGroups:
-    train: List[Group]
-    val: List[Group]
-    sft_train: List[Group]
-    stats: Dict[int, FilterStats]
-
-
-def prepare_groups(cfg, data: LoadedData, *, with_sft: bool = True) -> PreparedGroups:
-    """RL train/val groups (filtered, rewards computed) and, when ``with_sft``, the SFT beam groups.
-
-    The reward-independent part (filters, pools, labels) is built once per loaded data and filter options and
-    reused: the arms of a reward sweep differ only in their rewards."""
-    opts = GroupOptions.from_config(cfg.data, cfg.reward)
-    infos = infoscore_lookup(data.beams) if opts.reward_mode == "hybrid" else None
-    train, val, stats, train_ids_all = [], [], {}, set()
-    filter_key = (opts.drop_eval_errors, opts.skip_fallback_reward,
-                  tuple(opts.filter_gen_methods) if opts.filter_gen_methods is not None else None, opts.max_pool_size)
-    for shot, rl in sorted(data.rl.items()):
-        train_ids, val_ids = split_query_ids(list(rl.queries), cfg.data.train_fraction, cfg.data.split_file)
-        train_ids_all.update(train_ids)
-        st = FilterStats()
-        for split, ids, out in (("train", train_ids, train), ("val", val_ids, val)):
-            key = (shot, split, tuple(ids)) + filter_key
-            if key not in data.group_cache:
-                sk_stats = FilterStats()
-                sks = group_skeletons(rl, opts, fallback_pools=data.pools or None, query_ids=ids, stats=sk_stats)
-                data.group_cache[key] = (sks, sk_stats)
-            sks, sk_stats = data.group_cache[key]
-            st.add(sk_stats)
-            out += groups_from_skeletons(rl, sks, opts, embeddings=data.embeddings, infoscores=infos, stats=st)
-        stats[shot] = st
-    if not train:
-        raise LeverPlusInputError(
-            "no training query survived the filters",
-            field="data",
-            fix="check data.skip_fallback_reward / filter_gen_methods / require_positive_query",
-        )
-    sft_train: List[Group] = []
-    if with_sft and data.beams is not None and data.sft_checkpoint is None:
-        val_ids = {g.query_id for g in val}
-        ids = [q for q in data.beams if q not in val_ids]
-        key = ("sft", tuple(ids), cfg.data.max_pool_size)
-        if key not in data.group_cache:
-            data.group_cache[key] = beam_groups(data.beams, data.pools, ids, max_pool_size=cfg.data.max_pool_size)
-        sft_train = list(data.group_cache[key])
-    return PreparedGroups(train=train, val=val, sft_train=sft_train, stats=stats)
-
-
-# ---------------------------------------------------------------------------------------------- stage cache
-
-
-class StageCache:
-    """Post-stage model states on disk, keyed by everything that determines them (shared by sweep runs)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-
-    def path(self, stage: str, key: str) -> Path:
-        return self.root / stage / f"{key}.pt"
-
-    def get(self, stage: str, key: str) -> Optional[dict]:
-        p = self.path(stage, key)
-        if not p.exists():
-            return None
-        return torch.load(p, weights_only=True, map_location="cpu")
-
-    def put(self, stage: str, key: str, state: dict) -> None:
-        atomic_torch_save(self.path(stage, key), state)
-
-
-def stage_keys(cfg, data: LoadedData, groups: PreparedGroups) -> Dict[str, str]:
-    """Cache keys of the stages: everything that determines a stage's weights, nothing else.
-
-    SFT depends on the embeddings, the beam targets (query, pool, labels), the model and SFT configs and the seed,
-    not on which RL file (shot count) the run trains on afterwards, so all shots of a sweep share one SFT.
-    """
-    import hashlib
-
-    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    h = hashlib.sha256(data.embeddings.numpy().tobytes())
-    for g in groups.sft_train:
-        h.update(str((g.query_id, g.pool_ids)).encode())
-        h.update(g.labels.numpy().tobytes())
-    common = {"code": code_version(), "model": c["model"], "seed": c["seed"], "d": int(data.embeddings.shape[1])}
-    sft = stable_hash({**common, "sft": c["sft"], "sft_data": h.hexdigest()})
-    data_cfg = {k: v for k, v in c["data"].items() if k not in ("cache_dir",)}
-    rce = stable_hash({**common, "data": data.fingerprint, "sft_key": sft, "rce": c["rce"], "reward": c["reward"],
-                       "data_cfg": data_cfg})
-    return {"sft": sft, "rce": rce}
-
-
-# ---------------------------------------------------------------------------------------------- run
 
 
 @dataclass
@@ -309,6 +65,50 @@ class RunOutcome:
     history: List[tuple] = field(default_factory=list)
 
 
+def _stage_cache(cfg) -> StageCache:
+    root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+    return StageCache(root / "stages")
+
+
+def _initial_model(cfg, data: LoadedData, groups: PreparedGroups, cache: StageCache, key: str, output_dir: Path,
+                   logger, say) -> Tuple[PointerSelector, bool, List[tuple]]:
+    """The weights RCE starts from: the given SFT checkpoint, the cached SFT stage, or SFT trained now.
+    Returns (model, cache hit, SFT history)."""
+    d = int(data.embeddings.shape[1])
+    if data.sft_checkpoint:
+        say(f"Loaded SFT checkpoint {data.sft_checkpoint}")
+        return load_model(cfg.model, data.sft_checkpoint, d), False, []
+    model = build_model(cfg.model, d)
+    state = cache.get("sft", key)
+    if state is not None:
+        model.load_state_dict(state)
+        say("SFT reused from the cache.")
+        return model, True, []
+    if not groups.sft_train:
+        say("No SFT checkpoint and no beam JSON: RCE starts from random initialisation.")
+        return model, False, []
+    sft_trainer = Trainer(cfg, data.embeddings, groups.sft_train, [], output_dir, logger, say)
+    sft_trainer.run_sft(model, groups.sft_train)
+    cache.put("sft", key, model.state_dict())
+    return model, False, list(sft_trainer.memory.history)
+
+
+def _post_train(cfg, data: LoadedData, groups: PreparedGroups, model: PointerSelector, cache: StageCache,
+                key: str, output_dir: Path, logger, say) -> Tuple[TrainResult, bool]:
+    """RCE (its end state cached when ``rce.cache``) and GRPO. Returns (result, RCE cache hit)."""
+    post_rce = cache.get("rce", key) if cfg.rce.cache else None
+    # epoch steps continue after SFT whether it ran now or came from the cache (same steps either way)
+    start = int(cfg.sft.epochs) if (not data.sft_checkpoint and groups.sft_train) else 0
+    trainer = Trainer(cfg, data.embeddings, groups.train, groups.val, output_dir, logger, say, start_step=start,
+                      validate=partial(validation_metrics, groups=groups.val, embeddings=data.embeddings))
+    try:
+        result = trainer.fit(model, post_rce_state=post_rce)
+    finally:  # the post-RCE state is final once RCE ends: keep it even if GRPO then fails (a diverging trial)
+        if cfg.rce.cache and post_rce is None and getattr(trainer, "post_rce_state", None) is not None:
+            cache.put("rce", key, trainer.post_rce_state)
+    return result, post_rce is not None
+
+
 def train_and_evaluate(
     cfg,
     data: LoadedData,
@@ -321,93 +121,13 @@ def train_and_evaluate(
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     if cfg.tune_malloc:
-        from leverplus.utils import tune_malloc
-
         tune_malloc()
     groups = prepare_groups(cfg, data)
     keys = stage_keys(cfg, data, groups)
-    cache_root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
-    cache = StageCache(cache_root / "stages")
-    hits = {"sft": False, "rce": False}
-    sft_history: List[tuple] = []
-    d = int(data.embeddings.shape[1])
-
-    # ---- initial weights: given checkpoint, or SFT (cached)
-    if data.sft_checkpoint:
-        model = _load_sft_checkpoint(cfg, data.sft_checkpoint, d)
-        say(f"Loaded SFT checkpoint {data.sft_checkpoint}")
-    else:
-        model = build_model(cfg.model, d)
-        state = cache.get("sft", keys["sft"])
-        if state is not None:
-            model.load_state_dict(state)
-            hits["sft"] = True
-            say("SFT reused from the cache.")
-        elif groups.sft_train:
-            sft_trainer = Trainer(cfg, data.embeddings, groups.sft_train, [], output_dir, logger, say)
-            sft_trainer.run_sft(model, groups.sft_train)
-            sft_history = list(sft_trainer.memory.history)
-            cache.put("sft", keys["sft"], model.state_dict())
-        else:
-            say("No SFT checkpoint and no beam JSON: RCE starts from random initialisation.")
-
-    # ---- RCE (cached when rce.cache) and GRPO
-    post_rce = cache.get("rce", keys["rce"]) if cfg.rce.cache else None
-    hits["rce"] = post_rce is not None
-    # epoch steps continue after SFT whether it ran now or came from the cache (same steps either way)
-    start = int(cfg.sft.epochs) if (not data.sft_checkpoint and groups.sft_train) else 0
-    trainer = Trainer(cfg, data.embeddings, groups.train, groups.val, output_dir, logger, say, start_step=start)
-    try:
-        result = trainer.fit(model, post_rce_state=post_rce)
-    finally:  # the post-RCE state is final once RCE ends: keep it even if GRPO then fails (a diverging trial)
-        if cfg.rce.cache and post_rce is None and getattr(trainer, "post_rce_state", None) is not None:
-            cache.put("rce", keys["rce"], trainer.post_rce_state)
-
-    # ---- evaluation
-    model = result.model
-    metrics: Dict[str, float] = {}
-    per_query: List[dict] = []
-    if cfg.eval.offline and groups.val:
-        off, rows = offline_metrics(model, groups.val, data.embeddings)
-        metrics.update({f"val/offline/{k}": v for k, v in off.items()})
-        per_query += [{"kind": "offline", **r} for r in rows]
-    tables = []
-    if cfg.eval.downstream:
-        if data.scorer is None:
-            say("Downstream evaluation skipped: this data source has no scorer (eval.downstream=false to silence).")
-        else:
-            for split in cfg.eval.downstream_splits:
-                qset = data.eval_sets.get(split)
-                if qset is None:
-                    raise LeverPlusInputError(f"no evaluation queries for split {split!r}", field="eval.downstream_splits")
-                if cfg.eval.max_queries:
-                    qset = _head(qset, int(cfg.eval.max_queries))
-                sel_accs = []
-                for shot in sorted(data.rl):
-                    pool_mode = _enum(cfg.eval.pool)
-                    summ, rows = downstream_eval(
-                        data.scorer, qset, data.embeddings, shot, ["selector"], model=model,
-                        pool_mode=pool_mode, seed=int(cfg.seed),
-                    )
-                    baselines = cfg.eval.baselines if split in cfg.eval.baseline_splits else []
-                    for method in baselines:  # model-free: computed once per process and data
-                        bkey = (data.fingerprint, split, len(qset), shot, method, pool_mode, int(cfg.seed))
-                        if bkey not in _BASELINE_MEMO:
-                            _BASELINE_MEMO[bkey] = downstream_eval(
-                                data.scorer, qset, data.embeddings, shot, [method], pool_mode=pool_mode,
-                                seed=int(cfg.seed),
-                            )
-                        b_summ, b_rows = _BASELINE_MEMO[bkey]
-                        summ.update(b_summ)
-                        rows.update({m: [dict(r) for r in rr] for m, rr in b_rows.items()})
-                    for method, s in summ.items():
-                        for k, v in s.items():
-                            metrics[f"{split}/downstream/shot{shot}/{method}_{k}"] = v
-                    sel_accs.append(summ["selector"]["acc"])
-                    for method_rows in rows.values():
-                        per_query += [{"kind": "downstream", **r} for r in method_rows]
-                    tables.append(format_table(summ, title=f"{split} downstream, shot {shot}"))
-                metrics[f"{split}/downstream_acc"] = sum(sel_accs) / len(sel_accs)
+    cache = _stage_cache(cfg)
+    model, sft_hit, sft_history = _initial_model(cfg, data, groups, cache, keys["sft"], output_dir, logger, say)
+    result, rce_hit = _post_train(cfg, data, groups, model, cache, keys["rce"], output_dir, logger, say)
+    metrics, per_query, tables = _evaluate(cfg, data, groups, result.model, say)
     metrics.update({f"train/{k}": v for k, v in result.timings.items()})
     if result.best:
         metrics["best/epoch"] = float(result.best.get("global_epoch", -1))
@@ -416,12 +136,32 @@ def train_and_evaluate(
         summary_table="\n\n".join(tables),
         per_query=per_query,
         result=result,
-        cache_hits=hits,
+        cache_hits={"sft": sft_hit, "rce": rce_hit},
         output_dir=output_dir,
         filter_stats=groups.stats,
         history=sft_history + result.history,
     )
 
 
-def _head(qset: EvalQuerySet, n: int) -> EvalQuerySet:
-    return EvalQuerySet(qset.split, qset.query_index[:n], qset.query_emb[:n], qset.pools[:n])
+def _evaluate(cfg, data: LoadedData, groups: PreparedGroups, model: PointerSelector,
+              say: Callable[[str], None]) -> Tuple[Dict[str, float], List[dict], List[str]]:
+    """Offline ranking of the held-out groups, then the downstream evaluation when the data has a scorer."""
+    metrics: Dict[str, float] = {}
+    per_query: List[dict] = []
+    tables: List[str] = []
+    if cfg.eval.offline and groups.val:
+        off, rows = offline_metrics(model, groups.val, data.embeddings)
+        metrics.update({f"val/offline/{k}": v for k, v in off.items()})
+        per_query += [{"kind": "offline", **r} for r in rows]
+    if cfg.eval.downstream and data.scorer is None:
+        say("Downstream evaluation skipped: this data source has no scorer (eval.downstream=false to silence).")
+    elif cfg.eval.downstream:
+        down = evaluate_splits(model, data.scorer, data.eval_sets, data.embeddings, sorted(data.rl), cfg.eval,
+                               seed=int(cfg.seed), data_key=data.fingerprint)
+        metrics.update(down.metrics)
+        per_query += down.per_query
+        tables += down.tables
+    return metrics, per_query, tables
+
+
+__all__ = ["SOURCES", "RunOutcome", "load_data", "train_and_evaluate"]

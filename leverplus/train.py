@@ -14,7 +14,9 @@ from typing import Dict, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from leverplus.config import register_configs, to_container
+from leverplus.config.identity import to_container
+from leverplus.config.store import conf_dir, register_configs
+from leverplus.env import PARENT_RUN_ID_VAR
 from leverplus.errors import LeverPlusInputError, printed_input_errors
 
 register_configs()
@@ -62,20 +64,11 @@ def summary_lines(metrics: Dict[str, float], objective: str) -> str:
 
 def run(cfg: DictConfig) -> float:
     """The whole run; usable without Hydra's decorator (tests compose a config and call this)."""
+    from leverplus.config.identity import run_key
+    from leverplus.config.validation import validate_config
     from leverplus.pipeline import load_data, train_and_evaluate
-    from leverplus.tracking import (
-        MlflowRun,
-        find_finished_run,
-        flatten,
-        get_or_create_experiment,
-        record_reused_run,
-        resolve_artifact_root,
-        resolve_tracking_uri,
-        run_key,
-        standard_tags,
-    )
-
-    from leverplus.config import validate_config
+    from leverplus.tracking.run import MlflowRun, find_finished_run, flatten, record_reused_run, standard_tags
+    from leverplus.tracking.store import get_or_create_experiment, resolve_artifact_root, resolve_tracking_uri
 
     validate_config(cfg)
     out_dir = _output_dir(cfg)
@@ -111,7 +104,7 @@ def run(cfg: DictConfig) -> float:
     )
     for k, v in (t.extra_tags or {}).items():
         tags[k] = v
-    parent = t.parent_run_id or os.environ.get("LEVERPLUS_PARENT_RUN_ID")
+    parent = t.parent_run_id or os.environ.get(PARENT_RUN_ID_VAR)
     if t.skip_finished:
         done = find_finished_run(uri, exp_id, key)
         if done is not None:
@@ -140,8 +133,8 @@ def run(cfg: DictConfig) -> float:
 
 
 def _write_artifacts(cfg, outcome, value: float, out_dir: Path) -> None:
-    from leverplus.formats import atomic_write_json
-    from leverplus.plots import training_curves
+    from leverplus.analysis.plots import training_curves
+    from leverplus.data.formats.io import atomic_write_json
 
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     stats = {str(s): {"queries_in": st.queries_in, "queries_kept": st.queries_kept, "candidates_in": st.candidates_in,
@@ -166,7 +159,7 @@ def _print_summary(outcome, objective: str, value: float) -> None:
     print(f"\nobjective {objective} = {value:.4f}   (outputs: {outcome.output_dir})")
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base=None)
+@hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)
 def main(cfg: DictConfig) -> Optional[float]:
     with printed_input_errors():
         return run(cfg)

@@ -15,6 +15,8 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import torch
 
+from leverplus.env import CACHE_VAR, LAUNCH_DIR_VAR
+
 PACKAGE_ROOT = Path(__file__).resolve().parent
 
 
@@ -94,7 +96,7 @@ def git_info(cwd: Optional[Path] = None) -> dict:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LEVERPLUS_CACHE", Path.home() / ".cache" / "leverplus")).expanduser().resolve()
+    return Path(os.environ.get(CACHE_VAR, Path.home() / ".cache" / "leverplus")).expanduser().resolve()
 
 
 def progress(iterable: Iterable, *, enabled: Optional[bool], **kwargs):
@@ -103,3 +105,23 @@ def progress(iterable: Iterable, *, enabled: Optional[bool], **kwargs):
 
     show = sys.stdout.isatty() if enabled is None else enabled
     return tqdm(iterable, disable=not show, dynamic_ncols=True, leave=False, **kwargs)
+
+
+def enum_value(x):
+    """The string value of a config enum (OmegaConf gives Enum members), or ``x`` unchanged."""
+    return x.value if hasattr(x, "value") else x
+
+
+def launch_dir() -> Path:
+    """Where the command was started (stable across Hydra jobs and worker processes)."""
+    env = os.environ.get(LAUNCH_DIR_VAR)
+    if env:
+        return Path(env).resolve()
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return Path(HydraConfig.get().runtime.cwd).resolve()
+    except Exception:  # pragma: no cover - hydra not running
+        pass
+    return Path.cwd().resolve()

@@ -18,7 +18,7 @@ def compose_cfg(overrides=()):
     """Compose conf/train.yaml with overrides, exactly as `python -m leverplus.train` would (no Hydra run)."""
     from hydra import compose, initialize_config_dir
 
-    from leverplus.config import register_configs
+    from leverplus.config.store import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):

@@ -10,10 +10,11 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from conftest import REPO, compose_cfg
 from hydra.errors import ConfigCompositionException
 
-from conftest import REPO, compose_cfg
-from leverplus.config import RewardMode, sweeps_dir
+from leverplus.config.schema import RewardMode
+from leverplus.config.store import sweeps_dir
 from leverplus.errors import LeverPlusInputError
 from leverplus.train import run
 
@@ -148,7 +149,7 @@ def test_same_config_and_seed_give_the_same_metrics(store):
 
 def test_plot_curves_off_skips_the_png_and_changes_nothing_else(store):
     """Sweeps set plot_curves=false: no training_curves.png (run dir and MLflow), same metrics, same run key."""
-    from leverplus.tracking import run_key
+    from leverplus.config.identity import run_key
 
     a = run(compose_cfg(tracked(store, "curves_on")))
     b = run(compose_cfg(tracked(store, "curves_off", "plot_curves=false")))
@@ -158,7 +159,7 @@ def test_plot_curves_off_skips_the_png_and_changes_nothing_else(store):
     assert not (store["root"] / "curves_off" / "training_curves.png").exists()
     names = {x.path for x in _client(store).list_artifacts(rb.info.run_id)}
     assert "training_curves.png" not in names and {"metrics.json", "per_query.jsonl"} <= names
-    from leverplus.config import to_container
+    from leverplus.config.identity import to_container
 
     cfg = to_container(compose_cfg(["plot_curves=false"]))
     assert run_key(cfg, "fp") == run_key(to_container(compose_cfg([])), "fp")
@@ -175,7 +176,7 @@ def test_one_tiny_training_per_reward_mode(store, mode):
 
 
 def test_failing_run_is_failed_in_mlflow_with_traceback(store):
-    from leverplus.trainer import NonFiniteLossError
+    from leverplus.training.trainer import NonFiniteLossError
 
     cfg = compose_cfg(tracked(store, "diverges", "rce.epochs=3", "rce.lr=1e30", "rce.lr_schedule=constant",
                               "rce.grad_clip=1e30"))
@@ -210,7 +211,7 @@ def test_real_lever_plus_files_load_and_train(store, tmp_path):
     """data=files on files in the Lever-Plus formats (made by the simulator) and a Lightning SFT checkpoint."""
     import torch
 
-    from leverplus.model import PointerSelector
+    from leverplus.model.pointer import PointerSelector
     from leverplus.sim.generate import load_or_generate
     from leverplus.sim.params import SimParams
 

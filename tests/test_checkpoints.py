@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from leverplus.errors import LeverPlusInputError
-from leverplus.model import (
-    PointerSelector,
+from leverplus.data.formats.checkpoints import (
     detect_checkpoint_format,
     extract_pointer_state_dict,
     infer_model_config,
-    load_pointer_checkpoint,
-    save_pointer_checkpoint,
 )
+from leverplus.errors import LeverPlusInputError
+from leverplus.model.checkpoint import load_pointer_checkpoint, save_pointer_checkpoint
+from leverplus.model.pointer import PointerSelector
 
 
 def small(num_layers: int = 1, gate: bool = True, **kw) -> PointerSelector:

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from leverplus.compare import (
+from leverplus.analysis.compare import (
     compare_runs,
     compare_sweep,
     load_per_query,
@@ -27,7 +27,7 @@ from leverplus.compare import (
     write_report,
 )
 from leverplus.errors import LeverPlusInputError
-from leverplus.stats import paired_bootstrap
+from leverplus.evaluation.stats import paired_bootstrap
 
 T2 = math.sqrt(0.9025 * 2 / 0.0975)  # 4.3026527, t_{2, 0.975}
 BASE = "rce_only"
@@ -433,7 +433,7 @@ def test_main_writes_report_without_logging(store, tmp_path, capsys):
 
 
 def test_per_query_artifact_errors_name_run_line_and_field(tmp_path):
-    from leverplus.compare import _parse_per_query
+    from leverplus.analysis.compare import _parse_per_query
 
     path = tmp_path / "per_query.jsonl"
     good = {"kind": "downstream", "method": "selector", "split": "test", "query_index": 0, "shot_num": 2, "acc": 1.0}

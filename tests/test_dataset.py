@@ -5,18 +5,11 @@ import json
 import pytest
 import torch
 
-from leverplus.dataset import (
-    FilterStats,
-    GroupOptions,
-    beam_groups,
-    build_groups,
-    collate,
-    iterate_batches,
-    num_batches,
-    split_query_ids,
-)
+from leverplus.data.batching import collate, iterate_batches, num_batches
+from leverplus.data.formats.beam_json import BeamRecord
+from leverplus.data.formats.rl_json import read_rl_json, write_rl_json
+from leverplus.data.groups import FilterStats, GroupOptions, beam_groups, build_groups, split_query_ids
 from leverplus.errors import LeverPlusInputError
-from leverplus.formats import BeamRecord, read_rl_json, write_rl_json
 
 
 def cand(pointer, correct, acc, mode="vqaEval", gen="beam", **extra):
@@ -118,7 +111,7 @@ def test_collate_pads_and_masks(rl_file):
 
 def test_batches_never_mix_shots_and_cover_everything():
     def group(qid, shot):
-        from leverplus.dataset import Group
+        from leverplus.data.groups import Group
 
         return Group(qid, shot, [0, 1, 2, 3], torch.zeros(1, shot, dtype=torch.long), torch.zeros(1), torch.zeros(1),
                      torch.zeros(1), [0])
@@ -145,8 +138,10 @@ def test_prepare_groups_reuses_skeletons_across_reward_configs_and_equals_build_
     """Arms of a reward sweep share one loaded dataset: the cached reward-independent part must give exactly
     the groups (and filter stats) that build_groups computes from scratch, whatever reward comes after."""
     from conftest import compose_cfg
-    from leverplus.dataset import FilterStats, GroupOptions, build_groups, split_query_ids
-    from leverplus.pipeline import load_data, prepare_groups
+
+    from leverplus.data.groups import FilterStats, GroupOptions, build_groups, split_query_ids
+    from leverplus.data.loading import prepare_groups
+    from leverplus.pipeline import load_data
 
     base = ["data=sim_tiny", "data.shot_nums=[1,2]", f"data.cache_dir={tmp_path}", "tracking.enabled=false"]
     configs = [compose_cfg(base + extra) for extra in (

@@ -5,16 +5,10 @@ import math
 import pytest
 import torch
 
-from leverplus.dataset import Group
-from leverplus.evaluation import (
-    EvalQuerySet,
-    _ndcg,
-    _spearman,
-    downstream_eval,
-    offline_metrics,
-    paired_comparison,
-    select_icds,
-)
+from leverplus.data.eval_queries import EvalQuerySet
+from leverplus.data.groups import Group
+from leverplus.evaluation.downstream import downstream_eval, paired_comparison, select_icds
+from leverplus.evaluation.ranking import _ndcg, _spearman, offline_metrics
 
 
 class RewardOracle(torch.nn.Module):
@@ -143,7 +137,7 @@ def test_vectorised_ranking_stats_equal_the_per_group_definitions():
     first-argmax computed group by group."""
     import numpy as np
 
-    from leverplus.evaluation import OFFLINE_KEYS, ranking_stats
+    from leverplus.evaluation.ranking import OFFLINE_KEYS, ranking_stats
 
     rng = np.random.default_rng(0)
     B, G = 60, 7

@@ -12,22 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from leverplus import formats
+from leverplus.data.formats import io as fmt_io
+from leverplus.data.formats import rl_json as formats
+from leverplus.data.formats.beam_json import BeamRecord, read_beam_json, write_beam_json
+from leverplus.data.formats.embeddings import read_embeddings, save_embeddings
+from leverplus.data.formats.io import atomic_torch_save, atomic_write_json, file_fingerprint, load_json
+from leverplus.data.formats.rl_json import RLQuery, read_rl_json, write_rl_json
 from leverplus.errors import LeverPlusInputError
-from leverplus.formats import (
-    BeamRecord,
-    RLQuery,
-    atomic_torch_save,
-    atomic_write_json,
-    file_fingerprint,
-    load_json,
-    read_beam_json,
-    read_embeddings,
-    read_rl_json,
-    save_embeddings,
-    write_beam_json,
-    write_rl_json,
-)
 
 # --------------------------------------------------------------------------------------------------
 # Fixtures: small valid files in every accepted shape
@@ -590,7 +581,7 @@ def test_file_fingerprint(tmp_path):
 
 def test_fingerprint_streams_large_files(tmp_path, monkeypatch):
     """Content past the first chunk still counts (the hash is streamed, not truncated)."""
-    monkeypatch.setattr(formats, "_HASH_CHUNK", 4)
+    monkeypatch.setattr(fmt_io, "_HASH_CHUNK", 4)
     p = tmp_path / "big.bin"
     p.write_bytes(b"0123456789")
     fp = file_fingerprint([p])

@@ -15,17 +15,21 @@ import torch
 transformers = pytest.importorskip("transformers")
 PIL_Image = pytest.importorskip("PIL.Image")
 
+from conftest import REPO  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from conftest import REPO  # noqa: E402
-from leverplus import generate_beam_data as gb  # noqa: E402
-from leverplus import generate_rl_data as gr  # noqa: E402
+from leverplus.data.formats.beam_json import read_beam_json
+from leverplus.data.formats.embeddings import save_embeddings
+from leverplus.data.formats.rl_json import read_rl_json
+from leverplus.datagen import generate_beam_data as gb  # noqa: E402
+from leverplus.datagen import generate_rl_data as gr  # noqa: E402
+from leverplus.datagen.scorers.base import build_scorer
+from leverplus.datagen.scorers.config import HFScorerConfig, ScorerConfig
+from leverplus.datagen.scorers.hf import REFERENCE_SYSTEM_PROMPT, resolve_model_dir
+from leverplus.datagen.scorers.vqa_data import OfficialAnnotations, VQAItems
 from leverplus.errors import LeverPlusInputError  # noqa: E402
-from leverplus.formats import read_beam_json, read_rl_json, save_embeddings  # noqa: E402
-from leverplus.model import PointerSelector, save_pointer_checkpoint  # noqa: E402
-from leverplus.scorers import HFScorerConfig, ScorerConfig, build_scorer  # noqa: E402
-from leverplus.scorers.hf import REFERENCE_SYSTEM_PROMPT, resolve_model_dir  # noqa: E402
-from leverplus.scorers.vqa_data import OfficialAnnotations, VQAItems  # noqa: E402
+from leverplus.model.checkpoint import save_pointer_checkpoint
+from leverplus.model.pointer import PointerSelector
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
            "<|video_pad|>"]

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leverplus.errors import LeverPlusInputError
-from leverplus.losses import (
+from leverplus.training.losses import (
     ascending_rank_scores,
     group_advantages,
     grpo_loss,

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from leverplus.errors import LeverPlusInputError
-from leverplus.metrics import (
+from leverplus.evaluation.vqa_metric import (
     CONTRACTIONS,
     PUNCTUATION,
     answer_relevance,
@@ -369,7 +369,7 @@ def test_answer_relevance_empty_cases_are_zero():
 
 def test_vqa_accuracy_memo_is_transparent_and_bad_input_still_raises():
     from leverplus.errors import LeverPlusInputError
-    from leverplus.metrics import _vqa_accuracy_cached, vqa_accuracy
+    from leverplus.evaluation.vqa_metric import _vqa_accuracy_cached, vqa_accuracy
 
     gts = ["2"] * 3 + ["three"] * 7
     first = vqa_accuracy("two", gts)  # the prediction is normalised ("two" -> "2"), GTs only de-punctuated

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from leverplus.decoding import Decoded, beam_search, sample_sequences
 from leverplus.errors import LeverPlusInputError
-from leverplus.model import PointerSelector
+from leverplus.model.decoding import Decoded, beam_search, sample_sequences
+from leverplus.model.pointer import PointerSelector
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -454,7 +454,7 @@ def test_sampling_without_replacement_exclude_and_uniform_fallback():
 @pytest.mark.parametrize("num_heads,bias_scale", [(1, 0.0), (1, 0.3), (4, 0.3)])
 def test_factored_attention_equals_nn_multihead_attention(num_heads, bias_scale):
     """The encoder's single-query attention is nn.MultiheadAttention's function on the same parameters."""
-    from leverplus.model import single_query_attention
+    from leverplus.model.pointer import single_query_attention
 
     torch.manual_seed(3)
     attn = torch.nn.MultiheadAttention(16, num_heads, dropout=0.1, batch_first=True).eval()
@@ -478,7 +478,7 @@ def test_factored_attention_equals_nn_multihead_attention(num_heads, bias_scale)
 
 
 def test_rand_dropout_keeps_with_probability_1_minus_p_and_rescales():
-    from leverplus.model import RandDropout
+    from leverplus.model.pointer import RandDropout
 
     d = RandDropout(0.5).train()
     torch.manual_seed(0)
@@ -522,7 +522,7 @@ def test_item_table_path_equals_the_per_pool_eval_path(num_heads, gate, d):
 
 
 def test_rand_dropout_quantises_p_to_16_bits_and_stays_unbiased():
-    from leverplus.model import RandDropout
+    from leverplus.model.pointer import RandDropout
 
     torch.manual_seed(1)
     x = torch.ones(400_000)

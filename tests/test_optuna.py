@@ -21,11 +21,11 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+from conftest import REPO, compose_cfg
 from optuna.trial import TrialState, create_trial
 
-from conftest import REPO, compose_cfg
-from leverplus import study as S
 from leverplus.errors import LeverPlusInputError
+from leverplus.sweeps import study as S
 
 TINY = ["data=sim_tiny", "rce.epochs=1", "sft.epochs=1", "model.hidden_dim=32", "eval.baselines=[zero_shot]",
         "grpo.epochs=int(interval(1,2))"]

@@ -12,8 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from leverplus.errors import LeverPlusInputError
-from leverplus.rewards import (
+from leverplus.data.rewards import (
     NORMALIZE_METHODS,
     REWARD_MODES,
     compute_reward,
@@ -22,6 +21,7 @@ from leverplus.rewards import (
     register_reward,
     sequence_diversity,
 )
+from leverplus.errors import LeverPlusInputError
 
 # Positive: h=1, s=0.6, p=0.8, ρ=0.5.  Negative: h=0, s=0, p=0.3, ρ=0.4.
 POS = {"vqa_correct": 1, "vqa_acc_score": 0.6, "vqa_gt_prob": 0.8, "vqa_rel_score": 0.5}

@@ -13,24 +13,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, compose_cfg
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO, compose_cfg
-from leverplus import generate_beam_data as gb
-from leverplus import generate_rl_data as gr
-from leverplus import inspect_data
-from leverplus.candidates import (CandidateSettings, QueryJob, build_candidates, dedupe_by_priority,
-                                  eval_mode_percent, query_generators, random_pointers, retrieval_pointers,
-                                  score_queries)
+from leverplus.data.formats.beam_json import read_beam_json
+from leverplus.data.formats.embeddings import save_embeddings
+from leverplus.data.formats.rl_json import read_rl_json
+from leverplus.datagen import generate_beam_data as gb
+from leverplus.datagen import generate_rl_data as gr
+from leverplus.datagen import inspect_data
+from leverplus.datagen.candidates import (
+    CandidateSettings,
+    QueryJob,
+    build_candidates,
+    dedupe_by_priority,
+    eval_mode_percent,
+    query_generators,
+    random_pointers,
+    retrieval_pointers,
+    score_queries,
+)
+from leverplus.datagen.scorers.base import Scorer
+from leverplus.datagen.scorers.infoscore import infoscore_beam_search
 from leverplus.errors import LeverPlusInputError
-from leverplus.formats import read_beam_json, read_rl_json, save_embeddings
-from leverplus.model import PointerSelector, save_pointer_checkpoint
-from leverplus.scorers import Scorer
-from leverplus.scorers.infoscore import infoscore_beam_search
+from leverplus.model.checkpoint import save_pointer_checkpoint
+from leverplus.model.pointer import PointerSelector
+from leverplus.pipeline import load_data, train_and_evaluate
 from leverplus.sim import generate as simgen
 from leverplus.sim.params import SimParams
 from leverplus.sim.world import World
-from leverplus.pipeline import load_data, train_and_evaluate
 
 SIM = dict(num_train=240, num_anchors=20, num_val=4, num_test=4, candidate_num=16, embedding_dim=32,
            fallback_fraction=0.25, shot_nums=[1])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from leverplus.errors import LeverPlusInputError
-from leverplus.schedules import (
+from leverplus.training.schedules import (
     AdaptiveKLController,
     AdaptivePolicyTemperature,
     grpo_top_k,

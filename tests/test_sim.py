@@ -13,11 +13,19 @@ import numpy as np
 import pytest
 import torch
 
+from leverplus.data.formats.beam_json import read_beam_json
+from leverplus.data.formats.embeddings import read_embeddings
+from leverplus.data.formats.rl_json import read_rl_json
 from leverplus.errors import LeverPlusInputError
-from leverplus.formats import read_beam_json, read_embeddings, read_rl_json
-from leverplus.metrics import fallback_match, normalize_answer, vqa_accuracy, vqa_postprocess
+from leverplus.evaluation.vqa_metric import (
+    fallback_match,
+    gt_prob_formula,
+    normalize_answer,
+    vqa_accuracy,
+    vqa_postprocess,
+)
 from leverplus.sim import generate as gen
-from leverplus.sim.lvlm import SimLVLM, gt_prob_formula, hash_uniform
+from leverplus.sim.lvlm import SimLVLM, hash_uniform
 from leverplus.sim.params import GENERATOR_VERSION, SimParams, params_hash
 from leverplus.sim.world import VOCABULARY, World, surface_variants
 

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as sps
 
 from leverplus.errors import LeverPlusInputError
-from leverplus.stats import (
+from leverplus.evaluation.stats import (
     Estimate,
     PairedResult,
     mean_ci,

@@ -1,13 +1,16 @@
 """Trainer phases on a small synthetic dataset whose rewards depend on the embeddings (learnable)."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
-
 from conftest import compose_cfg
-from leverplus.dataset import Group
-from leverplus.trainer import Trainer, build_model
+
+from leverplus.data.groups import Group
+from leverplus.evaluation.ranking import validation_metrics
+from leverplus.model.build import build_model
+from leverplus.training.trainer import Trainer
 
 SMALL = ["model.hidden_dim=16", "data.batch_size=8", "tracking.enabled=false", "model.dropout=0.1"]
 
@@ -32,7 +35,8 @@ def run(tmp_path, overrides, groups=None):
     emb, all_groups = make_groups() if groups is None else groups
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, emb.shape[1])
-    trainer = Trainer(cfg, emb, all_groups[:32], all_groups[32:], tmp_path, say=lambda s: None)
+    trainer = Trainer(cfg, emb, all_groups[:32], all_groups[32:], tmp_path, say=lambda s: None,
+                      validate=partial(validation_metrics, groups=all_groups[32:], embeddings=emb))
     return trainer.fit(model), trainer
 
 
@@ -57,7 +61,7 @@ def test_checkpoint_every_epoch_off_keeps_only_best_and_changes_nothing_else(tmp
 
 
 def test_rce_learns_the_reward_signal(tmp_path):
-    from leverplus.evaluation import offline_metrics
+    from leverplus.evaluation.ranking import offline_metrics
 
     cfg = compose_cfg(SMALL)
     emb, groups = make_groups()
@@ -89,7 +93,8 @@ def test_freeze_backbone_only_trains_attention_and_gate(tmp_path):
     emb, groups = make_groups()
     model = build_model(cfg.model, emb.shape[1])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = Trainer(cfg, emb, groups[:32], groups[32:], tmp_path, say=lambda s: None).fit(model)
+    res = Trainer(cfg, emb, groups[:32], groups[32:], tmp_path, say=lambda s: None,
+                  validate=partial(validation_metrics, groups=groups[32:], embeddings=emb)).fit(model)
     after = model.state_dict()
     for k in before:
         frozen = any(p in k for p in ("input_proj", "query_proj", "cand_proj"))
@@ -110,7 +115,7 @@ def test_group_of_one_member_does_not_produce_nan(tmp_path):
 
 def test_diverging_training_fails_loudly(tmp_path):
     """An absurd learning rate blows the weights up; the run must stop with a clear error, not train on NaN."""
-    from leverplus.trainer import NonFiniteLossError
+    from leverplus.training.trainer import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError, match="RCE epoch"):
         run(tmp_path, ["rce.epochs=3", "rce.lr=1e30", "rce.lr_schedule=constant", "rce.grad_clip=1e30"])

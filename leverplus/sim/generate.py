@@ -29,11 +29,14 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from leverplus.candidates import CandidateSettings, QueryJob, build_candidates, query_generators
+from leverplus.data.formats.beam_json import write_beam_json
+from leverplus.data.formats.embeddings import read_embeddings, save_embeddings
+from leverplus.data.formats.io import atomic_write_json, load_json
+from leverplus.data.formats.rl_json import write_rl_json
+from leverplus.datagen.candidates import CandidateSettings, QueryJob, build_candidates, query_generators
+from leverplus.env import CACHE_VAR
 from leverplus.errors import LeverPlusInputError
-from leverplus.formats import (atomic_write_json, load_json, read_embeddings, save_embeddings, write_beam_json,
-                               write_rl_json)
-from leverplus.metrics import fallback_match, vqa_postprocess
+from leverplus.evaluation.vqa_metric import fallback_match, vqa_postprocess
 from leverplus.sim.lvlm import STREAM_FALLBACK_COIN, STREAM_FALLBACK_NOISE, SimLVLM, hash_uniform
 from leverplus.sim.params import GENERATOR_VERSION, SimParams, params_dict, params_hash
 from leverplus.sim.world import World
@@ -108,7 +111,7 @@ def infoscore_beam_search(lvlm: SimLVLM, anchors: np.ndarray, pools: np.ndarray,
     """InfoScore beam search (spec §1a) with the simulated LVLM, vectorised over all anchors: the shared
     :func:`leverplus.scorers.infoscore.infoscore_beam_search` with ``P(y | prompt)`` = ``p_correct`` (the
     teacher-forced probability of the anchor's canonical answer, ``answer_prob``)."""
-    from leverplus.scorers.infoscore import infoscore_beam_search as shared
+    from leverplus.datagen.scorers.infoscore import infoscore_beam_search as shared
 
     return shared(lambda q, icds: lvlm.p_correct_batch("train", q, icds), anchors, pools, beam_size, max_shot)
 
@@ -206,8 +209,8 @@ def rl_records(world: World, lvlm: SimLVLM, shot_num: int, fallback_anchors: set
     :func:`leverplus.candidates.score_queries` with the ``sim`` scorer, in one vectorised batch over all anchors.
     ``cache`` (shared across shot counts) memoises the VQA accuracy and relevance of (anchor, prediction).
     """
-    from leverplus.candidates import score_queries
-    from leverplus.scorers.sim import SimScorer
+    from leverplus.datagen.candidates import score_queries
+    from leverplus.sim.scorer import SimScorer
 
     scorer = SimScorer(lvlm, fallback_queries=fallback_anchors)
     jobs = [QueryJob(int(a), [int(i) for i in world.pool("train", int(a))], pointer_candidates(world, int(a), shot_num))
@@ -367,7 +370,7 @@ def generate_world_data(params: SimParams, out_dir: PathLike) -> SimDataPaths:
 
 def default_cache_root() -> Path:
     """``$LEVERPLUS_CACHE/sim`` when the variable is set, else ``~/.cache/leverplus/sim``."""
-    env = os.environ.get("LEVERPLUS_CACHE")
+    env = os.environ.get(CACHE_VAR)
     return (Path(env) if env else Path.home() / ".cache" / "leverplus") / "sim"
 
 

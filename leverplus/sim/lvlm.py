@@ -21,12 +21,12 @@ The class also serves as the downstream *scorer* (``answer`` + ``gt_answers``, s
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from leverplus.errors import LeverPlusInputError
-from leverplus.metrics import normalize_answer, vqa_accuracy, vqa_postprocess
+from leverplus.evaluation.vqa_metric import gt_prob_formula, normalize_answer, vqa_accuracy, vqa_postprocess
 from leverplus.sim.world import World
 
 _SPLIT_CODE = {"train": 1, "val": 2, "test": 3}
@@ -62,16 +62,6 @@ def hash_uniform(seed: int, stream: int, split_code: int, qidx: np.ndarray, icds
             h = _splitmix(h ^ (icds[:, i].astype(np.uint64) + np.uint64(1)))
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
-
-def gt_prob_formula(gt_answers_norm: Sequence[str], prob: Callable[[str], float],
-                    full_credit_count: int = 3) -> float:
-    """Spec §6.6 ``vqa_gt_prob``: Σ over unique GT strings a of ``min(count(a)/3, 1) · prob(a)``.
-
-    ``gt_answers_norm`` are the GT strings after ``vqa_postprocess`` (so "two" and "2" stay distinct and are
-    counted separately). Not bounded by 1, as in the reference.
-    """
-    counts = Counter(gt_answers_norm)
-    return float(sum(min(c / full_credit_count, 1.0) * prob(a) for a, c in counts.items()))
 
 
 class SimLVLM:

@@ -1,0 +1,1 @@
+"""Analysis: comparing a sweep against its baseline (tables, tests, figures) and the Optuna study report."""

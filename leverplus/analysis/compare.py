@@ -1,0 +1,886 @@
+"""Compare a reward-ablation sweep against its RCE-only baseline: ``python -m leverplus.compare --sweep NAME``.
+
+Pipeline: :func:`load_sweep_runs` (MLflow -> one row per run and shot) and :func:`load_per_query` (per-query test
+accuracies) -> :func:`compare_runs` (pure statistics, no MLflow) -> :func:`report_markdown` / :func:`write_report`.
+:func:`compare_sweep` does all of it and logs the files to the sweep's parent run.
+
+Statistics, per (arm, shot):
+
+* objective and accuracy: mean with a Student-t 95% CI over seeds;
+* Δ accuracy vs the baseline: each arm run is paired with the baseline run of the same (shot_num, seed); paired
+  t-test over those seed pairs (this is the verdict: it carries the training randomness). Missing baseline pairs are
+  listed, never silently dropped;
+* per-query Δ: paired bootstrap of per-query accuracies pooled over the paired seeds, pairs matched by
+  (seed, query_index) (a finer view of the same delta; it ignores seed-to-seed variance, so it is reported beside the
+  verdict, not as it);
+* main effects: for each factor, the mean of the cell deltas (one cell = one (arm, shot)) at each level, i.e. the
+  marginal mean over the other factors; baseline cells and aliases are not counted.
+
+Aliases (arms not run because they are equivalent to another arm, from the parent run's ``aliases.json``) share the
+canonical arm's numbers, are marked as such and are counted once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+from leverplus.errors import LeverPlusInputError
+from leverplus.evaluation.stats import Estimate, PairedResult, mean_ci, paired_bootstrap, paired_t_test, verdict
+
+MODE_COL = "params.reward.mode"
+HARD_WEIGHT_COL = "params.reward.hard_weight"
+SOFT_WEIGHT_COL = "params.reward.soft_weight"
+RAW_COL = "params.rce.use_raw_reward"
+WEIGHTS_COL = "weights"  # derived: "hw×sw" from the two weight params
+DEFAULT_FACTORS = (MODE_COL, WEIGHTS_COL, RAW_COL, "shot_num")
+NO_DIFFERENCE = "no significant difference"
+NO_PAIR = "no baseline pair"
+
+
+# ------------------------------------------------------------------------------------------------ report types
+
+
+@dataclass(frozen=True)
+class ArmSummary:
+    """Everything measured for one (arm, shot) cell; ``delta`` is paired over seeds, ``query_delta`` over queries."""
+
+    arm: str
+    shot_num: int
+    role: str
+    levels: Dict[str, str]  # factor column -> this arm's value (plus reward mode / weights when known)
+    seeds: Tuple[int, ...]
+    objective: Optional[Estimate]
+    acc: Estimate
+    delta: Optional[PairedResult]  # paired t-test of acc, arm - baseline, over seeds
+    objective_delta: Optional[PairedResult]  # same for the objective
+    query_delta: Optional[PairedResult]  # paired bootstrap of per-query acc, pooled over seeds
+    query_seeds: Tuple[int, ...]  # seeds whose per-query rows entered query_delta
+    n_unmatched_queries: int  # per-query rows present on one side only (not in query_delta)
+    verdict: str  # from the seed-paired t-test; "no baseline pair" when there is none
+    query_verdict: Optional[str]
+    missing_baseline_seeds: Tuple[int, ...]  # arm runs with no baseline run of the same (shot, seed)
+    missing_arm_seeds: Tuple[int, ...]  # baseline seeds this arm has no run for
+    aliases: Tuple[str, ...] = ()  # arm labels not run because they are equivalent to this arm
+    delta_q: Optional[float] = None  # Benjamini-Hochberg q of the seed-level p over all arm cells of the report
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass(frozen=True)
+class MainEffect:
+    """Mean of the cell deltas (arm - baseline) over all cells where ``factor == level``."""
+
+    factor: str
+    level: str
+    mean_delta: float
+    n_cells: int
+
+
+@dataclass
+class ComparisonReport:
+    metric: str
+    objective: str
+    baseline_arm: str
+    cells: List[ArmSummary]  # baseline cells first, then arms sorted by label, shots ascending
+    main_effects: List[MainEffect]
+    aliases: Dict[str, str]  # alias arm label -> canonical arm label
+    missing_baseline: List[Tuple[str, int, int]]  # (arm, shot_num, seed) without a baseline run
+    factors: Tuple[str, ...]
+    confidence: float
+    n_boot: int
+    notes: List[str] = field(default_factory=list)
+
+    def cell(self, arm: str, shot_num: int) -> ArmSummary:
+        """The cell of ``arm`` (or of the arm it is an alias of) at ``shot_num``."""
+        label = self.aliases.get(arm, arm)
+        for c in self.cells:
+            if c.arm == label and c.shot_num == int(shot_num):
+                return c
+        raise KeyError(f"no cell for arm {arm!r}, shot {shot_num}")
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (arm, shot), plus one per (alias, shot) carrying the canonical numbers and ``alias_of``."""
+        rows = []
+        for c in self.cells:
+            rows.append(_cell_row(c, c.arm, ""))
+            rows += [_cell_row(c, alias, c.arm) for alias in c.aliases]
+        return pd.DataFrame(rows)
+
+    def main_effects_frame(self) -> pd.DataFrame:
+        cols = ["factor", "level", "mean_delta", "n_cells"]
+        return pd.DataFrame([asdict(m) for m in self.main_effects], columns=cols)
+
+
+def _est(prefix: str, e: Optional[Estimate]) -> Dict[str, float]:
+    if e is None:
+        return {f"{prefix}_mean": math.nan, f"{prefix}_lo": math.nan, f"{prefix}_hi": math.nan}
+    return {f"{prefix}_mean": e.mean, f"{prefix}_lo": e.lo, f"{prefix}_hi": e.hi}
+
+
+def _paired(prefix: str, r: Optional[PairedResult]) -> Dict[str, float]:
+    if r is None:
+        return {prefix: math.nan, f"{prefix}_lo": math.nan, f"{prefix}_hi": math.nan, f"{prefix}_p": math.nan,
+                f"{prefix}_n": 0}
+    return {prefix: r.delta, f"{prefix}_lo": r.lo, f"{prefix}_hi": r.hi, f"{prefix}_p": r.p_value, f"{prefix}_n": r.n}
+
+
+def _cell_row(c: ArmSummary, label: str, alias_of: str) -> Dict[str, object]:
+    return {
+        "arm": label,
+        "alias_of": alias_of,
+        "role": c.role,
+        "shot_num": c.shot_num,
+        **c.levels,
+        "n_seeds": c.n_seeds,
+        "seeds": " ".join(map(str, c.seeds)),
+        **_est("objective", c.objective),
+        **_est("acc", c.acc),
+        "acc_std": c.acc.std,
+        **_paired("delta", c.delta),
+        "delta_q": math.nan if c.delta_q is None else c.delta_q,
+        "verdict": c.verdict,
+        **_paired("objective_delta", c.objective_delta),
+        **_paired("query_delta", c.query_delta),
+        "query_verdict": c.query_verdict or "",
+        "n_unmatched_queries": c.n_unmatched_queries,
+        "missing_baseline_seeds": " ".join(map(str, c.missing_baseline_seeds)),
+        "missing_arm_seeds": " ".join(map(str, c.missing_arm_seeds)),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ pure comparison
+
+
+def _level_key(v: str):
+    """Sort levels numerically when they are numbers, else alphabetically (numbers first)."""
+    try:
+        return (0, float(v), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(v))
+
+
+def _fmt_level(v) -> str:
+    if isinstance(v, float) and math.isnan(v):
+        return ""
+    return str(v)
+
+
+def add_weights_column(df: pd.DataFrame) -> pd.DataFrame:
+    """Copy of ``df`` with ``weights = "hw×sw"`` built from the hard/soft weight params (when both are there)."""
+    out = df.copy()
+    if HARD_WEIGHT_COL in out.columns and SOFT_WEIGHT_COL in out.columns:
+        pairs = zip(out[HARD_WEIGHT_COL], out[SOFT_WEIGHT_COL])
+        out[WEIGHTS_COL] = [f"{_fmt_level(h)}×{_fmt_level(s)}" for h, s in pairs]
+    return out
+
+
+def _require_columns(df: pd.DataFrame, cols: Iterable[str]) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise LeverPlusInputError(
+            f"the runs table lacks column(s) {missing}; it has {sorted(df.columns)[:20]}",
+            field=missing[0],
+            fix="build it with load_sweep_runs, or add the columns (arm, role, shot_num, seed and the metric)",
+        )
+
+
+def _run_name(row) -> str:
+    return str(row.get("run_id", f"arm={row['arm']} shot={row['shot_num']} seed={row['seed']}"))
+
+
+def _query_pairs(
+    arm_run: str, base_run: str, shot: int, per_query: Mapping[str, pd.DataFrame]
+) -> Optional[Tuple[np.ndarray, np.ndarray, int]]:
+    """(arm accs, baseline accs, n unmatched) over the queries both runs answered at ``shot``, by query_index."""
+    if arm_run not in per_query or base_run not in per_query:
+        return None
+    sides = []
+    for run in (arm_run, base_run):
+        q = per_query[run]
+        _require_columns(q, ("query_index", "acc"))
+        if "shot_num" in q.columns:
+            q = q[q["shot_num"].astype(int) == shot]
+        if q["query_index"].duplicated().any():
+            dup = int(q.loc[q["query_index"].duplicated(), "query_index"].iloc[0])
+            raise LeverPlusInputError(
+                f"query_index {dup} appears twice at shot {shot}", file=f"run {run}: per_query.jsonl",
+                record=str(dup), field="query_index", fix="keep one test selector row per (shot_num, query_index)",
+            )
+        sides.append(q.set_index(q["query_index"].astype(int))["acc"].astype(float))
+    a, b = sides
+    common = a.index.intersection(b.index).sort_values()
+    unmatched = len(a.index.symmetric_difference(b.index))
+    return a.loc[common].to_numpy(), b.loc[common].to_numpy(), unmatched
+
+
+def compare_runs(
+    df: pd.DataFrame,
+    per_query: Optional[Mapping[str, pd.DataFrame]] = None,
+    *,
+    factors: Sequence[str] = DEFAULT_FACTORS,
+    baseline_role: str = "baseline",
+    metric: str = "acc",
+    objective: str = "objective",
+    aliases: Optional[Mapping[str, str]] = None,
+    better: str = "higher",
+    confidence: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> ComparisonReport:
+    """Compare every (arm, shot) with the baseline runs of the same (shot_num, seed). Pure: no MLflow, no files.
+
+    ``df``: one row per run and shot (columns arm, role, shot_num, seed, ``metric``, optionally ``objective``,
+    run_id and factor columns; see :func:`load_sweep_runs`). ``per_query``: run_id -> DataFrame(query_index, acc
+    [, shot_num]) of test selector rows; None skips the per-query bootstrap. ``factors``: columns for the main
+    effects (``"weights"`` is derived from the hard/soft weight params; factors absent from ``df`` are skipped and
+    noted). ``aliases``: alias arm label -> canonical label. The bootstrap pools seeds in ascending order and
+    queries by ascending query_index, resampled with ``seed`` (deterministic).
+    """
+    _require_columns(df, ("arm", "role", "shot_num", "seed", metric))
+    if df.empty:
+        raise LeverPlusInputError("the runs table is empty", fix="check the sweep name / experiment / statuses")
+    df = add_weights_column(df).reset_index(drop=True)
+    df["shot_num"] = df["shot_num"].astype(int)
+    df["seed"] = df["seed"].astype(int)
+    notes: List[str] = []
+
+    for _, row in df.iterrows():
+        try:
+            ok = math.isfinite(float(row[metric]))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise LeverPlusInputError(
+                f"{metric} is {row[metric]!r}, not a finite number", record=_run_name(row), field=metric,
+                fix="re-run it with test downstream evaluation on (eval.downstream=true, 'test' in "
+                "eval.downstream_splits), or drop the run",
+            )
+    dup = df[df.duplicated(["arm", "shot_num", "seed"], keep=False)]
+    if not dup.empty:
+        r = dup.iloc[0]
+        ids = list(dup[(dup["arm"] == r["arm"]) & (dup["shot_num"] == r["shot_num"]) & (dup["seed"] == r["seed"])]
+                   .get("run_id", pd.Series(dtype=str)))
+        raise LeverPlusInputError(
+            f"several runs for arm {r['arm']!r}, shot {r['shot_num']}, seed {r['seed']} (runs {ids})",
+            record=_run_name(r), field="arm/shot_num/seed",
+            fix="compare one sweep invocation (--parent-run-id ID), or delete the stale runs",
+        )
+    base = df[df["role"] == baseline_role]
+    if base.empty:
+        raise LeverPlusInputError(
+            f"no baseline runs (role={baseline_role!r}) among {len(df)} runs", field="role",
+            fix="run the baseline arm (e.g. conf/experiment/rce_only) in the same sweep, tagged role=baseline",
+        )
+    base_labels = sorted(base["arm"].astype(str).unique())
+    if len(base_labels) > 1:
+        raise LeverPlusInputError(
+            f"several baseline arms {base_labels}", field="role",
+            fix="tag exactly one arm role=baseline, or pass baseline_role matching one arm",
+        )
+    baseline_arm = base_labels[0]
+    base_by = {(int(r["shot_num"]), int(r["seed"])): r for _, r in base.iterrows()}
+
+    present = [f for f in factors if f in df.columns]
+    for f in factors:
+        if f not in df.columns:
+            notes.append(f"factor {f!r} is not in the runs table: no main effect for it")
+    level_cols = list(dict.fromkeys(present + [c for c in (MODE_COL, WEIGHTS_COL) if c in df.columns]))
+    level_cols = [c for c in level_cols if c != "shot_num"]
+    has_objective = objective in df.columns
+
+    aliases = {str(k): str(v) for k, v in (aliases or {}).items()}
+    arms_run = set(df["arm"].astype(str))
+    for alias, canon in list(aliases.items()):
+        if alias in arms_run:
+            notes.append(f"alias {alias!r} -> {canon!r} was run itself: its own runs are used, the alias is ignored")
+            del aliases[alias]
+        elif canon not in arms_run:
+            notes.append(f"alias {alias!r} -> {canon!r}: the canonical arm has no runs, so neither has a result")
+
+    cells: List[ArmSummary] = []
+    missing_baseline: List[Tuple[str, int, int]] = []
+    order = sorted(df["arm"].astype(str).unique(), key=lambda a: (a != baseline_arm, a))
+    for arm in order:
+        arm_rows = df[df["arm"].astype(str) == arm]
+        roles = sorted(arm_rows["role"].astype(str).unique())
+        if len(roles) > 1:
+            raise LeverPlusInputError(f"arm {arm!r} has runs with roles {roles}", record=arm, field="role",
+                                      fix="give every run of an arm the same role tag")
+        levels: Dict[str, str] = {}
+        for col in level_cols:
+            vals = sorted({_fmt_level(v) for v in arm_rows[col]}, key=_level_key)
+            if len(vals) > 1:
+                notes.append(f"arm {arm!r}: {col} differs between its runs ({vals})")
+            levels[col] = ",".join(vals)
+        for shot in sorted(arm_rows["shot_num"].unique()):
+            rows = arm_rows[arm_rows["shot_num"] == shot].sort_values("seed")
+            cells.append(_summarise_cell(
+                arm, int(shot), roles[0], levels, rows, base_by, baseline_arm, per_query, metric,
+                objective if has_objective else None, better, confidence, n_boot, seed,
+                tuple(sorted(a for a, c in aliases.items() if c == arm)), missing_baseline, notes,
+            ))
+
+    cells, n_tests, n_sig, n_sig_q = _with_fdr(cells, baseline_arm, confidence)
+    if n_tests > 1:
+        notes.append(f"multiple comparisons: {n_sig} of {n_tests} arm cells have p < {1 - confidence:.2g}; after "
+                     f"Benjamini-Hochberg (FDR {1 - confidence:.2g}) {n_sig_q} remain (column q). With many cells, "
+                     "read a lone 'better'/'worse' with a large q as a likely false discovery.")
+    main_effects = _main_effects([c for c in cells if c.arm != baseline_arm], present)
+    return ComparisonReport(
+        metric=metric, objective=objective, baseline_arm=baseline_arm, cells=cells, main_effects=main_effects,
+        aliases=dict(sorted(aliases.items())), missing_baseline=missing_baseline, factors=tuple(present),
+        confidence=confidence, n_boot=n_boot, notes=list(dict.fromkeys(notes)),
+    )
+
+
+def _with_fdr(cells: List[ArmSummary], baseline_arm: str, confidence: float):
+    """Attach Benjamini-Hochberg q-values (``scipy.stats.false_discovery_control``) to the seed-level tests of the
+    arm cells (the baseline and cells without a finite p are left out). Returns (cells, tests, p-significant,
+    q-significant)."""
+    from dataclasses import replace
+
+    from scipy.stats import false_discovery_control
+
+    idx = [i for i, c in enumerate(cells) if c.arm != baseline_arm and c.delta is not None
+           and math.isfinite(c.delta.p_value)]
+    if not idx:
+        return cells, 0, 0, 0
+    ps = np.array([cells[i].delta.p_value for i in idx])
+    qs = false_discovery_control(ps, method="bh")
+    out = list(cells)
+    for i, q in zip(idx, qs):
+        out[i] = replace(cells[i], delta_q=float(q))
+    alpha = 1 - confidence
+    return out, len(idx), int((ps < alpha).sum()), int((qs < alpha).sum())
+
+
+def _finite_estimate(values: np.ndarray, confidence: float) -> Optional[Estimate]:
+    values = values[np.isfinite(values)]
+    return mean_ci(values, confidence) if values.size else None
+
+
+def _summarise_cell(arm, shot, role, levels, rows, base_by, baseline_arm, per_query, metric, objective, better,
+                    confidence, n_boot, seed, aliases, missing_baseline, notes) -> ArmSummary:
+    seeds = tuple(int(s) for s in rows["seed"])
+    acc = mean_ci(rows[metric].astype(float).to_numpy(), confidence)
+    obj = _finite_estimate(pd.to_numeric(rows[objective], errors="coerce").to_numpy(float), confidence) \
+        if objective else None
+
+    paired = [(r, base_by[(shot, int(r["seed"]))]) for _, r in rows.iterrows() if (shot, int(r["seed"])) in base_by]
+    missing_base = tuple(s for s in seeds if (shot, s) not in base_by)
+    missing_arm = tuple(sorted(s for (sh, s) in base_by if sh == shot and s not in seeds))
+    missing_baseline += [(arm, shot, s) for s in missing_base]
+
+    delta = obj_delta = query_delta = None
+    query_seeds: Tuple[int, ...] = ()
+    unmatched = 0
+    if paired:
+        delta = paired_t_test([float(a[metric]) for a, _ in paired], [float(b[metric]) for _, b in paired], confidence)
+        if objective:
+            objs = [(float(a[objective]), float(b[objective])) for a, b in paired]
+            objs = [(x, y) for x, y in objs if math.isfinite(x) and math.isfinite(y)]
+            if objs:
+                obj_delta = paired_t_test([x for x, _ in objs], [y for _, y in objs], confidence)
+        if per_query is not None and "run_id" not in rows.columns:
+            notes.append("the runs table has no run_id column: per-query bootstrap skipped")
+        elif per_query is not None:
+            xs, ys, used, lacking = [], [], [], []
+            for a, b in paired:
+                got = _query_pairs(str(a["run_id"]), str(b["run_id"]), shot, per_query)
+                if got is None:
+                    lacking.append(str(int(a["seed"])))
+                    continue
+                x, y, n_un = got
+                unmatched += n_un
+                if x.size:
+                    xs.append(x)
+                    ys.append(y)
+                    used.append(int(a["seed"]))
+            if lacking:
+                notes.append(f"arm {arm!r} shot {shot}: no per-query rows (arm or baseline run) for seed(s) "
+                             f"{', '.join(lacking)}, left out of the per-query bootstrap")
+            if xs:
+                query_delta = paired_bootstrap(np.concatenate(xs), np.concatenate(ys), n_boot=n_boot, seed=seed,
+                                               confidence=confidence)
+                query_seeds = tuple(used)
+            if unmatched:
+                notes.append(f"arm {arm!r} shot {shot}: {unmatched} per-query row(s) without a counterpart "
+                             "in the paired run were left out of the per-query bootstrap")
+    return ArmSummary(
+        arm=arm, shot_num=shot, role=role, levels=dict(levels), seeds=seeds, objective=obj, acc=acc, delta=delta,
+        objective_delta=obj_delta, query_delta=query_delta, query_seeds=query_seeds, n_unmatched_queries=unmatched,
+        verdict=verdict(delta, better=better) if delta is not None else NO_PAIR,
+        query_verdict=verdict(query_delta, better=better) if query_delta is not None else None,
+        missing_baseline_seeds=missing_base, missing_arm_seeds=missing_arm, aliases=aliases,
+    )
+
+
+def _main_effects(cells: Sequence[ArmSummary], factors: Sequence[str]) -> List[MainEffect]:
+    out = []
+    measured = [c for c in cells if c.delta is not None]
+    for f in factors:
+        groups: Dict[str, List[float]] = {}
+        for c in measured:
+            level = str(c.shot_num) if f == "shot_num" else c.levels.get(f, "")
+            groups.setdefault(level, []).append(c.delta.delta)
+        for level in sorted(groups, key=_level_key):
+            vals = groups[level]
+            out.append(MainEffect(f, level, float(np.mean(vals)), len(vals)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def _pct(x: Optional[float]) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.2f}"
+
+
+def _ci_pct(lo: float, hi: float, signed: bool = True) -> str:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "[n/a]"
+    return f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" if signed else f"[{100 * lo:.2f}, {100 * hi:.2f}]"
+
+
+def _p(p: float) -> str:
+    return "n/a" if not math.isfinite(p) else (f"{p:.3g}" if p >= 1e-3 else f"{p:.1e}")
+
+
+def _md(text) -> str:
+    """Escape a value for a markdown table cell (arm labels contain '|')."""
+    return str(text).replace("|", "\\|")
+
+
+def report_markdown(report: ComparisonReport) -> str:
+    """Markdown for the terminal and comparison.md: one row per (arm, shot); accuracies and deltas in points (×100).
+
+    The verdict column reads "better" / "worse" / "no significant difference" from the seed-paired CI of Δacc.
+    """
+    conf = f"{round(100 * report.confidence)}%"
+    lines = [
+        f"## {report.metric} vs baseline `{report.baseline_arm}` (paired by shot_num and seed)",
+        "",
+        f"Δ = arm − baseline. Verdict: paired t-test over seeds, {conf} CI; 'no significant difference' whenever "
+        f"that CI contains 0. Per-query: paired bootstrap ({report.n_boot} resamples) over queries pooled across "
+        "seeds (ignores seed-to-seed variance).",
+        "",
+        f"| arm | shot | n | {report.objective} (mean) | {report.metric} (%) [{conf} CI] "
+        f"| Δ{report.metric} (pp) [{conf} CI] | p | q (BH) | verdict | per-query Δ (pp) [{conf} CI] "
+        "| per-query verdict | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in report.cells:
+        obj = "n/a" if c.objective is None else f"{c.objective.mean:.4f}"
+        acc = f"{_pct(c.acc.mean)} {_ci_pct(c.acc.lo, c.acc.hi, signed=False)}"
+        if c.delta is None:
+            d, p = "n/a", "n/a"
+        else:
+            d, p = f"{100 * c.delta.delta:+.2f} {_ci_pct(c.delta.lo, c.delta.hi)}", _p(c.delta.p_value)
+        q = "n/a" if c.query_delta is None else \
+            f"{100 * c.query_delta.delta:+.2f} {_ci_pct(c.query_delta.lo, c.query_delta.hi)} (n={c.query_delta.n})"
+        note = []
+        if c.arm == report.baseline_arm:
+            note.append("baseline (vs itself)")
+        if c.delta is not None and c.delta.n == 1:
+            note.append("1 seed pair: no CI")
+        if c.missing_baseline_seeds:
+            note.append(f"no baseline for seed(s) {', '.join(map(str, c.missing_baseline_seeds))}")
+        if c.missing_arm_seeds:
+            note.append(f"no run for seed(s) {', '.join(map(str, c.missing_arm_seeds))}")
+        if c.aliases:
+            note.append(f"aliases: {', '.join(c.aliases)}")
+        verdict_text = c.verdict if c.delta is None or c.delta.n > 1 or c.verdict != NO_DIFFERENCE \
+            else f"{NO_DIFFERENCE} (1 seed)"
+        fdr = "n/a" if c.delta_q is None else _p(c.delta_q)
+        lines.append(f"| {_md(c.arm)} | {c.shot_num} | {c.n_seeds} | {obj} | {acc} | {d} | {p} | {fdr} | {verdict_text} | {q} "
+                     f"| {c.query_verdict or 'n/a'} | {_md('; '.join(note))} |")
+    if report.main_effects:
+        lines += ["", f"### Main effects (mean Δ{report.metric} over the cells at each level, other factors averaged)",
+                  "", "| factor | level | mean Δ (pp) | cells |", "|---|---|---|---|"]
+        lines += [f"| {_md(m.factor)} | {_md(m.level)} | {100 * m.mean_delta:+.2f} | {m.n_cells} |"
+                  for m in report.main_effects]
+    if report.aliases:
+        lines += ["", "### Aliases (not run: equivalent to the canonical arm; same numbers, counted once)", "",
+                  "| alias | canonical arm |", "|---|---|"]
+        lines += [f"| {_md(a)} | {_md(c)} |" for a, c in report.aliases.items()]
+    if report.missing_baseline:
+        lines += ["", "### Missing baseline pairs (left out of Δ)", ""]
+        lines += [f"- arm {a}, shot {s}, seed {sd}" for a, s, sd in report.missing_baseline]
+    if report.notes:
+        lines += ["", "### Notes", ""] + [f"- {n}" for n in report.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _heatmap_grid(cells: Sequence[ArmSummary]):
+    """Rows = reward modes, cols = weight pairs; each entry the mean Δ of the cells there (other factors averaged)."""
+    acc: Dict[Tuple[str, str], List[float]] = {}
+    for c in cells:
+        acc.setdefault((c.levels[MODE_COL], c.levels[WEIGHTS_COL]), []).append(c.delta.delta)
+    rows = sorted({k[0] for k in acc})
+    cols = sorted({k[1] for k in acc}, key=lambda w: tuple(_level_key(x) for x in w.split("×")))
+    m = np.full((len(rows), len(cols)), np.nan)
+    for (r, col), vals in acc.items():
+        m[rows.index(r), cols.index(col)] = float(np.mean(vals))
+    return m, rows, cols
+
+
+def write_report(report: ComparisonReport, out_dir) -> List[Path]:
+    """Write comparison.md, comparison.csv, main_effects.csv, comparison.json, delta_heatmap_shot{S}.png (Δacc by
+    reward mode × weight pair, one per shot; cells sharing both are averaged) and delta_bars.png (Δacc with CIs)."""
+    from leverplus.analysis.plots import bar_with_ci, heatmap
+    from leverplus.data.formats.io import atomic_write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: List[Path] = []
+    arms = [c for c in report.cells if c.arm != report.baseline_arm and c.delta is not None]
+    if arms and all(MODE_COL in c.levels and WEIGHTS_COL in c.levels for c in arms):
+        for shot in sorted({c.shot_num for c in arms}):
+            m, rows, cols = _heatmap_grid([c for c in arms if c.shot_num == shot])
+            paths.append(heatmap(m, rows, cols, out / f"delta_heatmap_shot{shot}.png",
+                                 title=f"Δ{report.metric} vs {report.baseline_arm}, shot {shot}",
+                                 cbar_label=f"Δ{report.metric} (mean over seeds)"))
+    elif arms:
+        report.notes.append(f"no delta heatmap: the runs lack {MODE_COL} or the weight params")
+    if arms:
+        means = [c.delta.delta for c in arms]
+        # A CI that cannot be estimated (one seed pair) is drawn as a bar without whiskers.
+        los = [c.delta.lo if math.isfinite(c.delta.lo) else c.delta.delta for c in arms]
+        his = [c.delta.hi if math.isfinite(c.delta.hi) else c.delta.delta for c in arms]
+        conf = f"{round(100 * report.confidence)}%"
+        paths.append(bar_with_ci([f"{c.arm} | shot {c.shot_num}" for c in arms], means, los, his,
+                                 out / "delta_bars.png", title=f"Δ{report.metric} vs {report.baseline_arm} ({conf} CI)",
+                                 ylabel=f"Δ{report.metric}"))
+
+    md = out / "comparison.md"
+    md.write_text(report_markdown(report), encoding="utf-8")
+    csv = out / "comparison.csv"
+    report.to_frame().to_csv(csv, index=False)
+    me = out / "main_effects.csv"
+    report.main_effects_frame().to_csv(me, index=False)
+    js = out / "comparison.json"
+    atomic_write_json(js, asdict(report), indent=2, allow_nan=True)
+    return [md, csv, me, js, *paths]
+
+
+# ------------------------------------------------------------------------------------------------ MLflow loading
+
+
+@contextlib.contextmanager
+def _quiet_downloads() -> Iterator[None]:
+    """Silence MLflow's per-file download progress bars (unless the user set the variable)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
+def _client(tracking_uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def _experiment_ids(client, experiment: Optional[str]) -> List[str]:
+    from leverplus.tracking.store import with_retries
+
+    if experiment:
+        exp = with_retries(lambda: client.get_experiment_by_name(experiment))
+        if exp is None:
+            names = [e.name for e in with_retries(lambda: client.search_experiments())]
+            raise LeverPlusInputError(f"no experiment named {experiment!r} (found {names})", field="experiment",
+                                      fix="pass one of the names found, or leave it out to search all experiments")
+        return [exp.experiment_id]
+    ids, token = [], None
+    while True:
+        page = with_retries(partial(client.search_experiments, page_token=token))
+        ids += [e.experiment_id for e in page]
+        token = page.token
+        if not token:
+            return ids
+
+
+def _search(client, exp_ids: List[str], filter_string: str) -> list:
+    from leverplus.tracking.store import with_retries
+
+    if not exp_ids:
+        return []
+    runs, token = [], None
+    while True:
+        page = with_retries(partial(client.search_runs, exp_ids, filter_string=filter_string, max_results=1000,
+                                    order_by=["attributes.start_time DESC"], page_token=token))
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _check_name(sweep: str) -> None:
+    if not sweep or "'" in sweep:
+        raise LeverPlusInputError(f"sweep name {sweep!r} is empty or contains a quote", field="sweep",
+                                  fix="use the name the sweep config sets in tracking.sweep")
+
+
+def _parse_int_tag(run, key: str) -> List[int]:
+    raw = run.data.tags.get(key)
+    try:
+        vals = [int(x) for x in str(raw).split(",") if x.strip()]
+    except ValueError:
+        vals = []
+    if raw is None or not vals:
+        raise LeverPlusInputError(
+            f"tag {key!r} is {raw!r}, not an integer (or comma-separated integers)", record=f"run {run.info.run_id}",
+            field=f"tags.{key}", fix="runs of a sweep are tagged by leverplus.train; set the tag or delete the run",
+        )
+    return vals
+
+
+def load_sweep_runs(
+    tracking_uri: str,
+    sweep: str,
+    experiment: Optional[str] = None,
+    parent_run_id: Optional[str] = None,
+    statuses: Sequence[str] = ("FINISHED",),
+    *,
+    metric_key: str = "test/downstream_acc",
+    shot_metric_key: str = "test/downstream/shot{shot}/selector_acc",
+    objective_key: str = "objective",
+) -> pd.DataFrame:
+    """Runs tagged ``sweep=NAME`` (parent runs excluded; only children of ``parent_run_id`` when given) with a status in
+    ``statuses``, newest first; of several runs sharing a run_key only the newest is kept.
+
+    One row per run, or one per shot for a run trained on several shots (tag ``shot_num`` "1,2"): then ``acc`` is
+    that shot's ``shot_metric_key`` and ``objective`` the run's (shared) objective. Columns: run_id (the run that
+    trained: for a job skipped as already FINISHED, its ``reused_run_id``), tracking_run_id (the child run itself),
+    arm, role, shot_num (int), seed (int), run_key, parent_run_id, status, start_time, objective, acc, params.*.
+    """
+    _check_name(sweep)
+    client = _client(tracking_uri)
+    runs = _search(client, _experiment_ids(client, experiment), f"tags.sweep = '{sweep}'")
+    wanted = set(statuses)
+    rows, seen_keys = [], set()
+    for run in runs:  # newest first
+        tags = run.data.tags
+        if tags.get("role") == "parent" or run.info.status not in wanted:
+            continue
+        if parent_run_id and tags.get("mlflow.parentRunId") != parent_run_id:
+            continue
+        key = tags.get("run_key")
+        if key:
+            if key in seen_keys:
+                continue
+            seen_keys.add(key)
+        for tag in ("arm", "role"):
+            if not tags.get(tag):
+                raise LeverPlusInputError(f"tag {tag!r} is missing", record=f"run {run.info.run_id}",
+                                          field=f"tags.{tag}", fix="set tracking.arm / tracking.role for sweep runs")
+        shots = _parse_int_tag(run, "shot_num")
+        seed = _parse_int_tag(run, "seed")[0]
+        metrics = run.data.metrics
+        for shot in shots:
+            name = metric_key if len(shots) == 1 else shot_metric_key.format(shot=shot)
+            rows.append({
+                # a job skipped as already FINISHED is a child run tagged reused_run_id: its numbers (and per-query
+                # artifacts) are those of the run that trained, so that run is the row's run_id
+                "run_id": tags.get("reused_run_id") or run.info.run_id, "tracking_run_id": run.info.run_id,
+                "arm": tags["arm"], "role": tags["role"], "shot_num": shot, "seed": seed,
+                "run_key": key or "", "parent_run_id": tags.get("mlflow.parentRunId", ""),
+                "status": run.info.status, "start_time": run.info.start_time,
+                "objective": metrics.get(objective_key, math.nan), "acc": metrics.get(name, math.nan),
+                **{f"params.{k}": v for k, v in run.data.params.items()},
+            })
+    base_cols = ["run_id", "tracking_run_id", "arm", "role", "shot_num", "seed", "run_key", "parent_run_id", "status",
+                 "start_time", "objective", "acc"]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=base_cols)
+    params = sorted(c for c in df.columns if c not in base_cols)
+    return df[base_cols + params].reset_index(drop=True)
+
+
+def _parse_per_query(path: Path, run_id: str, split: str, method: str) -> pd.DataFrame:
+    where = f"run {run_id}: per_query.jsonl"
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            # rows of other methods (baselines: most of the file) cannot match: skip them before parsing (6x faster)
+            if method not in line or not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LeverPlusInputError(f"malformed JSON ({e.msg})", file=where, record=f"line {lineno}",
+                                          fix="regenerate the artifact") from None
+            if not (isinstance(r, dict) and r.get("kind") == "downstream" and r.get("method") == method
+                    and r.get("split") == split):
+                continue
+            for key in ("query_index", "shot_num"):
+                if isinstance(r.get(key), bool) or not isinstance(r.get(key), int):
+                    raise LeverPlusInputError(f"{key} is {r.get(key)!r}, not an integer", file=where,
+                                              record=f"line {lineno}", field=key, fix="regenerate the artifact")
+            acc = r.get("acc")
+            if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not (0.0 <= acc <= 1.0):
+                raise LeverPlusInputError(f"acc is {acc!r}, not a number in [0, 1]", file=where,
+                                          record=f"line {lineno}", field="acc", fix="regenerate the artifact")
+            out.append((r["shot_num"], r["query_index"], float(acc)))
+    return pd.DataFrame(out, columns=["shot_num", "query_index", "acc"])
+
+
+def load_per_query(
+    tracking_uri: str, run_ids: Iterable[str], *, artifact: str = "per_query.jsonl", split: str = "test",
+    method: str = "selector",
+) -> Dict[str, pd.DataFrame]:
+    """run_id -> DataFrame(shot_num, query_index, acc) of the downstream ``split`` rows of ``method``.
+
+    Runs without the artifact are left out of the dict (the comparison notes them).
+    """
+    from leverplus.tracking.store import with_retries
+
+    client = _client(tracking_uri)
+    out: Dict[str, pd.DataFrame] = {}
+    with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():
+        for run_id in dict.fromkeys(run_ids):
+            names = {f.path for f in with_retries(partial(client.list_artifacts, run_id))}
+            if artifact not in names:
+                continue
+            dst = Path(tmp) / run_id
+            dst.mkdir()
+            local = with_retries(partial(client.download_artifacts, run_id, artifact, str(dst)))
+            out[run_id] = _parse_per_query(Path(local), run_id, split, method)
+    return out
+
+
+def _parent_runs(client, exp_ids: List[str], sweep: str) -> list:
+    return _search(client, exp_ids, f"tags.sweep = '{sweep}' and tags.role = 'parent'")  # newest first
+
+
+def load_aliases(tracking_uri: str, parent_run_ids: Sequence[str], *, artifact: str = "aliases.json") -> Dict[str, str]:
+    """Union of the ``aliases.json`` artifacts of the given parent runs (earlier ids in the list win)."""
+    from leverplus.tracking.store import with_retries
+
+    client = _client(tracking_uri)
+    merged: Dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():
+        for run_id in reversed(list(parent_run_ids)):
+            if artifact not in {f.path for f in with_retries(partial(client.list_artifacts, run_id))}:
+                continue
+            dst = Path(tmp) / run_id
+            dst.mkdir()
+            local = with_retries(partial(client.download_artifacts, run_id, artifact, str(dst)))
+            try:
+                data = json.loads(Path(local).read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise LeverPlusInputError(f"malformed JSON ({e.msg})", file=f"run {run_id}: {artifact}",
+                                          fix="rewrite it as {\"alias arm\": \"canonical arm\"}") from None
+            if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in data.items()):
+                raise LeverPlusInputError("must map alias arm labels (strings) to canonical labels (strings)",
+                                          file=f"run {run_id}: {artifact}",
+                                          fix="rewrite it as {\"alias\": \"canonical\"}")
+            merged.update(data)
+    return merged
+
+
+def _known_sweeps(client, exp_ids: List[str], limit: int = 1000) -> List[str]:
+    from leverplus.tracking.store import with_retries
+
+    if not exp_ids:
+        return []
+    runs = with_retries(lambda: client.search_runs(exp_ids, max_results=limit))
+    return sorted({r.data.tags["sweep"] for r in runs if r.data.tags.get("sweep")})
+
+
+def compare_sweep(
+    sweep: str,
+    tracking_uri: Optional[str] = None,
+    experiment: Optional[str] = None,
+    parent_run_id: Optional[str] = None,
+    out_dir=None,
+    log_to_parent: bool = True,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    factors: Sequence[str] = DEFAULT_FACTORS,
+) -> ComparisonReport:
+    """Load the sweep's runs, compare them, write the report (default ``<launch dir>/outputs/compare/<sweep>``), print
+    the markdown, and log the files under ``comparison/`` of the parent run (``parent_run_id``, else the newest run
+    tagged sweep=NAME, role=parent). Aliases come from that parent's aliases.json (all parents' when none is given)."""
+    from leverplus.tracking.store import resolve_tracking_uri, with_retries
+    from leverplus.utils import launch_dir
+
+    _check_name(sweep)
+    uri = resolve_tracking_uri(tracking_uri)
+    client = _client(uri)
+    exp_ids = _experiment_ids(client, experiment)
+    df = load_sweep_runs(uri, sweep, experiment=experiment, parent_run_id=parent_run_id)
+    if df.empty:
+        known = _known_sweeps(client, exp_ids)
+        raise LeverPlusInputError(
+            f"no FINISHED runs tagged sweep={sweep!r}"
+            + (f" under parent run {parent_run_id}" if parent_run_id else "")
+            + f" in {uri}" + (f", experiment {experiment!r}" if experiment else ""),
+            field="sweep",
+            fix=(f"sweeps found there: {', '.join(known)}" if known else "no sweep runs found there at all")
+            + "; check --sweep / --tracking-uri / --experiment (or MLFLOW_TRACKING_URI)",
+        )
+    parents = [parent_run_id] if parent_run_id else [r.info.run_id for r in _parent_runs(client, exp_ids, sweep)]
+    aliases = load_aliases(uri, parents)
+    per_query = load_per_query(uri, df["run_id"].unique())
+    report = compare_runs(df, per_query, factors=factors, aliases=aliases, n_boot=n_boot, seed=seed)
+    out = Path(out_dir) if out_dir is not None else launch_dir() / "outputs" / "compare" / sweep
+    paths = write_report(report, out)
+    print(report_markdown(report))
+    print(f"[leverplus] comparison written to {out}")
+    if log_to_parent:
+        if not parents:
+            print(f"[leverplus] no parent run tagged sweep={sweep!r}, role=parent: files not logged to MLflow",
+                  file=sys.stderr)
+        else:
+            for p in paths:
+                with_retries(partial(client.log_artifact, parents[0], str(p), "comparison"))
+            print(f"[leverplus] logged to MLflow run {parents[0]} (artifacts/comparison)")
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m leverplus.compare",
+                                 description="Compare a reward-ablation sweep against its baseline arm.")
+    ap.add_argument("--sweep", required=True, help="value of the runs' `sweep` tag")
+    ap.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db")
+    ap.add_argument("--experiment", default=None, help="experiment name (default: search all)")
+    ap.add_argument("--parent-run-id", default=None, help="compare only the children of this sweep invocation")
+    ap.add_argument("--out", default=None, help="output folder (default: outputs/compare/<sweep>)")
+    ap.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
+    ap.add_argument("--n-boot", type=int, default=2000, help="per-query bootstrap resamples")
+    args = ap.parse_args(argv)
+    try:
+        compare_sweep(args.sweep, args.tracking_uri, args.experiment, args.parent_run_id, args.out,
+                      log_to_parent=not args.no_log, n_boot=args.n_boot)
+    except LeverPlusInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""What an Optuna study's MLflow parent run shows at the end: the best params and value, the best trial's test
+figures (reported afterwards, labelled; they never reach Optuna), the optimisation-history and parameter-importance
+plots, and how often the RCE phase was computed vs reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from leverplus.sweeps.study import (
+    COUNTED_STATES,
+    INTERRUPTED_ATTR,
+    OUTPUT_DIR_ATTR,
+    RUN_ID_ATTR,
+    _state,
+    n_counted,
+    n_failed,
+)
+from leverplus.tracking.study import StudyTracker
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyReport:
+    best_trial: Optional[int]
+    best_value: Optional[float]
+    best_params: Dict[str, Any]
+    best_test: Dict[str, float]  # the best trial's test figures (never used for selection)
+    counts: Dict[str, int]
+    files: List[Path]
+
+
+def best_trial_test_metrics(trial: Any, test_prefix: str = "test/") -> Dict[str, float]:
+    """The test figures of a trial, read from its ``metrics.json`` (written by every run)."""
+    out_dir = trial.user_attrs.get(OUTPUT_DIR_ATTR)
+    path = Path(out_dir) / "metrics.json" if out_dir else None
+    if path is None or not path.exists():
+        return {}
+    metrics = json.loads(path.read_text())["metrics"]
+    return {k: float(v) for k, v in metrics.items() if k.startswith(test_prefix)}
+
+
+def _plots(study: Any, out_dir: Path) -> Tuple[List[Path], Dict[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import warnings
+
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+
+    files, errors = [], {}
+    for name, fn in (("optimization_history", ovm.plot_optimization_history),
+                     ("param_importances", ovm.plot_param_importances)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = fn(study)
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(8, 5)
+            fig.tight_layout()
+            path = out_dir / f"{name}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            files.append(path)
+        except Exception as e:  # e.g. importances need >= 2 completed trials
+            errors[f"{name}_error"] = f"{type(e).__name__}: {e}"
+    return files, errors
+
+
+def report_study(study: Any, out_dir: Path, *, n_trials: int, counted_states: Sequence[str] = COUNTED_STATES,
+                 tracker: Optional[StudyTracker] = None, test_prefix: str = "test/") -> StudyReport:
+    """Best params/value, plots and the best trial's test figures: to ``out_dir`` and to the MLflow parent."""
+    import yaml
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trials = study.get_trials(deepcopy=False)
+    counts = {
+        "trials_counted": n_counted(trials, counted_states),
+        "trials_complete": sum(_state(t) == "COMPLETE" for t in trials),
+        "trials_failed": n_failed(trials),
+        "trials_interrupted": sum(bool(t.user_attrs.get(INTERRUPTED_ATTR)) for t in trials),
+        "n_trials": int(n_trials),
+    }
+    complete = [t for t in trials if _state(t) == "COMPLETE"]
+    best = study.best_trial if complete else None
+    best_test = best_trial_test_metrics(best, test_prefix) if best is not None else {}
+    results = {
+        "name": "optuna",
+        "study_name": study.study_name,
+        "best_trial": best.number if best else None,
+        "best_params": dict(best.params) if best else {},
+        "best_value": best.value if best else None,
+        "best_trial_test_metrics_not_used_for_selection": best_test,
+        **counts,
+    }
+    results_path = out_dir / "optimization_results.yaml"
+    results_path.write_text(yaml.safe_dump(results, sort_keys=False))
+    trials_path = out_dir / "trials.csv"
+    study.trials_dataframe().to_csv(trials_path, index=False)
+    plot_files, plot_errors = _plots(study, out_dir) if complete else ([], {"plots_error": "no COMPLETE trial"})
+    files = [results_path, trials_path, *plot_files]
+    if best is not None:
+        log.info(f"[{study.study_name}] best trial {best.number}: value {best.value} params {best.params}")
+        if best_test:
+            accs = {k: round(v, 4) for k, v in best_test.items() if k.endswith("_acc")}
+            log.info(f"[{study.study_name}] best trial's test figures (not used for selection): {accs}")
+    if tracker is not None:
+        step = max((t.number for t in trials), default=0)  # the per-trial series on the parent use the trial number
+        metrics: Dict[str, float] = {k: float(v) for k, v in counts.items()}
+        tags: Dict[str, Any] = dict(plot_errors)
+        if best is not None:
+            metrics["best_value"] = float(best.value)
+            metrics.update({f"best_params/{k}": float(v) for k, v in best.params.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            metrics.update({f"best_trial_test/{k[len(test_prefix):]}": v for k, v in best_test.items()})
+            tags.update({"best_trial": best.number, "best_params": json.dumps(best.params, sort_keys=True),
+                         "best_trial_run_id": best.user_attrs.get(RUN_ID_ATTR)})
+            if not best_test:
+                tags["best_trial_test"] = (f"not evaluated: add {test_prefix.rstrip('/')} to "
+                                           "eval.downstream_splits")
+        metrics.update(tracker.rce_reuse())
+        tracker.log_metrics(metrics, step=step)
+        tracker.set_tags(tags)
+        for f in files:
+            tracker.log_artifact(f)
+    return StudyReport(best.number if best else None, best.value if best else None,
+                       dict(best.params) if best else {}, best_test, counts, files)
+

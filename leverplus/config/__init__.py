@@ -1,0 +1,1 @@
+"""Configuration: the structured schemas (Hydra ConfigStore), their validation, and run identity (canonical config, run key)."""

@@ -1,0 +1,243 @@
+"""Structured configs: the single source of truth for every knob.
+
+Each dataclass is registered in Hydra's ConfigStore, so a typo or an unknown enum value fails at compose time
+with the valid choices named. Every number the reference hard-coded is a field here with the reference value as
+its default; where our default differs from the reference (a quirk that changes results) the field says so.
+
+Config tree (groups in ``conf/``): data, model, reward, sft, rce, grpo, eval, tracking; ``sweep`` (from
+``sweeps/``) is *not* in the primary defaults list, so ``+sweep=NAME`` works."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Dict, List, Optional
+
+from leverplus.sim.params import SimParams
+
+
+class DataSource(str, Enum):
+    sim = "sim"  # the embedded simulated world (generated and cached on first use)
+    files = "files"  # the user's Lever-Plus files
+
+
+class NormalizeMethod(str, Enum):
+    z_score = "z_score"
+    z_score_clamp = "z_score_clamp"
+    rank_normalize = "rank_normalize"
+    none = "none"
+
+
+class RewardMode(str, Enum):
+    hard_plus_soft = "hard_plus_soft"
+    hard_plus_soft_v2 = "hard_plus_soft_v2"
+    separated = "separated"
+    hard_only = "hard_only"
+    soft_only = "soft_only"
+    hard01_plus_gtprob = "hard01_plus_gtprob"
+    hard01_plus_gtprob_separated = "hard01_plus_gtprob_separated"
+    hard_plus_gtprob_plus_rel = "hard_plus_gtprob_plus_rel"
+    legacy = "legacy"
+    hybrid = "hybrid"
+
+
+class CorrectnessMode(str, Enum):
+    zero_one = "01"
+    pm1 = "pm1"
+
+
+class LRSchedule(str, Enum):
+    warmup_cosine = "warmup_cosine"
+    constant = "constant"  # the reference's behaviour (no schedule)
+
+
+class OldLogpSource(str, Enum):
+    sft = "sft"  # frozen starting checkpoint, before RCE (reference, as designed)
+    post_rce = "post_rce"  # the model as GRPO starts
+
+
+class GRPORewardSource(str, Enum):
+    normalized = "normalized"  # dataset-normalised rewards, z-scored again for the advantage (reference)
+    raw = "raw"  # the clipped formula output (what the reports claimed)
+
+
+class EvalPool(str, Enum):
+    query_pool = "query_pool"  # each test query's own 64-candidate pool (explicit, logged)
+    train_pool = "train_pool"  # the whole train pool
+
+
+@dataclass
+class FilesConfig:
+    """Paths to existing Lever-Plus files (``data.source=files``). All paths may be relative to the launch dir."""
+
+    rl_json: Dict[str, str] = field(default_factory=dict)  # shot_num -> RL JSON, e.g. {"2": /path/rl_data.json}
+    embeddings: Optional[str] = None  # [N_train, d] .pt or .npy (query file = candidate file in the reference)
+    beam_json: Optional[str] = None  # InfoScore beam JSON (SFT data; hybrid reward's InfoScores)
+    sft_checkpoint: Optional[str] = None  # start RCE from here (any supported checkpoint format); None -> SFT
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = DataSource.sim
+    shot_nums: List[int] = field(default_factory=lambda: [2])  # >1 entry -> joint training over those shots
+    sim: SimParams = field(default_factory=SimParams)
+    files: FilesConfig = field(default_factory=FilesConfig)
+    cache_dir: Optional[str] = None  # sim data + stage caches; default $LEVERPLUS_CACHE or ~/.cache/leverplus
+    # Split of the RL queries (by sorted query id, before filtering, as the reference).
+    train_fraction: float = 0.8
+    split_file: Optional[str] = None  # JSON {"train": [ids], "val": [ids]} overrides the fraction
+    # Filters (spec §4.2).
+    skip_fallback_reward: bool = True
+    drop_eval_errors: bool = True  # drop vqa_eval_mode == "error" and eval_failed candidates
+    filter_gen_methods: Optional[List[str]] = None
+    require_positive_query: bool = False
+    positive_reward_threshold: float = 1.0  # reference: any(r >= 1.0) on the *reward* (mode-dependent)
+    max_pool_size: int = 64  # reference truncates pools to 64; a pointer outside the truncated pool is an error
+    # Group normalisation (spec §3.2).
+    normalize_method: NormalizeMethod = NormalizeMethod.z_score_clamp
+    normalize_clamp: float = 3.0
+    batch_size: int = 32  # queries per optimiser step (reference: forced to 1)
+
+
+@dataclass
+class ModelConfig:
+    hidden_dim: int = 256
+    num_heads: int = 1
+    num_layers: int = 1
+    dropout: float = 0.5  # reference hard-codes 0.5 in the RL trainer
+    attn_dropout: float = 0.1
+    temperature: float = 0.1  # cosine / 0.1 -> logits in [-10, 10]
+    use_query_update_gate: bool = True  # on = reference HEAD (V4-1 gate); off = the 方案五 model
+    mask_value: float = -100.0
+    label_smoothing: float = 0.0
+    strict_load: bool = True  # false = explicit opt-out: loads what fits and prints the mismatches
+
+
+@dataclass
+class RewardConfig:
+    mode: RewardMode = RewardMode.hard_plus_soft
+    hard_weight: float = 1.0
+    soft_weight: float = 1.0
+    rel_weight: float = 0.1
+    reward_alpha: float = 0.0  # legacy mode
+    reward_beta: float = 0.0  # legacy mode
+    correctness_mode: CorrectnessMode = CorrectnessMode.zero_one  # legacy mode
+    use_logprob: bool = False  # legacy mode
+    info_weight: float = 0.5  # hybrid mode: weight of the (group min-max scaled) InfoScore
+    clip: float = 5.0
+    diversity_weight: float = 0.0  # innovation, off by default: + w * (1 - mean pairwise cosine of the ICDs)
+
+
+@dataclass
+class SFTConfig:
+    """Cross-entropy on the InfoScore beams; runs only when no SFT checkpoint is given."""
+
+    # Tuned on the embedded world (docs/sim.md): 15 epochs at 1e-3 take the selector past similarity top-k;
+    # the reference's v2 SFT used lr 1e-4 with ~17 epochs on real data.
+    epochs: int = 15
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    lr_schedule: LRSchedule = LRSchedule.warmup_cosine
+    warmup_ratio: float = 0.05  # v2 train.py warm_steps
+    grad_clip: float = 1.0
+    batch_size: int = 64
+
+
+@dataclass
+class RCEConfig:
+    epochs: int = 5
+    lr: float = 1e-4
+    weight_decay: float = 0.01  # AdamW torch default, as the reference
+    temp_start: float = 2.0
+    temp_end: float = 0.5
+    use_raw_reward: bool = False  # CLI default of the reference (its scripts pass true)
+    use_top1_only: bool = False
+    top1_compat_index0: bool = False  # reference quirk: "top1" = stored candidate 0, not the best one
+    use_rank_weights: bool = False
+    cache: bool = False  # reuse the post-RCE weights from the stage cache (Optuna studies over GRPO knobs)
+    grad_clip: float = 1.0
+    lr_schedule: LRSchedule = LRSchedule.warmup_cosine  # reference: constant
+    warmup_ratio: float = 0.1
+
+
+@dataclass
+class GRPOConfig:
+    epochs: int = 0  # 0 = RCE-only (the reference default)
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    clip_epsilon: float = 0.2
+    kl_beta: float = 0.1
+    adaptive_kl: bool = True
+    kl_target_min: float = 0.01
+    kl_target_max: float = 0.1
+    kl_factor: float = 1.5
+    beta_min: float = 0.001
+    beta_max: float = 10.0
+    use_ppo_clip_only: bool = False
+    # Curriculum top-k: [[num_epochs, k], ...]; num_epochs -1 = "the rest"; k -1 = all members.
+    top_k_schedule: List[List[int]] = field(default_factory=lambda: [[1, 3], [-1, 5]])
+    adv_std_floor: float = 0.1
+    adv_clip: float = 5.0
+    reward_source: GRPORewardSource = GRPORewardSource.normalized
+    old_logp_source: OldLogpSource = OldLogpSource.sft
+    freeze_backbone: bool = False  # freezes input_proj / query_proj / cand_proj
+    grad_clip: float = 1.0
+    lr_schedule: LRSchedule = LRSchedule.warmup_cosine  # reference: constant
+    warmup_ratio: float = 0.1
+    adaptive_temperature: bool = False  # innovation, off by default: KL-adaptive policy temperature
+
+
+@dataclass
+class EvalConfig:
+    offline: bool = True  # rank held-out RL groups by the policy
+    downstream: bool = True  # selector -> scorer -> VQA accuracy (sim scorer; needs a scorer for real data)
+    downstream_splits: List[str] = field(default_factory=lambda: ["val", "test"])
+    pool: EvalPool = EvalPool.query_pool
+    baselines: List[str] = field(default_factory=lambda: ["zero_shot", "random", "similarity"])
+    baseline_splits: List[str] = field(default_factory=lambda: ["test"])  # model-free context; val needs none
+    max_queries: Optional[int] = None  # cap on downstream queries per split (None = all)
+    select_metric: str = "val/offline/top1_reward"  # picks the best checkpoint across epochs
+    select_mode: str = "max"
+    bootstrap_samples: int = 2000
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # default: sqlite:///<launch dir>/mlflow.db ; MLFLOW_TRACKING_URI overrides too
+    artifact_root: Optional[str] = None  # default: <launch dir>/mlartifacts
+    experiment: Optional[str] = None  # default: leverplus-<data source>
+    run_name: Optional[str] = None
+    log_checkpoints: bool = True
+    sweep: Optional[str] = None  # set by sweep configs
+    arm: Optional[str] = None
+    role: str = "arm"  # "baseline" | "arm"
+    parent_run_id: Optional[str] = None  # set by the sweep callback
+    skip_finished: bool = False  # sweeps: skip a run whose key already has a FINISHED MLflow run
+    extra_tags: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rce: RCEConfig = field(default_factory=RCEConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0  # 0 is a real seed
+    objective: str = "val/downstream_acc"  # the float returned to sweepers (validation data only)
+    output_dir: Optional[str] = None  # checkpoints etc.; default: Hydra's run dir
+    device: str = "cpu"
+    num_threads: int = 0  # 0 = leave torch's default
+    progress: Optional[bool] = None  # None = only when stdout is a TTY
+    checkpoint_every_epoch: bool = True  # as the reference; sweeps turn it off (best.pt is always written)
+    # training_curves.png per run (~0.3 s of matplotlib). Sweeps turn it off: MLflow charts the same per-epoch
+    # metrics for every run, and the sweep's own figures go to the parent run.
+    plot_curves: bool = True
+    # keep freed tensor memory in the heap (glibc mallopt; see leverplus.utils.tune_malloc): fewer page faults, ~10%
+    # faster training steps on CPU, identical results
+    tune_malloc: bool = True
+

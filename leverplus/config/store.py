@@ -1,0 +1,63 @@
+"""Registration of the structured configs in Hydra's ConfigStore, and where the config tree lives.
+
+Config tree (groups in ``conf/``): data, model, reward, sft, rce, grpo, eval, tracking; ``sweep`` (from
+``sweeps/``) is *not* in the primary defaults list, so ``+sweep=NAME`` works. The sweepers register their own
+configs (``hydra/sweeper=ablation`` / ``leverplus_optuna``) when Hydra loads them as plugins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+
+from leverplus.config.schema import (
+    DataConfig,
+    EvalConfig,
+    GRPOConfig,
+    ModelConfig,
+    RCEConfig,
+    RewardConfig,
+    SFTConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+
+
+def register_configs() -> None:
+    """Register the schemas; the YAML files in conf/ extend them (``defaults: [<name>_schema]``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig, replace=True)
+    for group, node in [
+        ("data", DataConfig),
+        ("model", ModelConfig),
+        ("reward", RewardConfig),
+        ("sft", SFTConfig),
+        ("rce", RCEConfig),
+        ("grpo", GRPOConfig),
+        ("eval", EvalConfig),
+        ("tracking", TrackingConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node, replace=True)
+
+    register_sweeps()
+
+
+def conf_dir() -> Path:
+    """The Hydra config tree (``conf/`` at the top of the source tree)."""
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def sweeps_dir() -> Path:
+    """The sweep definitions (``sweeps/`` at the top of the source tree), the config group ``sweep``."""
+    return Path(__file__).resolve().parents[2] / "sweeps"
+
+
+def register_sweeps() -> None:
+    """Expose every ``sweeps/*.yaml`` as an option of the config group ``sweep`` (package ``_global_``)."""
+    from omegaconf import OmegaConf
+
+    cs = ConfigStore.instance()
+    for path in sorted(sweeps_dir().glob("*.yaml")):
+        cs.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_", replace=True)
+

@@ -1,0 +1,214 @@
+"""Shared file I/O of the format modules: JSON loading with positions in errors, atomic writes (a temp file in the
+target directory plus ``os.replace``, with the process umask), streaming file fingerprints, and the small value
+checks every reader uses.
+
+Readers validate everything a later stage relies on and raise one
+:class:`~leverplus.errors.LeverPlusInputError` naming the file, the record and the field, with a fix.
+Readers never write. Writers never leave a truncated target: a crash mid-write leaves the old file intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator, Optional, Union
+
+import torch
+
+from leverplus.errors import LeverPlusInputError
+
+PathLike = Union[str, Path]
+#: Chunk size for streaming file hashes.
+_HASH_CHUNK = 1 << 20
+
+# The process umask, read once, so atomic writes get the same permissions as a plain open() (mkstemp uses 0600).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic JSON / atomic I/O
+# --------------------------------------------------------------------------------------------------
+
+
+def load_json(path: PathLike) -> Any:
+    """Parse a JSON file; a missing or malformed file raises LeverPlusInputError with the error position."""
+    path = str(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise LeverPlusInputError(
+            f"malformed JSON at line {e.lineno}, column {e.colno} (char {e.pos}): {e.msg}",
+            file=path,
+            fix="repair the file or regenerate it (an interrupted in-place write leaves a truncated file)",
+        ) from e
+    except UnicodeDecodeError as e:
+        raise LeverPlusInputError(
+            f"not UTF-8 text (byte {e.start}): {e.reason}", file=path, fix="pass the JSON file, not a binary file"
+        ) from e
+    except FileNotFoundError as e:
+        raise LeverPlusInputError("file not found", file=path, fix="check the path") from e
+    except OSError as e:
+        raise LeverPlusInputError(f"cannot read the file: {e.strerror or e}", file=path, fix="check the path") from e
+
+
+@contextlib.contextmanager
+def _atomic_open(path: PathLike, mode: str) -> Iterator[IO]:
+    """Yield a temp file next to ``path``; on success fsync it and ``os.replace`` it onto ``path``.
+
+    On any exception the temp file is removed and ``path`` is left untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        kwargs = {"encoding": "utf-8"} if "b" not in mode else {}
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: PathLike, obj: Any, *, indent: Optional[int] = None, allow_nan: bool = True) -> None:
+    """Write ``obj`` as JSON atomically (temp file in the same directory + ``os.replace``; parents created).
+
+    ``allow_nan`` is passed to :func:`json.dump` (True = Python's default, which writes non-standard ``NaN``).
+    """
+    with _atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False, allow_nan=allow_nan)
+
+
+def atomic_torch_save(path: PathLike, obj: Any) -> None:
+    """``torch.save`` atomically (temp file in the same directory + ``os.replace``; parents created)."""
+    with _atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def file_fingerprint(paths: Union[PathLike, Iterable[PathLike]]) -> str:
+    """16 hex chars of sha256 over each file's base name, size and content (streamed), in the order given.
+
+    The name is part of the hash (so swapping two files' roles changes it); the directory is not (so moving
+    a data folder keeps run keys stable).
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    h = hashlib.sha256()
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise LeverPlusInputError("not an existing file, cannot fingerprint it", file=str(p), fix="check the path")
+        h.update(p.name.encode("utf-8") + b"\0")
+        h.update(p.stat().st_size.to_bytes(8, "little"))
+        with open(p, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Small validation helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _type_name(v: Any) -> str:
+    t = type(v)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
+
+
+def _parse_key(key: Any, path: str, kind: str) -> int:
+    """A top-level key -> non-negative int query id (Python int() syntax, as the reference's ``int(k)``)."""
+    try:
+        qid = int(key)
+    except (TypeError, ValueError):
+        qid = None
+    if qid is None or qid < 0:
+        raise LeverPlusInputError(
+            f"top-level key {key!r} is not a non-negative integer query id",
+            file=path,
+            record=f"key {key!r}",
+            fix=f"a {kind} file maps str(query_idx) to a record; rename or remove this key "
+            "(keys starting with '_' are metadata and skipped)",
+        )
+    return qid
+
+
+def _int_list(
+    value: Any,
+    *,
+    path: str,
+    record: str,
+    field_name: str,
+    num_items: Optional[int],
+    allow_empty: bool = False,
+) -> list[int]:
+    """Validate a list of distinct non-negative ints (< num_items when given)."""
+    if not isinstance(value, list):
+        raise LeverPlusInputError(
+            f"must be a list of integer ids, got {_type_name(value)}", file=path, record=record, field=field_name
+        )
+    if not value and not allow_empty:
+        raise LeverPlusInputError("is an empty list", file=path, record=record, field=field_name,
+                                  fix="store at least one id")
+    seen: set[int] = set()
+    for j, v in enumerate(value):
+        if not _is_int(v):
+            raise LeverPlusInputError(
+                f"entry {j} must be an integer id, got {v!r} ({_type_name(v)})",
+                file=path,
+                record=record,
+                field=field_name,
+                fix="store plain JSON integers (convert numpy ints with int())",
+            )
+        if v < 0 or (num_items is not None and v >= num_items):
+            bound = f"[0, {num_items})" if num_items is not None else "[0, inf)"
+            raise LeverPlusInputError(
+                f"id {v} (entry {j}) is outside {bound}",
+                file=path,
+                record=record,
+                field=field_name,
+                fix="the file does not match the dataset/embedding table (num_items="
+                f"{num_items}); use the matching dataset or regenerate the file",
+            )
+        if v in seen:
+            raise LeverPlusInputError(
+                f"id {v} appears more than once in {value}",
+                file=path,
+                record=record,
+                field=field_name,
+                fix="an id may be used only once; regenerate or drop this record",
+            )
+        seen.add(v)
+    return list(value)
+
+
+def _finite_number(value: Any, *, path: str, record: str, field_name: str) -> float:
+    if not _is_number(value):
+        raise LeverPlusInputError(
+            f"must be a number, got {value!r} ({_type_name(value)})", file=path, record=record, field=field_name
+        )
+    if not math.isfinite(value):
+        raise LeverPlusInputError(
+            f"is {value!r}; it must be finite", file=path, record=record, field=field_name,
+            fix="recompute this value or drop the record",
+        )
+    return float(value)

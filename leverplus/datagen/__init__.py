@@ -1,0 +1,1 @@
+"""Data generation: RL candidates, scorers (the LVLMs), and the generate/inspect apps."""

@@ -1,0 +1,20 @@
+"""The environment variables leverplus reads, in one place.
+
+A sweep hands its jobs what they share through these (jobs may run in other processes or on other machines,
+where Hydra's in-process state is not available): where the command was launched, the tracking store, the
+sweep's MLflow parent run, the sweep's name, and where failed jobs are recorded."""
+
+#: where the command was started; relative input paths and the default stores resolve against it
+LAUNCH_DIR_VAR = "LEVERPLUS_LAUNCH_DIR"
+#: the tracking URI every job of a sweep must use (the sweep's own store)
+TRACKING_URI_VAR = "LEVERPLUS_TRACKING_URI"
+#: the MLflow run id of the sweep's parent run; every job becomes its child
+PARENT_RUN_ID_VAR = "LEVERPLUS_PARENT_RUN_ID"
+#: the sweep's name (tags every job's run)
+SWEEP_VAR = "LEVERPLUS_SWEEP"
+#: a file where the sweeper records jobs that failed (read by the end-of-sweep callback)
+SWEEP_FAILED_JOBS_VAR = "LEVERPLUS_SWEEP_FAILED_JOBS"
+#: root of the caches (simulated worlds, SFT/RCE stages); default ``~/.cache/leverplus``
+CACHE_VAR = "LEVERPLUS_CACHE"
+#: MLflow's own variable for the tracking URI (read when ``tracking.uri`` is not set)
+MLFLOW_TRACKING_URI_VAR = "MLFLOW_TRACKING_URI"

@@ -1,0 +1,1 @@
+"""Evaluation: the VQA metric, offline ranking of held-out groups, downstream VQA accuracy, statistics."""

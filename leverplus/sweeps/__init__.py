@@ -1,0 +1,1 @@
+"""Sweeps: the ablation sweeper and the Optuna sweeper as Hydra plugins, and the end-of-sweep callback."""

@@ -1,0 +1,181 @@
+"""One MLflow run's lifecycle: params, metrics, tags, artifacts and status, plus finding a FINISHED run by its
+run key and recording a reused one.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from leverplus.tracking.store import with_retries
+from leverplus.utils import code_version, git_info
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def find_finished_run(uri: str, experiment_id: str, key: str) -> Optional[str]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = with_retries(
+        lambda: client.search_runs(
+            [experiment_id], filter_string=f"tags.run_key = '{key}' and attributes.status = 'FINISHED'", max_results=1
+        )
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def _log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
+    """Params in batches of 100 (MLflow's limit), values cut to 6000 characters."""
+    from mlflow.entities import Param
+
+    items = [Param(_clean(k), str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        with_retries(partial(client.log_batch, run_id, params=items[i : i + 100]))
+
+
+def record_reused_run(uri: str, experiment_id: str, done_run_id: str, *, tags: Mapping[str, Any],
+                      params: Mapping[str, Any], parent_run_id: Optional[str], run_name: Optional[str]) -> Dict[str, float]:
+    """A job whose run key already has a FINISHED run is not trained again. Inside a sweep it still becomes a child
+    of this invocation's parent run, as a FINISHED run tagged ``reused_run_id`` (the run that trained; pointers are
+    followed) with that run's final metrics, so the parent lists every job and ``leverplus.compare`` sees a resumed
+    sweep whole. Returns the final metrics plus ``_source_run_id``."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    src = with_retries(lambda: client.get_run(done_run_id))
+    source_id = src.data.tags.get("reused_run_id") or done_run_id
+    if source_id != done_run_id:
+        src = with_retries(lambda: client.get_run(source_id))
+    metrics = dict(src.data.metrics)
+    if parent_run_id:
+        all_tags = {k: str(v) for k, v in tags.items() if v is not None}
+        all_tags.update({"reused_run_id": source_id, "mlflow.parentRunId": parent_run_id})
+        name = run_name or f"{tags.get('arm') or 'run'} (reused)"
+        run = with_retries(lambda: client.create_run(experiment_id, run_name=name, tags=all_tags))
+        rid = run.info.run_id
+        now = int(time.time() * 1000)
+        _log_params(client, rid, params)
+        ms = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        for i in range(0, len(ms), 1000):
+            with_retries(partial(client.log_batch, rid, metrics=ms[i : i + 1000]))
+        with_retries(lambda: client.set_terminated(rid, "FINISHED"))
+    metrics["_source_run_id"] = source_id
+    return metrics
+
+
+class MlflowRun:
+    """One MLflow run; also a MetricLogger. Use as a context manager: an exception marks the run FAILED with the
+    traceback attached, Ctrl-C marks it KILLED."""
+
+    def __init__(
+        self,
+        *,
+        uri: str,
+        experiment_id: str,
+        run_name: Optional[str],
+        tags: Mapping[str, Any],
+        parent_run_id: Optional[str] = None,
+    ) -> None:
+        import mlflow
+
+        self.uri = uri
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        all_tags = {k: str(v) for k, v in tags.items() if v is not None}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        if run_name:
+            all_tags["mlflow.runName"] = run_name
+        run = with_retries(lambda: self.client.create_run(experiment_id, tags=all_tags, run_name=run_name))
+        self.run_id = run.info.run_id
+        self.artifact_uri = run.info.artifact_uri
+
+    # MetricLogger
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(_clean(k), float(v), ts, int(step)) for k, v in metrics.items() if _finite(v)]
+        for i in range(0, len(batch), 500):
+            with_retries(lambda: self.client.log_batch(self.run_id, metrics=batch[i : i + 500]))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        _log_params(self.client, self.run_id, params)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        with_retries(lambda: self.client.log_batch(self.run_id, tags=items))
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        with_retries(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def log_text(self, text: str, name: str) -> None:
+        with_retries(lambda: self.client.log_text(self.run_id, text, name))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        with_retries(lambda: self.client.set_terminated(self.run_id, status))
+
+    def __enter__(self) -> "MlflowRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.finish("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.set_tags({"error": "interrupted (Ctrl-C)"})
+            self.finish("KILLED")
+        else:
+            text = "".join(traceback.format_exception(exc_type, exc, tb))
+            try:
+                self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:5000]})
+                self.log_text(text, "traceback.txt")
+            finally:
+                self.finish("FAILED")
+        return False
+
+
+def _clean(name: str) -> str:
+    # MLflow allows alphanumerics, _ - . space : / ; keep others out
+    return "".join(ch if ch.isalnum() or ch in "_-. :/" else "_" for ch in name)
+
+
+def _finite(v: Any) -> bool:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return False
+    return f == f and f not in (float("inf"), float("-inf"))
+
+
+def standard_tags(*, sweep: Optional[str], arm: Optional[str], role: str, shot_nums, seed: int,
+                  data_fingerprint: str, key: str, data_source: str) -> Dict[str, Any]:
+    g = git_info()
+    return {
+        "sweep": sweep,
+        "arm": arm,
+        "role": role,
+        "shot_num": ",".join(str(s) for s in shot_nums),
+        "seed": seed,
+        "git_commit": g["commit"],
+        "git_dirty": g["dirty"],
+        "data_fingerprint": data_fingerprint,
+        "run_key": key,
+        "code_version": code_version(),
+        "data_source": data_source,
+    }
+
