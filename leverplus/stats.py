@@ -238,3 +238,101 @@ def verdict(result: PairedResult, *, better: str = "higher") -> str:
         return "no significant difference"
     a_larger = result.lo > 0
     return "better" if a_larger == (better == "higher") else "worse"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Calibrated paired test: sign-flip permutation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_pos_int(value: object, field: str, fix: str, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise LeverPlusInputError(f"{field} must be an integer >= {minimum}, got {value!r}", field=field, fix=fix)
+    return int(value)
+
+
+def _mean_stat(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(x, axis=axis)
+
+
+def _check_sign_flip_args(max_exact: object, n_resamples: object) -> None:
+    _check_pos_int(max_exact, "max_exact", "use e.g. 16 (2^16 = 65536 sign patterns)", minimum=0)
+    if int(max_exact) > 20:  # type: ignore[call-overload]
+        raise LeverPlusInputError(f"max_exact={max_exact} would enumerate 2^{max_exact} sign patterns",
+                                  field="max_exact", fix="use at most 20; larger n is tested by Monte Carlo")
+    _check_pos_int(n_resamples, "n_resamples", "use e.g. 9999")
+
+
+def _sign_flip(d: np.ndarray, max_exact: int, n_resamples: int, seed: int) -> tuple[float, bool]:
+    """(two-sided p, exact?) of the sign-flip test of mean(d) = 0; see :func:`sign_flip_test`."""
+    n = int(d.size)
+    if n <= max_exact:
+        # scipy's one-sample idiom: permutation_type="samples" with a single sample flips the sign of each
+        # observation; n_resamples >= 2^n makes it enumerate all 2^n sign patterns (exact null distribution).
+        res = sps.permutation_test((d,), _mean_stat, permutation_type="samples", vectorized=True,
+                                   n_resamples=2**n, alternative="two-sided")
+        return float(res.pvalue), True
+    # Monte Carlo: the same null distribution and p-value convention as scipy.stats.permutation_test
+    # (counts with the observed value included, +1/(R+1), relative tie tolerance 100 eps), drawn directly as a
+    # +/-1 matrix product, which is ~10x faster than scipy's generic resampler for thousands of pairs.
+    rng = np.random.default_rng(seed)
+    obs = float(d.mean())
+    gamma = abs(obs) * np.finfo(float).eps * 100
+    chunk = max(1, min(n_resamples, 4_000_000 // n))
+    n_le = n_ge = 0
+    for start in range(0, n_resamples, chunk):
+        m = min(chunk, n_resamples - start)
+        signs = rng.integers(0, 2, size=(m, n), dtype=np.int8) * 2 - 1
+        null = (signs @ d) / n
+        n_le += int(np.count_nonzero(null <= obs + gamma))
+        n_ge += int(np.count_nonzero(null >= obs - gamma))
+    p = min(1.0, 2.0 * min(n_le + 1, n_ge + 1) / (n_resamples + 1))
+    return float(p), False
+
+
+def sign_flip_test(
+    differences: Sequence[float],
+    *,
+    max_exact: int = 16,
+    n_resamples: int = 9999,
+    seed: int = 0,
+) -> float:
+    """Two-sided p-value of the paired sign-flip permutation test of H0: the differences are symmetric about 0.
+
+    Why: unlike inverting a bootstrap CI, its p-value is calibrated at any n (exactly so when enumerated): under
+    H0 every sign pattern of d is equally likely, so the null distribution of mean(d) is that of mean(s · d) over
+    s in {-1, +1}^n. Two-sided p = min(1, 2 · min(P(T <= t_obs), P(T >= t_obs))) as scipy.stats.permutation_test
+    defines it (for this symmetric null it equals P(|T| >= |t_obs|)). Exact (all 2^n patterns, via
+    ``scipy.stats.permutation_test(..., permutation_type="samples")``) when n <= ``max_exact``; otherwise
+    ``n_resamples`` random sign patterns from numpy PCG64(``seed``), p = (count + 1) / (n_resamples + 1), which
+    is never below its exact value in expectation (a valid p-value). Zero differences are kept: flipping them
+    changes nothing, which is the correct conditional test. All differences zero: p = 1.
+    """
+    d = _as_values(differences, "differences")
+    _check_sign_flip_args(max_exact, n_resamples)
+    return _sign_flip(d, max_exact, n_resamples, int(seed))[0]
+
+
+def paired_permutation_test(
+    a: Sequence[float],
+    b: Sequence[float],
+    *,
+    n_boot: int = 10000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    max_exact: int = 16,
+    n_resamples: int = 9999,
+    chunk_size: int = 1000,
+) -> PairedResult:
+    """Paired comparison of mean(a - b): p-value from the sign-flip test, interval from the paired bootstrap.
+
+    ``delta``, ``lo``, ``hi`` are exactly :func:`paired_bootstrap`'s (same ``seed``, ``n_boot``, ``confidence``);
+    ``p_value`` is :func:`sign_flip_test` on d = a - b (calibrated, unlike the bootstrap's inverted-CI p).
+    ``method`` is ``"sign_flip_exact"`` or ``"sign_flip_mc"``. ``significant`` (and :func:`verdict`) still read the
+    CI; use ``p_value < alpha`` for the test. The two can disagree only near the boundary.
+    """
+    _check_sign_flip_args(max_exact, n_resamples)
+    boot = paired_bootstrap(a, b, n_boot=n_boot, seed=seed, confidence=confidence, chunk_size=chunk_size)
+    d = _paired_differences(a, b)
+    p, exact = _sign_flip(d, max_exact, n_resamples, int(seed))
+    return PairedResult(boot.delta, boot.lo, boot.hi, p, boot.n, "sign_flip_exact" if exact else "sign_flip_mc")

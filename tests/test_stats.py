@@ -16,8 +16,10 @@ from leverplus.stats import (
     PairedResult,
     mean_ci,
     paired_bootstrap,
+    paired_permutation_test,
     paired_t_test,
     proportion_ci,
+    sign_flip_test,
     verdict,
 )
 
@@ -254,3 +256,86 @@ def test_estimate_is_frozen():
     est = Estimate(mean=0.5, lo=0.4, hi=0.6, n=10, std=0.1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         est.mean = 0.7  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sign-flip permutation test
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_sign_flip_exact_three_values_by_hand():
+    # d = [1, 2, 3]: the 8 sign patterns give sums +-1 +-2 +-3 = 6, 4, 2, 0, 0, -2, -4, -6.
+    # Observed sum 6 is the max: P(T >= 6) = 1/8, P(T <= 6) = 1 -> two-sided p = 2 * 1/8 = 0.25.
+    assert sign_flip_test([1.0, 2.0, 3.0]) == pytest.approx(0.25, abs=1e-12)
+    assert sign_flip_test([-1.0, -2.0, -3.0]) == pytest.approx(0.25, abs=1e-12)  # symmetric
+    # d = [1, 2, -3]: sum 0; P(T >= 0) = 6/8 (6, 4, 2, 0, 0), P(T <= 0) = 5/8 -> p = min(1, 2 * 5/8) = 1
+    assert sign_flip_test([1.0, 2.0, -3.0]) == 1.0
+    # d = [1, 2, 3, 4] (16 patterns, sums of +-1..4 range -10..10): observed 10 is the unique max -> p = 2/16
+    assert sign_flip_test([1.0, 2.0, 3.0, 4.0]) == pytest.approx(0.125, abs=1e-12)
+    # d = [3, 2, 1, -1]: observed sum 5. Flipping a subset F gives 5 - 2 * sum(F), which is >= 5 iff sum(F) <= 0:
+    # F = {} (0), {-1} (-1), {1, -1} (0) -> P(T >= 5) = 3/16 (and P(T <= 5) = 14/16) -> p = 2 * 3/16 = 0.375
+    assert sign_flip_test([3.0, 2.0, 1.0, -1.0]) == pytest.approx(0.375, abs=1e-12)
+
+
+def test_sign_flip_zeros_and_ties_by_hand():
+    # d = [0, 1, 1]: the zero's sign does not matter, so the 8 patterns give sums 2, 0, 0, -2 twice each.
+    # observed 2: P(T >= 2) = 2/8 -> p = 2 * 2/8 = 0.5
+    assert sign_flip_test([0.0, 1.0, 1.0]) == pytest.approx(0.5, abs=1e-12)
+    # all zero: every pattern ties the observed 0 -> p = 1
+    assert sign_flip_test([0.0, 0.0, 0.0, 0.0]) == 1.0
+    # ties in floating point: 0.1 + 0.2 vs 0.3 must count as a tie (scipy's relative tolerance).
+    # d = [0.1, 0.2, 0.3]: sums 0.6, 0.4, 0.2, 0.0 (= 0.3 - 0.1 - 0.2 and -0.3 + 0.1 + 0.2), ... -> max at 0.6 -> .25
+    assert sign_flip_test([0.1, 0.2, 0.3]) == pytest.approx(0.25, abs=1e-12)
+    # ten equal differences: only the all-plus pattern reaches the observed sum -> p = 2 / 2^10
+    assert sign_flip_test([0.5] * 10) == pytest.approx(2 / 1024, abs=1e-15)
+
+
+def test_sign_flip_exact_matches_full_enumeration():
+    rng = np.random.default_rng(2)
+    d = np.round(rng.normal(0.3, 1.0, size=9), 1)  # rounding creates ties
+    signs = np.array(np.meshgrid(*[[-1, 1]] * 9)).reshape(9, -1).T  # all 512 patterns
+    null = signs @ d
+    obs = d.sum()
+    tol = 1e-9
+    p = min(1.0, 2 * min(np.mean(null <= obs + tol), np.mean(null >= obs - tol)))
+    assert sign_flip_test(d) == pytest.approx(p, abs=1e-12)
+
+
+def test_sign_flip_monte_carlo_agrees_with_scipy_and_t():
+    rng = np.random.default_rng(4)
+    d = rng.normal(0.08, 1.0, size=400)
+    p_mc = sign_flip_test(d, n_resamples=20000, seed=1)
+    ref = sps.permutation_test((d,), lambda x, axis: np.mean(x, axis=axis), permutation_type="samples",
+                               vectorized=True, n_resamples=20000, rng=np.random.default_rng(1), batch=500)
+    # both are Monte Carlo estimates of the same p (~0.1): sd ~ sqrt(.1 * .9 / 20000) ~ .002 each
+    assert p_mc == pytest.approx(ref.pvalue, abs=0.015)
+    assert p_mc == pytest.approx(sps.ttest_1samp(d, 0.0).pvalue, abs=0.02)  # randomisation ~ t for large n
+    assert sign_flip_test(d, n_resamples=2000, seed=3) == sign_flip_test(d, n_resamples=2000, seed=3)
+    # a huge effect: no resample reaches it, p = (0 + 1) / (R + 1) * 2
+    assert sign_flip_test(np.full(50, 1.0) + rng.normal(0, 0.01, 50), n_resamples=999) == pytest.approx(2 / 1000)
+
+
+def test_sign_flip_is_calibrated_at_small_n():
+    # Under H0 (symmetric differences), P(p <= .05) must not exceed .05. With n = 6 the exact test's attainable
+    # levels are multiples of 2/64, so P(p <= .05) = P(p <= 2/64) = 2/64 = .03125 exactly (only the two extreme
+    # patterns, when all |d| are distinct). Check by simulation: 2000 data sets -> ~62 rejections (sd ~ 8).
+    rng = np.random.default_rng(9)
+    rejections = sum(sign_flip_test(rng.normal(0, 1, 6)) <= 0.05 for _ in range(2000))
+    assert 30 <= rejections <= 100
+
+
+def test_paired_permutation_test_result():
+    a, b = [1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]
+    r = paired_permutation_test(a, b, n_boot=2000, seed=5)
+    boot = paired_bootstrap(a, b, n_boot=2000, seed=5)
+    assert (r.delta, r.lo, r.hi, r.n) == (boot.delta, boot.lo, boot.hi, boot.n)  # interval = bootstrap's
+    assert r.p_value == pytest.approx(0.125)  # d = [1, 2, 3, 4]: 2/16, see above
+    assert r.method == "sign_flip_exact"
+    big = paired_permutation_test(np.arange(40.0), np.arange(40.0) - 1.0, n_boot=200, n_resamples=999)
+    assert big.method == "sign_flip_mc" and big.p_value == pytest.approx(2 / 1000)
+    with pytest.raises(LeverPlusInputError, match="length"):
+        paired_permutation_test([1.0, 2.0], [1.0])
+    with pytest.raises(LeverPlusInputError, match="max_exact"):
+        sign_flip_test([1.0, 2.0], max_exact=30)
+    with pytest.raises(LeverPlusInputError, match="n_resamples"):
+        sign_flip_test([1.0, 2.0], n_resamples=0)
