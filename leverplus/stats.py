@@ -336,3 +336,211 @@ def paired_permutation_test(
     d = _paired_differences(a, b)
     p, exact = _sign_flip(d, max_exact, n_resamples, int(seed))
     return PairedResult(boot.delta, boot.lo, boot.hi, p, boot.n, "sign_flip_exact" if exact else "sign_flip_mc")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Equivalence (TOST) and the four-way verdict
+# ----------------------------------------------------------------------------------------------------------
+
+VERDICTS = ("better", "worse", "equivalent", "inconclusive")
+
+
+def _check_alpha(alpha: float, *, below: float = 1.0) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 < alpha < below):
+        raise LeverPlusInputError(f"alpha must be strictly between 0 and {below:g}, got {alpha!r}", field="alpha",
+                                  fix="use e.g. 0.05")
+
+
+def _check_margin(margin: float) -> float:
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not (math.isfinite(margin) and margin > 0):
+        raise LeverPlusInputError(f"margin must be a positive finite number, got {margin!r}", field="margin",
+                                  fix="give the smallest difference that matters, in the metric's units "
+                                      "(e.g. 0.005 for half an accuracy point)")
+    return float(margin)
+
+
+def _check_better(better: str) -> None:
+    if better not in ("higher", "lower"):
+        raise LeverPlusInputError(f"better must be 'higher' or 'lower', got {better!r}", field="better",
+                                  fix="say whether a larger metric value is better")
+
+
+def _summary(differences: Sequence[float] | Estimate) -> tuple[float, float, int]:
+    """(mean, sd with ddof=1, n) of paired differences given as values or as their :class:`Estimate`."""
+    if isinstance(differences, Estimate):
+        e = differences
+        if isinstance(e.n, bool) or not isinstance(e.n, (int, np.integer)) or e.n < 1 or not math.isfinite(e.mean):
+            raise LeverPlusInputError(f"the summary has n={e.n!r}, mean={e.mean!r}", field="differences",
+                                      fix="pass mean_ci(differences) or the differences themselves")
+        if e.n > 1 and not (math.isfinite(e.std) and e.std >= 0):
+            raise LeverPlusInputError(f"the summary's std is {e.std!r}", field="differences",
+                                      fix="pass mean_ci(differences) (std with ddof=1)")
+        return float(e.mean), float(e.std) if e.n > 1 else math.nan, int(e.n)
+    d = _as_values(differences, "differences")
+    if d.size > 1 and np.all(d == d[0]):  # exactly constant: no rounding noise in the mean or a tiny sd
+        return float(d[0]), 0.0, int(d.size)
+    return float(d.mean()), float(d.std(ddof=1)) if d.size > 1 else math.nan, int(d.size)
+
+
+@dataclass(frozen=True)
+class EquivalenceResult:
+    """TOST of ``|delta| < margin``: the (1 - 2α) t interval [lo, hi] and the two one-sided p-values.
+
+    ``p_lower`` tests H0: delta <= -margin, ``p_upper`` H0: delta >= +margin; ``p_value = max`` of the two.
+    ``equivalent`` iff -margin < lo and hi < margin (strict), which is the same as ``p_value < alpha``.
+    """
+
+    delta: float
+    lo: float
+    hi: float
+    margin: float
+    p_lower: float
+    p_upper: float
+    n: int
+    alpha: float
+
+    @property
+    def p_value(self) -> float:
+        return max(self.p_lower, self.p_upper)
+
+    @property
+    def equivalent(self) -> bool:
+        return bool(-self.margin < self.lo and self.hi < self.margin)
+
+
+def equivalence_test(differences: Sequence[float] | Estimate, margin: float, alpha: float = 0.05) -> EquivalenceResult:
+    """Two one-sided paired t-tests (TOST) of H0: |delta| >= margin against H1: |delta| < margin, level ``alpha``.
+
+    Why: "no significant difference" is not evidence of no effect; equivalence within a margin that matters is
+    what lets an arm be dropped. With se = sd/sqrt(n), df = n - 1:
+    ``p_lower = P(T_df >= (delta + margin)/se)``, ``p_upper = P(T_df <= (delta - margin)/se)``; rejecting both at
+    α is the same as the (1 - 2α) interval ``delta ± t_{df,1-α} · se`` lying strictly inside (-margin, +margin)
+    (α = .05: the 90% CI). ``differences`` are per-seed paired differences, or their :func:`mean_ci` Estimate
+    (mean, std with ddof=1, n). n = 1: interval and p are nan, never equivalent. sd = 0: the interval is
+    [delta, delta] and each p is 0 or 1.
+    """
+    margin = _check_margin(margin)
+    _check_alpha(alpha, below=0.5)
+    mean, sd, n = _summary(differences)
+    if n < 2:
+        return EquivalenceResult(mean, math.nan, math.nan, margin, math.nan, math.nan, n, float(alpha))
+    if sd == 0.0:
+        return EquivalenceResult(mean, mean, mean, margin, 0.0 if mean > -margin else 1.0,
+                                 0.0 if mean < margin else 1.0, n, float(alpha))
+    se = sd / math.sqrt(n)
+    half = float(sps.t.ppf(1.0 - alpha, n - 1)) * se
+    p_lower = float(sps.t.sf((mean + margin) / se, n - 1))
+    p_upper = float(sps.t.cdf((mean - margin) / se, n - 1))
+    return EquivalenceResult(mean, mean - half, mean + half, margin, p_lower, p_upper, n, float(alpha))
+
+
+def four_way_verdict(
+    ci: tuple[float, float],
+    eq_ci: tuple[float, float],
+    margin: float,
+    *,
+    p_value: float | None = None,
+    alpha: float = 0.05,
+    better: str = "higher",
+) -> str:
+    """"better" / "worse" / "equivalent" / "inconclusive" for a difference (a - b) against a margin.
+
+    ``ci`` is the two-sided (1 - α) interval of the difference, ``eq_ci`` its (1 - 2α) interval (α = .05: 95% and
+    90%); ``p_value``, when given, is a two-sided test of difference = 0 at level ``alpha``. Rules, in order:
+
+    1. any bound NaN -> "inconclusive";
+    2. ``ci`` excludes 0 strictly (lo > 0 or hi < 0) and, if given, ``p_value < alpha`` -> "better"/"worse" (by
+       side and ``better``); a difference inside the margin but significant is still reported as a difference;
+    3. ``-margin < eq_ci[0]`` and ``eq_ci[1] < margin`` (strict: an interval touching ±margin is *not*
+       equivalent) -> "equivalent" (TOST at α);
+    4. otherwise "inconclusive" (neither a difference nor equivalence is shown; more data may decide).
+    """
+    margin = _check_margin(margin)
+    _check_alpha(alpha)
+    _check_better(better)
+    lo, hi = float(ci[0]), float(ci[1])
+    eq_lo, eq_hi = float(eq_ci[0]), float(eq_ci[1])
+    if any(math.isnan(x) for x in (lo, hi, eq_lo, eq_hi)):
+        return "inconclusive"
+    if lo > hi or eq_lo > eq_hi:
+        raise LeverPlusInputError(f"an interval has lo > hi (ci=({lo}, {hi}), eq_ci=({eq_lo}, {eq_hi}))",
+                                  field="ci", fix="pass (lo, hi) pairs")
+    test_rejects = p_value is None or (math.isfinite(p_value) and p_value < alpha)
+    if (lo > 0.0 or hi < 0.0) and test_rejects:
+        return "better" if (lo > 0.0) == (better == "higher") else "worse"
+    if -margin < eq_lo and eq_hi < margin:
+        return "equivalent"
+    return "inconclusive"
+
+
+@dataclass(frozen=True)
+class MarginVerdict:
+    """A four-way verdict with the numbers it was read from (see :func:`four_way_verdict`).
+
+    ``lo``/``hi``: the (1 - alpha) CI of delta; ``eq_lo``/``eq_hi``: the (1 - 2·alpha) CI; ``p_value``: the
+    two-sided paired t-test of delta = 0.
+    """
+
+    verdict: str
+    delta: float
+    lo: float
+    hi: float
+    eq_lo: float
+    eq_hi: float
+    p_value: float
+    margin: float
+    alpha: float
+    n: int
+
+    def describe(self, *, scale: float = 1.0, unit: str = "") -> str:
+        """One line, e.g. ``inconclusive after 3 seeds: 95% CI [-0.80, +1.20] pp includes 0; 90% CI [-0.50,
+        +0.90] pp not inside ±0.50 pp`` (values multiplied by ``scale``; ``unit`` appended)."""
+        u = f" {unit}" if unit else ""
+
+        def iv(lo: float, hi: float) -> str:
+            return f"[{scale * lo:+.2f}, {scale * hi:+.2f}]{u}"
+
+        c1, c2 = f"{100 * (1 - self.alpha):.4g}% CI", f"{100 * (1 - 2 * self.alpha):.4g}% CI"
+        m = f"±{scale * self.margin:.2f}{u}"
+        head = f"{self.verdict} after {self.n} seed{'s' if self.n != 1 else ''}"
+        if self.n < 2 or math.isnan(self.lo):
+            return f"{head}: too few seeds for an interval"
+        if self.verdict in ("better", "worse"):
+            return f"{head}: {c1} {iv(self.lo, self.hi)} excludes 0 (p = {self.p_value:.3g})"
+        if self.verdict == "equivalent":
+            return f"{head}: {c2} {iv(self.eq_lo, self.eq_hi)} inside {m}"
+        return (f"{head}: {c1} {iv(self.lo, self.hi)} includes 0; {c2} {iv(self.eq_lo, self.eq_hi)} "
+                f"not inside {m}")
+
+
+def paired_verdict(
+    differences: Sequence[float] | Estimate,
+    margin: float,
+    *,
+    alpha: float = 0.05,
+    better: str = "higher",
+) -> MarginVerdict:
+    """Four-way verdict of the seed-paired t-test: per-seed differences (arm - baseline) against ``margin``.
+
+    The (1 - α) CI and p come from the paired t-test (as :func:`paired_t_test`), the (1 - 2α) CI from
+    :func:`equivalence_test`; the verdict is :func:`four_way_verdict` of them. Under the t model, a false
+    "better"/"worse" (true delta = 0) has probability <= α and a false "equivalent" (|true delta| >= margin)
+    <= α. Pass a corrected α (e.g. α / n_looks) when the verdict is read at several looks.
+    """
+    margin = _check_margin(margin)
+    _check_alpha(alpha, below=0.5)
+    _check_better(better)
+    mean, sd, n = _summary(differences)
+    eq = equivalence_test(Estimate(mean, math.nan, math.nan, n, sd), margin, alpha)
+    if n < 2:
+        lo = hi = p = math.nan
+    elif sd == 0.0:
+        lo = hi = mean
+        p = 1.0 if mean == 0.0 else 0.0
+    else:
+        se = sd / math.sqrt(n)
+        half = float(sps.t.ppf(1.0 - alpha / 2.0, n - 1)) * se
+        lo, hi = mean - half, mean + half
+        p = min(1.0, float(2.0 * sps.t.sf(abs(mean / se), n - 1)))
+    v = four_way_verdict((lo, hi), (eq.lo, eq.hi), margin, p_value=None, alpha=alpha, better=better)
+    return MarginVerdict(v, mean, lo, hi, eq.lo, eq.hi, p, margin, float(alpha), n)

@@ -14,9 +14,12 @@ from leverplus.errors import LeverPlusInputError
 from leverplus.stats import (
     Estimate,
     PairedResult,
+    equivalence_test,
+    four_way_verdict,
     mean_ci,
     paired_bootstrap,
     paired_permutation_test,
+    paired_verdict,
     paired_t_test,
     proportion_ci,
     sign_flip_test,
@@ -339,3 +342,127 @@ def test_paired_permutation_test_result():
         sign_flip_test([1.0, 2.0], max_exact=30)
     with pytest.raises(LeverPlusInputError, match="n_resamples"):
         sign_flip_test([1.0, 2.0], n_resamples=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# equivalence (TOST) and the four-way verdict
+# ----------------------------------------------------------------------------------------------------------
+# With df = 2 the t distribution has closed forms: F(t) = 1/2 + t / (2 sqrt(2 + t^2)) and, for a = 2p - 1,
+# t_p = sqrt(2 a^2 / (1 - a^2)): t_{2,.95} = sqrt(2 * .81 / .19) = 2.9199856, t_{2,.975} = sqrt(2 * .9025 / .0975)
+# = 4.3026527. d = [1, 2, 3]: mean 2, sd 1, se = 1/sqrt(3) = .5773503.
+T_2_95 = math.sqrt(2 * 0.81 / 0.19)
+T_2_975 = math.sqrt(2 * 0.9025 / 0.0975)
+SE_123 = 1 / math.sqrt(3)
+
+
+def _t2_cdf(t):
+    return 0.5 + t / (2 * math.sqrt(2 + t * t))
+
+
+def test_tost_by_hand_df2():
+    assert T_2_95 == pytest.approx(sps.t.ppf(0.95, 2), rel=1e-12)  # the closed form is right
+    # margin 5: 90% CI = 2 -/+ 2.9199856 * .5773503 = 2 -/+ 1.6858545 = [.3141455, 3.6858545], inside (-5, 5)
+    # p_upper = F((2 - 5)/se = -5.1961524) = .5 - 5.1961524 / (2 sqrt 29) = .5 - .4824506 = .0175494
+    # p_lower = 1 - F((2 + 5)/se = 12.124356) = .5 - 12.124356 / (2 sqrt 149) = .5 - .4966330 = .0033670
+    r = equivalence_test([1.0, 2.0, 3.0], margin=5.0)
+    assert (r.delta, r.n, r.margin, r.alpha) == (2.0, 3, 5.0, 0.05)
+    assert (r.lo, r.hi) == pytest.approx((2 - T_2_95 * SE_123, 2 + T_2_95 * SE_123), abs=1e-12)
+    assert (r.lo, r.hi) == pytest.approx((0.3141455, 3.6858545), abs=1e-7)
+    assert r.p_upper == pytest.approx(_t2_cdf(-3 / SE_123), abs=1e-12) == pytest.approx(0.0175494, abs=1e-7)
+    assert r.p_lower == pytest.approx(1 - _t2_cdf(7 / SE_123), abs=1e-12) == pytest.approx(0.0033670, abs=1e-7)
+    assert r.p_value == r.p_upper and r.equivalent
+    # margin 3: hi = 3.686 > 3; p_upper = F(-1.7320508) = .5 - 1.7320508 / (2 sqrt 5) = .1127017 > .05
+    r3 = equivalence_test([1.0, 2.0, 3.0], margin=3.0)
+    assert r3.p_upper == pytest.approx(0.1127017, abs=1e-7) and not r3.equivalent
+    # the summary form gives the same numbers
+    assert equivalence_test(mean_ci([1.0, 2.0, 3.0]), margin=5.0) == r
+
+
+def test_tost_margin_edge_is_strict():
+    # the margin at which the 90% CI touches it: m* = 2 + 2.9199856 / sqrt(3) = 3.6858545; there p_upper = .05
+    m_star = 2 + T_2_95 * SE_123
+    assert equivalence_test([1.0, 2.0, 3.0], m_star).p_upper == pytest.approx(0.05, abs=1e-12)
+    assert equivalence_test([1.0, 2.0, 3.0], m_star * (1 + 1e-9)).equivalent
+    assert not equivalence_test([1.0, 2.0, 3.0], m_star * (1 - 1e-9)).equivalent
+    # the CI form and the TOST p form agree (away from floating-point ties at the edge)
+    rng = np.random.default_rng(8)
+    for _ in range(200):
+        d = rng.normal(rng.normal(0, 0.5), 1.0, size=int(rng.integers(2, 12)))
+        r = equivalence_test(d, margin=0.8, alpha=0.1)
+        assert r.equivalent == (r.p_value < 0.1)
+
+
+def test_tost_degenerate_cases():
+    r = equivalence_test([0.2], margin=0.5)  # one seed: nothing can be claimed
+    assert math.isnan(r.lo) and math.isnan(r.p_value) and not r.equivalent
+    r = equivalence_test([0.2, 0.2, 0.2], margin=0.5)  # no spread: [0.2, 0.2] inside (-.5, .5)
+    assert (r.lo, r.hi, r.p_lower, r.p_upper) == (0.2, 0.2, 0.0, 0.0) and r.equivalent
+    r = equivalence_test([0.5, 0.5], margin=0.5)  # touching the margin exactly is not equivalent
+    assert r.p_upper == 1.0 and not r.equivalent
+    with pytest.raises(LeverPlusInputError, match="margin"):
+        equivalence_test([1.0, 2.0], margin=0.0)
+    with pytest.raises(LeverPlusInputError, match="alpha"):
+        equivalence_test([1.0, 2.0], margin=1.0, alpha=0.5)
+
+
+def test_four_way_verdict_rules_by_hand():
+    m = 0.5
+    assert four_way_verdict((0.1, 0.9), (0.2, 0.8), m) == "better"  # 95% CI above 0
+    assert four_way_verdict((0.1, 0.9), (0.2, 0.8), m, better="lower") == "worse"
+    assert four_way_verdict((-0.9, -0.1), (-0.8, -0.2), m) == "worse"
+    assert four_way_verdict((-0.3, 0.3), (-0.2, 0.2), m) == "equivalent"  # 90% CI inside (-.5, .5)
+    assert four_way_verdict((-0.8, 1.2), (-0.6, 1.0), m) == "inconclusive"  # includes 0, not inside
+    # a significant but tiny difference is still a difference (rule 2 before rule 3)
+    assert four_way_verdict((0.1, 0.3), (0.12, 0.28), m) == "better"
+    # 95% CI touching 0 is not a difference
+    assert four_way_verdict((0.0, 0.4), (0.05, 0.35), m) == "equivalent"
+    assert four_way_verdict((0.0, 0.7), (0.05, 0.6), m) == "inconclusive"
+
+
+def test_four_way_verdict_margin_edge_and_p_value():
+    m = 0.5
+    # the 90% CI touching -margin (or +margin) exactly: strict inequality -> not equivalent
+    assert four_way_verdict((-0.6, 0.3), (-0.5, 0.2), m) == "inconclusive"
+    assert four_way_verdict((-0.3, 0.6), (-0.2, 0.5), m) == "inconclusive"
+    assert four_way_verdict((-0.6, 0.3), (-0.4999999, 0.2), m) == "equivalent"
+    # the CI excludes 0 but the (calibrated) test does not reject: no difference is claimed
+    assert four_way_verdict((0.01, 0.4), (0.05, 0.35), m, p_value=0.06) == "equivalent"
+    assert four_way_verdict((0.01, 0.9), (0.05, 0.8), m, p_value=0.06) == "inconclusive"
+    assert four_way_verdict((0.01, 0.9), (0.05, 0.8), m, p_value=0.04) == "better"
+    assert four_way_verdict((0.01, 0.9), (0.05, 0.8), m, p_value=0.04, alpha=0.01) == "inconclusive"
+    assert four_way_verdict((math.nan, math.nan), (math.nan, math.nan), m) == "inconclusive"
+    with pytest.raises(LeverPlusInputError, match="lo > hi"):
+        four_way_verdict((0.3, 0.1), (0.2, 0.25), m)
+    with pytest.raises(LeverPlusInputError, match="better"):
+        four_way_verdict((0.1, 0.3), (0.2, 0.25), m, better="more")
+
+
+def test_paired_verdict_by_hand_df2():
+    # d = [1, 2, 3]: 95% CI = 2 -/+ 4.3026527 * .5773503 = 2 -/+ 2.4841377 = [-.4841377, 4.4841377] includes 0.
+    # t = 2 / .5773503 = 3.4641016, p = 2 (1 - F(3.4641016)) = 2 (.5 - 3.4641016 / (2 sqrt 14)) = .0741799
+    v = paired_verdict([1.0, 2.0, 3.0], margin=5.0)
+    assert (v.lo, v.hi) == pytest.approx((2 - T_2_975 * SE_123, 2 + T_2_975 * SE_123), abs=1e-12)
+    assert (v.lo, v.hi) == pytest.approx((-0.4841377, 4.4841377), abs=1e-7)
+    assert v.p_value == pytest.approx(0.0741799, abs=1e-7)
+    assert (v.eq_lo, v.eq_hi) == pytest.approx((0.3141455, 3.6858545), abs=1e-7)  # see test_tost_by_hand_df2
+    assert v.verdict == "equivalent" and v.n == 3 and v.alpha == 0.05
+    v3 = paired_verdict([1.0, 2.0, 3.0], margin=3.0)
+    assert v3.verdict == "inconclusive"
+    assert v3.describe() == ("inconclusive after 3 seeds: 95% CI [-0.48, +4.48] includes 0; "
+                             "90% CI [+0.31, +3.69] not inside ±3.00")
+    # d = [2, 3, 4]: 95% CI = 3 -/+ 2.4841377 = [.5158623, 5.4841377] excludes 0 -> better;
+    # p = 2 (.5 - 5.1961524 / (2 sqrt 29)) = .0350988 (as paired_t_test / scipy)
+    up = paired_verdict([2.0, 3.0, 4.0], margin=3.0)
+    assert up.verdict == "better" and up.p_value == pytest.approx(0.0350988, abs=1e-7)
+    assert up.p_value == pytest.approx(paired_t_test([2.0, 3.0, 4.0], [0.0, 0.0, 0.0]).p_value, rel=1e-12)
+    assert paired_verdict([2.0, 3.0, 4.0], margin=3.0, better="lower").verdict == "worse"
+    assert up.describe(scale=100, unit="pp").startswith("better after 3 seeds: 95% CI [+51.59, +548.41] pp excludes 0")
+    # corrected alpha .0125 (4 looks): the 98.75% CI is wider, t_{2,.99375} = sqrt(2 a^2/(1-a^2)), a = .9875
+    # -> t = 8.8602, half = 5.1155 -> [-2.12, 8.12] includes 0 -> no longer "better"
+    a = 0.9875
+    t_corr = math.sqrt(2 * a * a / (1 - a * a))
+    corr = paired_verdict([2.0, 3.0, 4.0], margin=3.0, alpha=0.0125)
+    assert corr.lo == pytest.approx(3 - t_corr * SE_123, abs=1e-9) and corr.verdict == "inconclusive"
+    assert corr.describe().startswith("inconclusive after 3 seeds: 98.75% CI [-2.12, +8.12] includes 0; 97.5% CI")
+    one = paired_verdict([0.1], margin=0.5)
+    assert one.verdict == "inconclusive" and one.describe() == "inconclusive after 1 seed: too few seeds for an interval"
