@@ -8,7 +8,7 @@ Every estimate carries n and a 95% interval by default, so a reported difference
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -507,7 +507,8 @@ class MarginVerdict:
         if self.n < 2 or math.isnan(self.lo):
             return f"{head}: too few seeds for an interval"
         if self.verdict in ("better", "worse"):
-            return f"{head}: {c1} {iv(self.lo, self.hi)} excludes 0 (p = {self.p_value:.3g})"
+            p = f" (p = {self.p_value:.3g})" if math.isfinite(self.p_value) else ""
+            return f"{head}: {c1} {iv(self.lo, self.hi)} excludes 0{p}"
         if self.verdict == "equivalent":
             return f"{head}: {c2} {iv(self.eq_lo, self.eq_hi)} inside {m}"
         return (f"{head}: {c1} {iv(self.lo, self.hi)} includes 0; {c2} {iv(self.eq_lo, self.eq_hi)} "
@@ -704,3 +705,172 @@ def plan_from_pilot(
     needed = seeds_needed(target_mde, seed_sd, alpha, power) if target_mde is not None else None
     return PilotPlan(seed_sd, query_sd, int(n_seeds), n_queries, float(alpha), float(power), mde_seed, mde_query,
                      None if target_mde is None else float(target_mde), needed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Adaptive seed allocation (group-sequential, Bonferroni over the planned looks)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def look_schedule(initial_seeds: int = 3, step: int = 2, max_seeds: int = 9) -> tuple[int, ...]:
+    """The planned looks: seed counts ``initial_seeds, initial_seeds + step, ...`` up to ``max_seeds`` (which is
+    always the last look). Verdicts are read only at these counts."""
+    initial_seeds = _check_pos_int(initial_seeds, "initial_seeds", "use at least 2 (a t interval needs 2)", minimum=2)
+    step = _check_pos_int(step, "step", "use e.g. 2")
+    max_seeds = _check_pos_int(max_seeds, "max_seeds", "use at least initial_seeds", minimum=initial_seeds)
+    looks = list(range(initial_seeds, max_seeds + 1, step))
+    if looks[-1] != max_seeds:
+        looks.append(max_seeds)
+    return tuple(looks)
+
+
+@dataclass(frozen=True)
+class ArmAllocation:
+    """One arm's decision after a round: ``add`` more seeds (0: stop or wait), with the verdict and why.
+
+    ``verdict`` is the four-way verdict read at this look, or ``"pending"`` when ``n_seeds`` is not a planned look
+    (not started, or short of one after failed runs): no verdict is read then. ``look`` is the 1-based look index.
+    """
+
+    arm: str
+    n_seeds: int
+    add: int
+    verdict: str
+    look: int | None
+    reason: str
+    result: MarginVerdict | None
+
+
+@dataclass(frozen=True)
+class AllocationPlan:
+    """The round's allocation: per arm (input order), the schedule, the per-look alpha and the budget left."""
+
+    arms: dict[str, ArmAllocation]
+    schedule: tuple[int, ...]
+    alpha: float
+    alpha_per_look: float
+    budget: int
+    budget_left: int
+
+    @property
+    def total_add(self) -> int:
+        return sum(a.add for a in self.arms.values())
+
+    @property
+    def done(self) -> bool:
+        """No arm gets more seeds: the sequential phase is over (every arm decided, at its maximum, or out of
+        budget)."""
+        return self.total_add == 0
+
+    @property
+    def baseline_seeds(self) -> int:
+        """Seeds the baseline needs after this round: arms are paired by (shot, seed) on shared seed numbers
+        0..n-1, so the baseline must have as many as the largest arm (its runs are not counted in the budget)."""
+        return max((a.n_seeds + a.add for a in self.arms.values()), default=0)
+
+
+def next_allocation(
+    arm_results: Mapping[str, Sequence[float] | MarginVerdict],
+    budget: int,
+    *,
+    margin: float,
+    initial_seeds: int = 3,
+    step: int = 2,
+    max_seeds: int = 9,
+    alpha: float = 0.05,
+    better: str = "higher",
+    scale: float = 100.0,
+    unit: str = "pp",
+) -> AllocationPlan:
+    """Decide which arms get more seeds after a round of a sequential sweep (pure; call it after every round).
+
+    ``arm_results``: per arm (one cell), either its per-seed paired differences Δ = arm - baseline (same shot and
+    seed) so far, or a :class:`MarginVerdict` already read at ``alpha_per_look``. ``budget``: the total number of
+    arm seed-runs the sweep may spend, the ones already run included (baseline runs not counted).
+
+    Design (group-sequential with a Bonferroni split of α): the looks are :func:`look_schedule`'s K seed counts;
+    at each look an arm's verdict is :func:`paired_verdict` at ``alpha_per_look = alpha / K`` (its (1 - α/K) CI
+    and (1 - 2α/K) equivalence CI). Rules per arm:
+
+    * not at a planned look (fewer than ``initial_seeds``, or between looks): top up to the next look, no verdict;
+    * "better" / "worse" / "equivalent": stop (add 0);
+    * "inconclusive" at ``max_seeds``: stop, inconclusive;
+    * "inconclusive" below it: add the seeds to the next look, if the budget left covers all of them.
+
+    The budget goes to arms with the fewest seeds first, then in input order; an arm whose increment does not fit
+    gets 0 (never a partial increment, so every verdict is read at a planned look). Error rates, per arm, under
+    the t model of the seed-level differences: P(some look claims better/worse | Δ = 0) <= K · α/K = α, and
+    P(some look claims equivalent | |Δ| >= margin) <= α, by the union bound over the K looks. This holds for any
+    stopping or budget decision (stopping early removes looks), and is conservative (a Pocock or O'Brien-Fleming
+    boundary would spend α less wastefully, at the cost of the correlation computation). The final report must
+    read the verdict at the same ``alpha_per_look``. Across arms it controls each arm's error, not the family's:
+    apply :func:`bh_by_family` (or a smaller ``alpha``) for that. Power is not guaranteed: an arm can end
+    inconclusive at ``max_seeds``; size ``max_seeds`` with :func:`mde_paired` at ``alpha_per_look``.
+    """
+    schedule = look_schedule(initial_seeds, step, max_seeds)
+    _check_alpha(alpha, below=0.5)
+    margin = _check_margin(margin)
+    _check_better(better)
+    budget = _check_pos_int(budget, "budget", "give the total number of arm seed-runs allowed", minimum=0)
+    k = len(schedule)
+    alpha_look = alpha / k
+    plan_text = f"alpha {alpha_look:.3g} per look"
+
+    states: list[tuple[str, int, str, int | None, MarginVerdict | None]] = []
+    for arm, res in arm_results.items():
+        if isinstance(res, MarginVerdict):
+            v: MarginVerdict | None = res
+            n = int(res.n)
+            if res.alpha > alpha_look * (1 + 1e-9):
+                raise LeverPlusInputError(
+                    f"arm {arm!r}: the verdict was read at alpha {res.alpha:g}, above the {alpha_look:g} per look of "
+                    f"a {k}-look design", record=str(arm), field="alpha",
+                    fix=f"read it with paired_verdict(..., alpha={alpha_look:g}) or pass the differences")
+            if not math.isclose(res.margin, margin, rel_tol=1e-9):
+                raise LeverPlusInputError(f"arm {arm!r}: the verdict used margin {res.margin:g}, not {margin:g}",
+                                          record=str(arm), field="margin", fix="use one margin for the sweep")
+            if res.verdict not in VERDICTS:
+                raise LeverPlusInputError(f"arm {arm!r}: unknown verdict {res.verdict!r}", record=str(arm),
+                                          field="verdict", fix=f"use one of {VERDICTS}")
+        else:
+            n = len(res)
+            v = None
+        if n > max_seeds:
+            raise LeverPlusInputError(f"arm {arm!r} has {n} seeds, more than max_seeds={max_seeds}", record=str(arm),
+                                      field="max_seeds", fix="raise max_seeds to the planned maximum")
+        if n in schedule:
+            if v is None:
+                v = paired_verdict(res, margin, alpha=alpha_look, better=better)  # type: ignore[arg-type]
+            states.append((arm, n, v.verdict, schedule.index(n) + 1, v))
+        else:
+            states.append((arm, n, "pending", None, None))
+
+    left = budget - sum(n for _, n, *_ in states)
+    out: dict[str, ArmAllocation] = {}
+    wants: list[tuple[int, int, str, int]] = []  # (n, input order, arm, seeds to the next look)
+    for i, (arm, n, verdict_, look, v) in enumerate(states):
+        if verdict_ in ("pending", "inconclusive") and n < max_seeds:
+            nxt = next(s for s in schedule if s > n)
+            wants.append((n, i, arm, nxt - n))
+        else:
+            text = v.describe(scale=scale, unit=unit) if v is not None else ""
+            tail = f"at the maximum of {max_seeds} seeds, stop" if verdict_ == "inconclusive" else "stop"
+            out[arm] = ArmAllocation(arm, n, 0, verdict_, look, f"{text}; {tail} (look {look} of {k}, {plan_text})", v)
+    for n, i, arm, need in sorted(wants):
+        _, _, verdict_, look, v = states[i]
+        if verdict_ == "pending":
+            head = (f"not started: first look at {schedule[0]} seeds" if n == 0 else
+                    f"{n} seed{'s' if n != 1 else ''} is not a planned look {schedule}: no verdict read")
+            where = f"to reach {n + need}"
+        else:
+            head = v.describe(scale=scale, unit=unit) + f" (look {look} of {k}, {plan_text})"  # type: ignore[union-attr]
+            where = f"for look {schedule.index(n + need) + 1}"
+        if need <= left:
+            left -= need
+            out[arm] = ArmAllocation(arm, n, need, verdict_, look, f"{head}; +{need} seed{'s' if need != 1 else ''} "
+                                                                   f"{where}", v)
+        else:
+            out[arm] = ArmAllocation(arm, n, 0, verdict_, look, f"{head}; needs +{need} {where} but the budget has "
+                                                                f"{max(left, 0)} seed run(s) left", v)
+    ordered = {arm: out[arm] for arm, *_ in states}
+    return AllocationPlan(ordered, schedule, float(alpha), alpha_look, budget, max(left, 0))

@@ -13,11 +13,14 @@ from scipy import stats as sps
 from leverplus.errors import LeverPlusInputError
 from leverplus.stats import (
     Estimate,
+    MarginVerdict,
     PairedResult,
     equivalence_test,
     four_way_verdict,
+    look_schedule,
     mde_paired,
     mean_ci,
+    next_allocation,
     paired_bootstrap,
     paired_permutation_test,
     paired_verdict,
@@ -578,3 +581,129 @@ def test_plan_from_pilot_by_hand():
         plan_from_pilot([0.01], n_seeds=3, query_sds=[0.3])
     with pytest.raises(LeverPlusInputError, match="pool"):
         plan_from_pilot([0.01], n_seeds=3, pool="mean")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# adaptive seed allocation
+# ----------------------------------------------------------------------------------------------------------
+# Schedule (3, 5, 7): K = 3 looks, alpha per look = .05 / 3 = .0166667, so the CIs read at each look are the
+# 98.33% (difference) and 96.67% (equivalence) intervals. Margin .005 = 0.50 accuracy points.
+A3 = 0.05 / 3
+
+
+def _mv(lo, hi, eq_lo, eq_hi, n, margin=0.005, alpha=A3):
+    """A hand-specified look result; its verdict is read by the rules of four_way_verdict."""
+    v = four_way_verdict((lo, hi), (eq_lo, eq_hi), margin, alpha=alpha)
+    return MarginVerdict(v, (lo + hi) / 2, lo, hi, eq_lo, eq_hi, math.nan, margin, alpha, n)
+
+
+def test_look_schedule():
+    assert look_schedule(3, 2, 9) == (3, 5, 7, 9)
+    assert look_schedule(3, 2, 8) == (3, 5, 7, 8)  # max_seeds is always the last look
+    assert look_schedule(4, 4, 4) == (4,)
+    with pytest.raises(LeverPlusInputError, match="initial_seeds"):
+        look_schedule(1, 2, 9)
+    with pytest.raises(LeverPlusInputError, match="max_seeds"):
+        look_schedule(5, 2, 3)
+
+
+def test_allocation_scripted_three_rounds():
+    kw = dict(margin=0.005, initial_seeds=3, step=2, max_seeds=7)
+    # round 1 (every arm at 3 seeds; 9 of the 16 runs spent, 7 left):
+    #   A: CI [.2, 1.2] pp excludes 0 -> better, stop;  B: CI [-.8, 1.2] includes 0, equivalence CI [-.6, 1.0]
+    #   not inside +-.5 -> inconclusive, +2;  C: [-1.0, .4] / [-.8, .2] -> inconclusive, +2.  7 - 4 = 3 left.
+    r1 = {"A": _mv(0.002, 0.012, 0.003, 0.011, 3), "B": _mv(-0.008, 0.012, -0.006, 0.010, 3),
+          "C": _mv(-0.010, 0.004, -0.008, 0.002, 3)}
+    p1 = next_allocation(r1, 16, **kw)
+    assert p1.schedule == (3, 5, 7) and p1.alpha_per_look == pytest.approx(A3)
+    assert {a: (x.verdict, x.add) for a, x in p1.arms.items()} == {
+        "A": ("better", 0), "B": ("inconclusive", 2), "C": ("inconclusive", 2)}
+    assert p1.budget_left == 3 and p1.baseline_seeds == 5 and not p1.done
+    assert p1.arms["B"].reason == ("inconclusive after 3 seeds: 98.33% CI [-0.80, +1.20] pp includes 0; 96.67% CI "
+                                   "[-0.60, +1.00] pp not inside ±0.50 pp (look 1 of 3, alpha 0.0167 per look); "
+                                   "+2 seeds for look 2")
+    assert p1.arms["A"].reason == ("better after 3 seeds: 98.33% CI [+0.20, +1.20] pp excludes 0; "
+                                   "stop (look 1 of 3, alpha 0.0167 per look)")
+    # round 2 (A 3, B 5, C 5: 13 spent, 3 left): B's equivalence CI [-.2, .3] is inside +-.5 -> equivalent, stop;
+    #   C: [-.9, .1] / [-.8, -.1] -> inconclusive, +2 (1 left).
+    r2 = {"A": r1["A"], "B": _mv(-0.003, 0.004, -0.002, 0.003, 5), "C": _mv(-0.009, 0.001, -0.008, -0.001, 5)}
+    p2 = next_allocation(r2, 16, **kw)
+    assert {a: (x.verdict, x.add, x.look) for a, x in p2.arms.items()} == {
+        "A": ("better", 0, 1), "B": ("equivalent", 0, 2), "C": ("inconclusive", 2, 2)}
+    assert p2.budget_left == 1 and p2.arms["C"].reason.endswith("+2 seeds for look 3")
+    # round 3 (C at 7 = max_seeds): still inconclusive -> stop; nothing more is allocated
+    r3 = {**r2, "C": _mv(-0.007, 0.0005, -0.0062, -0.0008, 7)}
+    p3 = next_allocation(r3, 16, **kw)
+    assert p3.arms["C"].verdict == "inconclusive" and p3.arms["C"].add == 0
+    assert p3.arms["C"].reason.endswith("at the maximum of 7 seeds, stop (look 3 of 3, alpha 0.0167 per look)")
+    assert p3.done and p3.total_add == 0 and p3.budget_left == 1
+
+
+def test_allocation_budget_and_pending_arms():
+    kw = dict(margin=0.005, initial_seeds=3, step=2, max_seeds=7)
+    r = {"A": _mv(0.002, 0.012, 0.003, 0.011, 3), "B": _mv(-0.008, 0.012, -0.006, 0.010, 3),
+         "C": _mv(-0.010, 0.004, -0.008, 0.002, 3)}
+    # budget 11: 9 spent, 2 left -> B (first in input order among the 3-seed arms) +2, C gets nothing
+    p = next_allocation(r, 11, **kw)
+    assert (p.arms["B"].add, p.arms["C"].add, p.budget_left) == (2, 0, 0)
+    assert p.arms["C"].reason.endswith("needs +2 for look 2 but the budget has 0 seed run(s) left")
+    # fewest seeds first: a not-started arm D (0 seeds) is served before B and C; an arm with 4 seeds (a failed run
+    # between looks) is topped up to 5 with no verdict read. Budget 20 - (3+3+3+0+4 = 13) = 7: D +3, B +2, C +2,
+    # E (4 seeds) needs 1 but 0 are left.
+    r2 = {**r, "D": [], "E": [0.001, 0.002, 0.0, 0.001]}
+    p2 = next_allocation(r2, 20, **kw)
+    assert [(a, x.add) for a, x in p2.arms.items()] == [("A", 0), ("B", 2), ("C", 2), ("D", 3), ("E", 0)]
+    assert p2.arms["D"].verdict == "pending" and p2.arms["D"].reason == ("not started: first look at 3 seeds; "
+                                                                         "+3 seeds to reach 3")
+    assert p2.arms["E"].verdict == "pending" and p2.arms["E"].result is None
+    assert p2.arms["E"].reason.startswith("4 seeds is not a planned look (3, 5, 7): no verdict read; needs +1")
+    p3 = next_allocation(r2, 21, **kw)
+    assert p3.arms["E"].add == 1 and p3.arms["E"].reason.endswith("+1 seed to reach 5")
+
+
+def test_allocation_from_differences_by_hand():
+    # A: d = [.010, .011, .012] (mean .011, sd .001). At alpha/3 the CI uses t_{2, 1 - 1/120}: a = 1 - 1/60 =
+    # .9833333, t = sqrt(2 a^2 / (1 - a^2)) = sqrt(58.5042) = 7.6488; half = 7.6488 * .001 / sqrt 3 = .0044160
+    # -> [.006584, .015416] excludes 0 -> better.  B: d = [.01, -.01, 0]: mean 0, sd .01 -> inconclusive, +2.
+    a = 1 - 1 / 60
+    half = math.sqrt(2 * a * a / (1 - a * a)) * 0.001 / math.sqrt(3)
+    p = next_allocation({"A": [0.010, 0.011, 0.012], "B": [0.01, -0.01, 0.0]}, 10, margin=0.005, max_seeds=7)
+    assert p.arms["A"].verdict == "better" and p.arms["A"].add == 0
+    assert (p.arms["A"].result.lo, p.arms["A"].result.hi) == pytest.approx((0.011 - half, 0.011 + half), abs=1e-12)
+    assert p.arms["A"].reason.startswith("better after 3 seeds: 98.33% CI [+0.66, +1.54] pp excludes 0")
+    assert p.arms["B"].verdict == "inconclusive" and p.arms["B"].add == 2 and p.budget_left == 2
+    # the direction follows `better`: for a loss, the same differences are "worse"
+    assert next_allocation({"A": [0.010, 0.011, 0.012]}, 10, margin=0.005, max_seeds=7,
+                           better="lower").arms["A"].verdict == "worse"
+
+
+def test_allocation_refuses_uncorrected_or_inconsistent_input():
+    kw = dict(margin=0.005, initial_seeds=3, step=2, max_seeds=7)
+    with pytest.raises(LeverPlusInputError, match="alpha"):  # read at .05, the design allows .0167 per look
+        next_allocation({"A": _mv(0.002, 0.012, 0.003, 0.011, 3, alpha=0.05)}, 16, **kw)
+    with pytest.raises(LeverPlusInputError, match="margin"):
+        next_allocation({"A": _mv(0.002, 0.012, 0.003, 0.011, 3, margin=0.01)}, 16, **kw)
+    with pytest.raises(LeverPlusInputError, match="max_seeds"):
+        next_allocation({"A": [0.0] * 8}, 16, **kw)
+    with pytest.raises(LeverPlusInputError, match="budget"):
+        next_allocation({"A": [0.0] * 3}, -1, **kw)
+
+
+def test_allocation_error_rates_by_simulation():
+    # The stated guarantee: with K = 4 looks at alpha/4 each, P(any false better/worse | true delta = 0) <= .05
+    # and P(false equivalent | |delta| = margin) <= .05. Simulate 600 sequential sweeps of one arm each
+    # (normal seed differences, sd 1, margin .5, schedule 3, 5, 7, 9) and run the allocation rule to its end.
+    def run(mean, rng):
+        d = list(rng.normal(mean, 1.0, 9))
+        n = 3
+        while True:
+            arm = next_allocation({"x": d[:n]}, 9, margin=0.5).arms["x"]
+            if arm.add == 0:
+                return arm.verdict
+            n += arm.add
+
+    rng = np.random.default_rng(21)
+    null = [run(0.0, rng) for _ in range(600)]
+    assert sum(v in ("better", "worse") for v in null) <= 0.05 * 600 + 3 * math.sqrt(0.05 * 0.95 * 600)  # <= 46
+    at_margin = [run(0.5, rng) for _ in range(600)]
+    assert sum(v == "equivalent" for v in at_margin) <= 46
