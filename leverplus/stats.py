@@ -874,3 +874,58 @@ def next_allocation(
                                                                 f"{max(left, 0)} seed run(s) left", v)
     ordered = {arm: out[arm] for arm, *_ in states}
     return AllocationPlan(ordered, schedule, float(alpha), alpha_look, budget, max(left, 0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benjamini-Hochberg within families
+# ----------------------------------------------------------------------------------------------------------
+
+
+def bh_by_family(p_values: Sequence[float], families: Sequence[Hashable] | None = None) -> np.ndarray:
+    """Benjamini-Hochberg q-values computed separately within each family (same order as ``p_values``).
+
+    Why: the false discovery rate is controlled over the set of tests it is computed on, so the family must be
+    chosen (all cells, each shot, each factor level...) and said. Within a family of m finite p-values with ranks
+    i (ascending), ``q_(i) = min_{j >= i} min(1, m · p_(j) / j)`` (``scipy.stats.false_discovery_control``,
+    method "bh"); rejecting q < α controls the family's FDR at α (independent or positively dependent tests).
+    ``families=None`` is one family. NaN p-values get NaN q and do not count in m.
+    """
+    p = np.asarray(p_values, dtype=float)
+    if p.ndim != 1:
+        raise LeverPlusInputError(f"expected a flat sequence of p-values, got shape {p.shape}", field="p_values",
+                                  fix="pass one p-value per test")
+    bad = np.flatnonzero(~np.isnan(p) & ((p < 0) | (p > 1)))
+    if bad.size:
+        raise LeverPlusInputError(f"p-value {p[bad[0]]} is outside [0, 1]", record=str(int(bad[0])),
+                                  field="p_values", fix="pass p-values (NaN for a test that could not be run)")
+    labels = [None] * p.size if families is None else list(families)
+    if len(labels) != p.size:
+        raise LeverPlusInputError(f"{p.size} p-values but {len(labels)} family labels", field="families",
+                                  fix="give one family label per p-value")
+    q = np.full(p.size, math.nan)
+    groups: dict[Hashable, list[int]] = {}
+    for i, lab in enumerate(labels):
+        if not np.isnan(p[i]):
+            groups.setdefault(lab, []).append(i)
+    for idx in groups.values():
+        q[idx] = sps.false_discovery_control(p[idx], method="bh")
+    return q
+
+
+def family_labels(cells: Sequence[Mapping[str, object]], by: str | Sequence[str] = "all") -> list[tuple]:
+    """Family label per cell for :func:`bh_by_family`: ``by="all"`` puts every cell in one family; a column name
+    (e.g. ``"shot_num"`` for per-shot families) or several (``("shot_num", "params.reward.mode")``) groups the cells
+    by the values of those keys (a per-factor family: one family per level of that factor)."""
+    if by == "all":
+        return [() for _ in cells]
+    keys = (by,) if isinstance(by, str) else tuple(by)
+    if not keys:
+        raise LeverPlusInputError("no family keys given", field="by", fix="use 'all' or name the columns")
+    out = []
+    for i, c in enumerate(cells):
+        missing = [k for k in keys if k not in c]
+        if missing:
+            raise LeverPlusInputError(f"cell has no {missing[0]!r}", record=str(i), field="by",
+                                      fix=f"family keys must be fields of every cell; this one has {sorted(c)}")
+        out.append(tuple(c[k] for k in keys))
+    return out

@@ -13,9 +13,11 @@ from scipy import stats as sps
 from leverplus.errors import LeverPlusInputError
 from leverplus.stats import (
     Estimate,
+    bh_by_family,
     MarginVerdict,
     PairedResult,
     equivalence_test,
+    family_labels,
     four_way_verdict,
     look_schedule,
     mde_paired,
@@ -707,3 +709,49 @@ def test_allocation_error_rates_by_simulation():
     assert sum(v in ("better", "worse") for v in null) <= 0.05 * 600 + 3 * math.sqrt(0.05 * 0.95 * 600)  # <= 46
     at_margin = [run(0.5, rng) for _ in range(600)]
     assert sum(v == "equivalent" for v in at_margin) <= 46
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benjamini-Hochberg within families
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_bh_one_family_by_hand():
+    # p = [.01, .04, .03, .20], m = 4. Sorted .01, .03, .04, .20 -> m p / rank = .04, .06, .0533, .20;
+    # running minimum from the top: .20, .0533, .0533, .04 -> back in input order [.04, .0533, .0533, .20]
+    q = bh_by_family([0.01, 0.04, 0.03, 0.20])
+    assert q == pytest.approx([0.04, 0.16 / 3, 0.16 / 3, 0.20], abs=1e-12)
+    assert list(bh_by_family([0.01, 0.04, 0.03, 0.20], ["x"] * 4)) == list(q)
+    # one family is what compare.py's q column computes (scipy's BH over all arm cells)
+    ps = np.random.default_rng(1).random(30) ** 3
+    assert np.array_equal(bh_by_family(ps), sps.false_discovery_control(ps, method="bh"))
+
+
+def test_bh_per_family_by_hand():
+    # families by shot: shot 1 = {.01, .04}: 2 * .01 / 1 = .02, 2 * .04 / 2 = .04 -> [.02, .04];
+    # shot 2 = {.03, .20}: .06, .20 -> [.06, .20]. Smaller families -> smaller q than in one family of 4.
+    cells = [{"shot_num": 1, "mode": "hard"}, {"shot_num": 1, "mode": "soft"},
+             {"shot_num": 2, "mode": "hard"}, {"shot_num": 2, "mode": "soft"}]
+    p = [0.01, 0.04, 0.03, 0.20]
+    q = bh_by_family(p, family_labels(cells, "shot_num"))
+    assert q == pytest.approx([0.02, 0.04, 0.06, 0.20], abs=1e-12)
+    # per reward mode: hard = {.01, .03} -> .02, .03; soft = {.04, .20} -> .08, .20
+    assert bh_by_family(p, family_labels(cells, "mode")) == pytest.approx([0.02, 0.08, 0.03, 0.20], abs=1e-12)
+    assert family_labels(cells, "all") == [()] * 4
+    assert family_labels(cells, ("shot_num", "mode"))[1] == (1, "soft")
+    # singleton families: q = p
+    assert bh_by_family(p, family_labels(cells, ("shot_num", "mode"))) == pytest.approx(p)
+
+
+def test_bh_nan_and_errors():
+    # NaN is left out: the other three form a family of m = 3. Sorted .01, .03, .04 -> 3 p / rank = .03, .045, .04;
+    # running minimum from the top: .04, .04, .03 -> .01 -> .03, .04 -> .04, .03 -> .04
+    q = bh_by_family([0.01, math.nan, 0.04, 0.03])
+    assert math.isnan(q[1]) and [q[0], q[2], q[3]] == pytest.approx([0.03, 0.04, 0.04], abs=1e-12)
+    assert bh_by_family([]).size == 0
+    with pytest.raises(LeverPlusInputError, match="outside"):
+        bh_by_family([0.5, 1.5])
+    with pytest.raises(LeverPlusInputError, match="labels"):
+        bh_by_family([0.5, 0.1], ["a"])
+    with pytest.raises(LeverPlusInputError, match="shot_num"):
+        family_labels([{"mode": "hard"}], "shot_num")
