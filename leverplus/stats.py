@@ -1,8 +1,12 @@
-"""Confidence intervals and paired comparisons for evaluation results and sweep arms.
+"""Confidence intervals, paired tests and verdicts for evaluation results and sweep arms (pure numpy/scipy).
 
 Every estimate carries n and a 95% interval by default, so a reported difference can be judged:
 ``mean_ci`` (Student t), ``proportion_ci`` (Wilson score interval), ``paired_t_test`` and
 ``paired_bootstrap`` (per-query differences of two systems on the same queries), and ``verdict``.
+Calibrated per-query test: ``sign_flip_test`` / ``paired_permutation_test``. Equivalence and the four-way
+verdict: ``equivalence_test`` (TOST), ``four_way_verdict``, ``paired_verdict``. Planning: ``power_paired``,
+``mde_paired``, ``seeds_needed``, ``plan_from_pilot``. Sequential seeds: ``look_schedule``, ``next_allocation``.
+Multiplicity: ``bh_by_family``, ``family_labels``. Formulas and rules: docs/statistics.md.
 """
 
 from __future__ import annotations
@@ -863,7 +867,8 @@ def next_allocation(
                     f"{n} seed{'s' if n != 1 else ''} is not a planned look {schedule}: no verdict read")
             where = f"to reach {n + need}"
         else:
-            head = v.describe(scale=scale, unit=unit) + f" (look {look} of {k}, {plan_text})"  # type: ignore[union-attr]
+            assert v is not None
+            head = v.describe(scale=scale, unit=unit) + f" (look {look} of {k}, {plan_text})"
             where = f"for look {schedule.index(n + need) + 1}"
         if need <= left:
             left -= need

@@ -1,5 +1,6 @@
-"""Tests for leverplus.stats: t and Wilson intervals, paired t-test, paired bootstrap, verdict.
-Hand values are worked out in the comments (t and z quantiles from tables)."""
+"""Tests for leverplus.stats: t and Wilson intervals, paired t-test, paired bootstrap, verdict, sign-flip test,
+TOST and the four-way verdict, power/MDE, adaptive seed allocation, BH within families.
+Hand values are worked out in the comments (t and z quantiles from tables or closed forms)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from scipy import stats as sps
 from leverplus.errors import LeverPlusInputError
 from leverplus.stats import (
     Estimate,
-    bh_by_family,
     MarginVerdict,
     PairedResult,
+    bh_by_family,
     equivalence_test,
     family_labels,
     four_way_verdict,
@@ -25,10 +26,10 @@ from leverplus.stats import (
     next_allocation,
     paired_bootstrap,
     paired_permutation_test,
+    paired_t_test,
     paired_verdict,
     plan_from_pilot,
     power_paired,
-    paired_t_test,
     proportion_ci,
     seeds_needed,
     sign_flip_test,
@@ -474,7 +475,8 @@ def test_paired_verdict_by_hand_df2():
     assert corr.lo == pytest.approx(3 - t_corr * SE_123, abs=1e-9) and corr.verdict == "inconclusive"
     assert corr.describe().startswith("inconclusive after 3 seeds: 98.75% CI [-2.12, +8.12] includes 0; 97.5% CI")
     one = paired_verdict([0.1], margin=0.5)
-    assert one.verdict == "inconclusive" and one.describe() == "inconclusive after 1 seed: too few seeds for an interval"
+    assert one.verdict == "inconclusive"
+    assert one.describe() == "inconclusive after 1 seed: too few seeds for an interval"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -610,7 +612,7 @@ def test_look_schedule():
 
 
 def test_allocation_scripted_three_rounds():
-    kw = dict(margin=0.005, initial_seeds=3, step=2, max_seeds=7)
+    kw = {"margin": 0.005, "initial_seeds": 3, "step": 2, "max_seeds": 7}
     # round 1 (every arm at 3 seeds; 9 of the 16 runs spent, 7 left):
     #   A: CI [.2, 1.2] pp excludes 0 -> better, stop;  B: CI [-.8, 1.2] includes 0, equivalence CI [-.6, 1.0]
     #   not inside +-.5 -> inconclusive, +2;  C: [-1.0, .4] / [-.8, .2] -> inconclusive, +2.  7 - 4 = 3 left.
@@ -642,7 +644,7 @@ def test_allocation_scripted_three_rounds():
 
 
 def test_allocation_budget_and_pending_arms():
-    kw = dict(margin=0.005, initial_seeds=3, step=2, max_seeds=7)
+    kw = {"margin": 0.005, "initial_seeds": 3, "step": 2, "max_seeds": 7}
     r = {"A": _mv(0.002, 0.012, 0.003, 0.011, 3), "B": _mv(-0.008, 0.012, -0.006, 0.010, 3),
          "C": _mv(-0.010, 0.004, -0.008, 0.002, 3)}
     # budget 11: 9 spent, 2 left -> B (first in input order among the 3-seed arms) +2, C gets nothing
@@ -680,7 +682,7 @@ def test_allocation_from_differences_by_hand():
 
 
 def test_allocation_refuses_uncorrected_or_inconsistent_input():
-    kw = dict(margin=0.005, initial_seeds=3, step=2, max_seeds=7)
+    kw = {"margin": 0.005, "initial_seeds": 3, "step": 2, "max_seeds": 7}
     with pytest.raises(LeverPlusInputError, match="alpha"):  # read at .05, the design allows .0167 per look
         next_allocation({"A": _mv(0.002, 0.012, 0.003, 0.011, 3, alpha=0.05)}, 16, **kw)
     with pytest.raises(LeverPlusInputError, match="margin"):
