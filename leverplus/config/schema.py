@@ -86,14 +86,14 @@ class DataConfig:
     # Split of the RL queries (by sorted query id, before filtering, as the reference).
     train_fraction: float = 0.8
     split_file: Optional[str] = None  # JSON {"train": [ids], "val": [ids]} overrides the fraction
-    # Filters (spec §4.2).
+    # Filters (reference#dataset-rl).
     skip_fallback_reward: bool = True
     drop_eval_errors: bool = True  # drop vqa_eval_mode == "error" and eval_failed candidates
     filter_gen_methods: Optional[List[str]] = None
     require_positive_query: bool = False
     positive_reward_threshold: float = 1.0  # reference: any(r >= 1.0) on the *reward* (mode-dependent)
     max_pool_size: int = 64  # reference truncates pools to 64; a pointer outside the truncated pool is an error
-    # Group normalisation (spec §3.2).
+    # Group normalisation (reference#reward-normalisation).
     normalize_method: NormalizeMethod = NormalizeMethod.z_score_clamp
     normalize_clamp: float = 3.0
     batch_size: int = 32  # queries per optimiser step (reference: forced to 1)

@@ -283,7 +283,7 @@ def build_groups(
     query_ids: Optional[Sequence[int]] = None,
     stats: Optional[FilterStats] = None,
 ) -> List[Group]:
-    """Turn validated RL records into training groups (spec §4.2), in sorted query-id order.
+    """Turn validated RL records into training groups (reference#dataset-rl), in sorted query-id order.
 
     Pools: ``candidate_pool_ids`` when present; else ``fallback_pools[qid]`` when the data source gives one; else the
     reference's per-query sorted union of the surviving pointers' ids. Pools longer than ``max_pool_size`` are
@@ -331,7 +331,7 @@ def beam_groups(
     """SFT groups from the InfoScore beam JSON: every beam is a target sequence over the query's pool.
 
     The pool is the query's RL/anchor pool when known (the reference's v2 SFT used the 2 gold ICDs as the pool with
-    parity labels — bug C4 — so it learned nothing transferable); beam ids missing from it are appended.
+    parity labels — reference#defect-c4 — so it learned nothing transferable); beam ids missing from it are appended.
     """
     groups = []
     for qid in sorted(query_ids):

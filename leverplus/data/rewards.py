@@ -1,17 +1,17 @@
 """Rewards: one candidate dict -> one float, and per-group normalisation.
 
-Every reward mode of spec §3.1 is a small function in the ``REWARD_MODES`` registry, keyed by the
+Every reward mode of reference#reward-modes is a small function in the ``REWARD_MODES`` registry, keyed by the
 ``reward_mode`` config string, so a new variant is one decorated function, never a copied file.
-``compute_reward`` looks the mode up, runs it and clips the result to ``[-clip, clip]`` (§3.1, ``reward_clip``).
+``compute_reward`` looks the mode up, runs it and clips the result to ``[-clip, clip]`` (reference#reward-modes, ``reward_clip``).
 
-Candidate fields (spec §1b), read as ``float(field or 0)`` so a missing or null field counts as 0:
+Candidate fields (reference#formats-rl-json), read as ``float(field or 0)`` so a missing or null field counts as 0:
 
 * ``h = vqa_correct``     (0/1; absent in the VQAv2 "balanced" data, so ``hard_plus_soft`` is the accuracy there)
 * ``s = vqa_acc_score``   (official VQA accuracy in [0, 1])
 * ``p = vqa_gt_prob``     (expected-accuracy probability, not bounded by 1)
 * ``ρ = vqa_rel_score``   (answer relevance)
 
-``normalize_group`` turns the raw rewards of one query's group into ``beam_rewards`` (§3.2).
+``normalize_group`` turns the raw rewards of one query's group into ``beam_rewards`` (reference#reward-normalisation).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _optional_field(c: Mapping, name: str) -> Optional[float]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The modes of spec §3.1 (unclipped; compute_reward clips)
+# The modes of reference#reward-modes (unclipped; compute_reward clips)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -200,7 +200,7 @@ def compute_reward(
     info_weight: float = 0.5,
     clip: float = 5.0,
 ) -> float:
-    """Reward of one RL candidate under ``mode`` (spec §3.1), clipped to ``[-clip, clip]`` (reference: 5).
+    """Reward of one RL candidate under ``mode`` (reference#reward-modes), clipped to ``[-clip, clip]`` (reference: 5).
 
     Raises ``LeverPlusInputError`` for an unknown mode (the message lists the valid ones), an unknown
     ``correctness_mode``, a non-numeric or non-finite field, and ``hybrid`` without ``info``.
@@ -256,7 +256,7 @@ def hybrid_info_values(candidates: Sequence[Mapping], infoscores: Sequence[Optio
 
 def normalize_group(rewards: Tensor, method: str = "z_score_clamp", clamp: float = 3.0,
                     eps: float = 1e-12) -> Tensor:
-    """Normalise one query's raw rewards ``[G]`` into ``beam_rewards`` (spec §3.2); returns a new float tensor.
+    """Normalise one query's raw rewards ``[G]`` into ``beam_rewards`` (reference#reward-normalisation); returns a new float tensor.
 
     μ and the **unbiased** σ are taken over the group.
     * ``z_score``: ``(r − μ)/σ`` if ``σ > eps`` (reference 1e-12), else the raw rewards unchanged (also for G = 1);

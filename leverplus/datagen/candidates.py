@@ -1,8 +1,8 @@
-"""RL pointer candidates (spec §6.2) and their scored RL-JSON records (spec §1b, §6.5-§6.7).
+"""RL pointer candidates (reference#rldata-candidates) and their scored RL-JSON records (reference#formats-rl-json, reference#rldata).
 
 One code path for every generator of RL data: the simulated world (``leverplus.sim.generate``) and the generic
 ``python -m leverplus.generate_rl_data`` both call :func:`build_candidates` for the four generators and the
-de-duplication, and :func:`score_queries` to ask a scorer for answers and turn each candidate into the §1b record.
+de-duplication, and :func:`score_queries` to ask a scorer for answers and turn each candidate into reference#formats-rl-json record.
 
 Pointers here are POSITIONS in the query's candidate pool (a list of global train ids). The record writer maps them
 to what the file stores: local positions plus ``pointer_global`` and ``candidate_pool_ids`` (the K=64 variant), or
@@ -31,11 +31,11 @@ from leverplus.model.decoding import StepFn, beam_search, sample_sequences
 if TYPE_CHECKING:  # pragma: no cover
     from leverplus.datagen.scorers.base import Scorer
 
-#: Priority of generators when two candidates are the same unordered ICD set (spec §6.2 step 5).
+#: Priority of generators when two candidates are the same unordered ICD set (reference#rldata-candidates step 5).
 GEN_PRIORITY = {"beam": 4, "retrieval": 3, "sample": 2, "random": 1}
-#: Eval modes of a written candidate (spec §1b ``vqa_eval_mode``).
+#: Eval modes of a written candidate (reference#formats-rl-json ``vqa_eval_mode``).
 EVAL_MODES = ("vqaEval", "fallback", "error")
-#: Why a candidate can be left out of the file (strict evaluation, spec §6.5).
+#: Why a candidate can be left out of the file (strict evaluation, reference#correctness).
 DROP_REASONS = ("no_official_annotation", "eval_error")
 #: Seed-sequence stream ids of the per-query generators (kept from the simulator, so its files do not change).
 SAMPLE_STREAM, RANDOM_STREAM = 2003, 2002
@@ -43,7 +43,7 @@ SAMPLE_STREAM, RANDOM_STREAM = 2003, 2002
 
 @dataclass(frozen=True)
 class CandidateSettings:
-    """How many candidates each generator proposes (reference CLI defaults, spec §6.1)."""
+    """How many candidates each generator proposes (reference CLI defaults, reference#rldata-driver)."""
 
     num_beams: int = 5
     temps: tuple[float, ...] = (1.0, 1.3)
@@ -105,7 +105,7 @@ def random_pointers(num_items: int, shot_num: int, num_random: int, rng: np.rand
 
 
 def dedupe_by_priority(candidates: Sequence[dict], priority: Optional[dict] = None) -> list[dict]:
-    """De-duplicate by the unordered ICD set ``tuple(sorted(pointer))`` (spec §6.2 step 5): a duplicate of higher
+    """De-duplicate by the unordered ICD set ``tuple(sorted(pointer))`` (reference#rldata-candidates step 5): a duplicate of higher
     priority replaces the stored candidate in place (the set keeps its first position); ties keep the first."""
     priority = GEN_PRIORITY if priority is None else priority
     kept: dict[tuple, dict] = {}
@@ -119,7 +119,7 @@ def dedupe_by_priority(candidates: Sequence[dict], priority: Optional[dict] = No
 def build_candidates(step: StepFn, similarity: np.ndarray, shot_num: int, settings: CandidateSettings, *,
                      sample_generator: torch.Generator, random_rng: np.random.Generator,
                      exclude: Iterable[int] = ()) -> list[dict]:
-    """Spec §6.2 candidates for one query over a pool of ``K = len(similarity)`` items, in positions.
+    """reference#rldata-candidates candidates for one query over a pool of ``K = len(similarity)`` items, in positions.
 
     * beam: pointer-net beam search (``decoding.beam_search``), ``beam_rank``/``beam_score``/``logprob_score``;
     * sample: for each τ in ``temps``, ``num_samples_per_temp`` draws (``logprob_score`` is τ-scaled, reference);
@@ -151,7 +151,7 @@ def build_candidates(step: StepFn, similarity: np.ndarray, shot_num: int, settin
 
 
 # ------------------------------------------------------------------------------------------------------
-# Scoring: answers, correctness (official metric or fallback), gt_prob, relevance -> §1b records
+# Scoring: answers, correctness (official metric or fallback), gt_prob, relevance -> reference#formats-rl-json records
 # ------------------------------------------------------------------------------------------------------
 
 
@@ -199,7 +199,7 @@ def eval_mode_percent(counts: dict[str, int], ndigits: int = 2) -> dict[str, flo
 def candidate_record(cand: dict, pool_ids: Sequence[int], *, local_pool: bool, raw: str, pred: str, correct: int,
                      acc: float, gt_prob: float, rel: dict, mode: str, split_used: Optional[str],
                      failed: bool, prompt: Optional[tuple[str, int]] = None) -> dict:
-    """The §1b candidate dict, fields in the reference's order (file bytes depend on it)."""
+    """The reference#formats-rl-json candidate dict, fields in the reference's order (file bytes depend on it)."""
     positions = [int(i) for i in cand["pointer"]]
     glob = [int(pool_ids[i]) for i in positions]
     out: dict[str, Any] = {"pointer": positions if local_pool else glob}
@@ -222,8 +222,8 @@ _ZERO_REL = {"vqa_rel_token_f1": 0.0, "vqa_rel_edit_sim": 0.0, "vqa_rel_score": 
 def score_queries(scorer: "Scorer", split: str, jobs: Sequence[QueryJob], *, strict_eval: bool,
                   save_prompts: bool = False, cache: Optional[dict] = None) -> tuple[dict[int, Optional[dict]],
                                                                                      ScoreCounts]:
-    """Answer and score every candidate of ``jobs`` (one scorer batch over all their prompts), spec §6.1 order:
-    generate, score (§6.5), ``vqa_gt_prob`` (§6.6), relevance (§6.7), then the §1b fields.
+    """Answer and score every candidate of ``jobs`` (one scorer batch over all their prompts), reference#rldata-driver order:
+    generate, score (reference#correctness), ``vqa_gt_prob`` (reference#gt-prob), relevance (reference#relevance), then reference#formats-rl-json fields.
 
     Correctness: the official VQA metric (``vqa_eval_mode="vqaEval"``) when ``scorer.official_answers`` has the
     query's annotations; otherwise strict evaluation drops the candidate (reference default) and non-strict uses

@@ -1,4 +1,4 @@
-"""``python -m leverplus.generate_beam_data``: InfoScore beam search (spec §1a) -> the beam JSON.
+"""``python -m leverplus.generate_beam_data``: InfoScore beam search (reference#formats-beam-json) -> the beam JSON.
 
 For each anchor query and its candidate pool, beam search keeps the ``beam_size`` ICD sequences with the largest
 InfoScore ``P(y | [c] + chosen + query) − P(y | chosen + query)``, with ``y`` the anchor's answer and ``P`` the
@@ -78,7 +78,7 @@ class GenerateBeamConfig:
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     beam_size: int = 5  # reference 5
     max_shot: int = 2  # reference few_shot_num 2
-    per_beam_largest: bool = True  # [QUIRK §1a] reference Qwen path: false (keeps each beam's most negative scores)
+    per_beam_largest: bool = True  # [QUIRK reference#formats-beam-json] reference Qwen path: false (keeps each beam's most negative scores)
     seed: int = 42  # the uniform anchor/pool sampler (reference RandSampler: random.seed(42))
     save_interval: int = 50
     resume: bool = True

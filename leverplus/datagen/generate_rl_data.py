@@ -1,9 +1,9 @@
-"""``python -m leverplus.generate_rl_data``: RL data generation (spec §6, §1b), one shot count per run.
+"""``python -m leverplus.generate_rl_data``: RL data generation (reference#rldata, reference#formats-rl-json), one shot count per run.
 
 For each query: pointer candidates from a selector checkpoint (beam search, temperature sampling, retrieval,
-random; de-duplicated beam > retrieval > sample > random, spec §6.2), answers from a scorer (``sim`` or ``hf``),
+random; de-duplicated beam > retrieval > sample > random, reference#rldata-candidates), answers from a scorer (``sim`` or ``hf``),
 correctness by the official VQA metric (``vqa_eval_mode="vqaEval"``) or the string-match fallback
-(``"fallback"``), ``vqa_gt_prob`` and relevance; every §1b candidate field is written. The final ``_meta``
+(``"fallback"``), ``vqa_gt_prob`` and relevance; every reference#formats-rl-json candidate field is written. The final ``_meta``
 records (and the run prints) the count and percentage of each eval mode.
 
 Resumable (finished query ids are skipped), saved atomically every ``save_interval`` queries, shardable by
@@ -63,7 +63,7 @@ LABEL = "generate_rl_data"
 
 class PoolSource(str, Enum):
     auto = "auto"  # the scorer's own per-query pools when it has them (sim), else the whole train split
-    all = "all"  # the whole train split minus the query (reference §6.1); pointers are global ids
+    all = "all"  # the whole train split minus the query (reference reference#rldata-driver); pointers are global ids
     scorer = "scorer"  # the scorer's per-query pools (sim: the RandSampler 64-pools) -> K=64 variant
     file = "file"  # pools from pool.file: {"<qid>": [ids]} or an RL JSON with candidate_pool_ids -> K=64 variant
 
@@ -84,15 +84,15 @@ class PoolConfig:
 
 @dataclass
 class SelectorConfig:
-    checkpoint: Optional[str] = None  # any §1d format (SFT .ckpt, trainer .pt, v2format, raw state dict)
-    strict_load: bool = True  # the reference loaded non-strictly and ran a random net (C3)
-    static_query: bool = False  # [QUIRK §6.2] reference True: no gate update between steps
+    checkpoint: Optional[str] = None  # any reference#checkpoints format (SFT .ckpt, trainer .pt, v2format, raw state dict)
+    strict_load: bool = True  # the reference loaded non-strictly and ran a random net (reference#defect-c3)
+    static_query: bool = False  # [QUIRK reference#rldata-candidates] reference True: no gate update between steps
     policy_temperature: float = 1.0  # extra division of the pointer logits (1.0 = the model's own)
 
 
 @dataclass
 class CandidatesConfig:
-    """Reference CLI defaults (spec §6.1)."""
+    """Reference CLI defaults (reference#rldata-driver)."""
 
     num_beams: int = 5
     temps: List[float] = field(default_factory=lambda: [1.0, 1.3])
@@ -203,7 +203,7 @@ def load_selector(cfg, d_model: int):
 
     if not cfg.selector.checkpoint:
         raise LeverPlusInputError("no selector checkpoint", field="selector.checkpoint",
-                                  fix="pass selector.checkpoint=/path/sft.ckpt (SFT or RL; any §1d format)")
+                                  fix="pass selector.checkpoint=/path/sft.ckpt (SFT or RL; any reference#checkpoints format)")
     model = load_pointer_checkpoint(cfg.selector.checkpoint, strict=cfg.selector.strict_load, d_model=d_model)
     return model.to(cfg.device).eval()
 
@@ -215,7 +215,7 @@ def load_selector(cfg, d_model: int):
 
 def query_job(q: int, pool: list[int], local: bool, embeddings: torch.Tensor, model, cfg,
               settings: CandidateSettings) -> QueryJob:
-    """The §6.2 candidates of one query (positions into ``pool``)."""
+    """The reference#rldata-candidates candidates of one query (positions into ``pool``)."""
     if local and q in pool:
         raise LeverPlusInputError(f"query {q} is in its own candidate pool", field="pool",
                                   fix="remove each query from its pool (an example is never its own ICD)")

@@ -1,7 +1,7 @@
-"""``python -m leverplus.inspect_data FILE [FILE ...]``: a data-quality report of RL-data JSON files (spec §1b).
+"""``python -m leverplus.inspect_data FILE [FILE ...]``: a data-quality report of RL-data JSON files (reference#formats-rl-json).
 
 Per file: queries, candidates per query, generator mix, eval-mode shares, positive ratio, and for each reward mode
-(spec §3.1, default weights) the histogram of reward levels and the share of zero-variance groups — computed on the
+(reference#reward-modes, default weights) the histogram of reward levels and the share of zero-variance groups — computed on the
 *training view* (what ``leverplus.train`` keeps by default: ``eval_failed``/``error`` and ``fallback`` candidates
 dropped), since a group whose rewards are all equal teaches RCE/GRPO nothing. Problems are flagged; ``--strict``
 exits with status 1 when there is any.

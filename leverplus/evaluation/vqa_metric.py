@@ -1,9 +1,9 @@
 """The VQA answer metrics: the official VQA accuracy, answer post-processing, the string-match fallback,
-and answer relevance (spec §6.4, §6.5, §6.7).
+and answer relevance (reference#postprocess, reference#correctness, reference#relevance).
 
 ``vqa_accuracy`` follows the official evaluation script (GT-Vision-Lab/VQA,
 ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``, class ``VQAEval``) exactly, not the Lever-Plus copy
-described in spec §6.5. The two differ:
+described in reference#correctness. The two differ:
 
 * official: the prediction is always cleaned (newline/tab -> space, strip) and normalised
   (``processPunctuation`` then ``processDigitArticle``); the GT answers are left as they are, except that when
@@ -152,7 +152,7 @@ def vqa_accuracy(
 
     ``normalization="official"`` (default) follows GT-Vision-Lab/VQA vqaEval.py: the prediction is always
     cleaned and fully normalised; GT answers get ``process_punctuation`` only, and only when they are not all
-    identical. ``"lever_plus"`` is the reference's copy (spec §6.5): prediction and GTs always get
+    identical. ``"lever_plus"`` is the reference's copy (reference#correctness): prediction and GTs always get
     ``normalize_answer``.
 
     A pure function, and every evaluation scores the same few thousand queries with answers from a small
@@ -220,7 +220,7 @@ def vqa_postprocess(
     stop_words: Sequence[str] = ("Question", "Answer", "Short"),
     separator: str = ", ",
 ) -> str:
-    """Cut a generation down to the answer (spec §6.4): keep the text before the first stop word
+    """Cut a generation down to the answer (reference#postprocess): keep the text before the first stop word
     (case-sensitive), then before the first ``separator``. No lower-casing and no strip."""
     _require_str(text, "prediction")
     if stop_words:
@@ -237,7 +237,7 @@ def fallback_match(
     exact_score: float = 1.0,
     partial_score: float = 0.5,
 ) -> tuple[int, float]:
-    """String-match fallback used when the official metric cannot run (spec §6.5): returns (correct, score).
+    """String-match fallback used when the official metric cannot run (reference#correctness): returns (correct, score).
 
     Lower-case and strip both sides; exact membership -> (1, exact_score); substring containment in either
     direction -> (1, partial_score); else (0, 0.0). Unlike the reference ([BUG?]), an empty or whitespace-only
@@ -279,7 +279,7 @@ def edit_similarity(a: str, b: str) -> float:
 
 
 def answer_relevance(prediction: str, gt_answers: Sequence[str]) -> dict[str, float]:
-    """Soft relevance of a prediction to the GT answers (spec §6.7).
+    """Soft relevance of a prediction to the GT answers (reference#relevance).
 
     Both sides are normalised to their relevance tokens joined by single spaces (our choice: the spec names
     the token pattern but not the string the edit similarity sees). ``vqa_rel_token_f1`` and
@@ -299,7 +299,7 @@ def answer_relevance(prediction: str, gt_answers: Sequence[str]) -> dict[str, fl
 
 def gt_prob_formula(gt_answers_norm: Sequence[str], prob: Callable[[str], float],
                     full_credit_count: int = 3) -> float:
-    """Spec §6.6 ``vqa_gt_prob``: Σ over unique GT strings a of ``min(count(a)/3, 1) · prob(a)``.
+    """reference#gt-prob ``vqa_gt_prob``: Σ over unique GT strings a of ``min(count(a)/3, 1) · prob(a)``.
 
     ``gt_answers_norm`` are the GT strings after ``vqa_postprocess`` (so "two" and "2" stay distinct and are
     counted separately). Not bounded by 1, as in the reference.

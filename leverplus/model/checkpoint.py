@@ -35,7 +35,7 @@ def load_pointer_checkpoint(
     map_location: Any = "cpu",
     **model_kwargs: Any,
 ) -> PointerSelector:
-    """Build a ``PointerSelector`` from any §1d checkpoint format and load it, strictly by default.
+    """Build a ``PointerSelector`` from any reference#checkpoints checkpoint format and load it, strictly by default.
 
     Model config: the ``model_config`` stored by ``save_pointer_checkpoint`` if present, else inferred from the
     weights (``num_heads`` defaults to 1), then overridden by ``model_kwargs``. Strict: any missing or unexpected

@@ -1,4 +1,4 @@
-"""Model-free decoding of pointer sequences: beam search and temperature sampling (spec §6.2).
+"""Model-free decoding of pointer sequences: beam search and temperature sampling (reference#rldata-candidates).
 
 Both decoders only see a *step function*: given the positions chosen so far it returns the raw logits
 ``[K]`` for the next pick. ``PointerSelector.step_logits_fn`` builds one from the pointer net; tests use

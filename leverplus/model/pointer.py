@@ -264,7 +264,7 @@ class PointerSelector(nn.Module):
     def encode(
         self, query_emb: torch.Tensor, cand_emb: torch.Tensor, cand_mask: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Spec §2.2 steps 1-3: return the initial state ``[B, H]`` and the candidate keys ĉ ``[B, K, H]``.
+        """reference#model-forward steps 1-3: return the initial state ``[B, H]`` and the candidate keys ĉ ``[B, K, H]``.
 
         Cross-attention updates the query only (post-norm residual); padded candidates are excluded via
         ``key_padding_mask``. Dropout is applied before ``query_proj`` / ``cand_proj``; both outputs are L2-normalised.
@@ -372,7 +372,7 @@ class PointerSelector(nn.Module):
         cand_mask: Optional[torch.Tensor] = None,
         policy_temperature: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Autoregressive selection (spec §2.2 step 4): ``(logits [B, S, K], predictions [B, S])``.
+        """Autoregressive selection (reference#model-forward step 4): ``(logits [B, S, K], predictions [B, S])``.
 
         ``S = shot_num`` if given, else ``labels.shape[1]``. Teacher forcing on ``labels [B, S']`` for t < S'.
         ``policy_temperature`` divides the logits after the model temperature (1.0 = the reference policy).
@@ -427,13 +427,13 @@ class PointerSelector(nn.Module):
         policy_temperature: float = 1.0,
         per_member_dropout: bool = False,
     ) -> torch.Tensor:
-        """``log π(a | q, C) = Σ_t log_softmax(logits_t)[a_t]`` for labels ``[B, G, S]`` -> ``[B, G]`` (spec §2.3).
+        """``log π(a | q, C) = Σ_t log_softmax(logits_t)[a_t]`` for labels ``[B, G, S]`` -> ``[B, G]`` (reference#sequence-log-prob).
 
         Teacher-forced on each member's own labels (mask and gate follow ``a``); chosen entries (-100) stay in
         the normaliser, padded ones (-inf) do not. The query is encoded once and shared by its ``G`` members,
         which equals evaluating each member alone whenever dropout is inactive.
 
-        per_member_dropout: [QUIRK §2.3] in train mode the reference tiled q and C over the group, so every
+        per_member_dropout: [QUIRK reference#sequence-log-prob] in train mode the reference tiled q and C over the group, so every
             member drew its own dropout mask. True reproduces that (G times slower); our default False shares
             one mask per query.
         """
@@ -454,7 +454,7 @@ class PointerSelector(nn.Module):
         clamp_min: float = -100.0,
         per_member_dropout: bool = False,
     ) -> torch.Tensor:
-        """Per-member cross-entropy summed over steps, ``[B, G]`` (reference RCE/SFT loss terms, spec §2.4).
+        """Per-member cross-entropy summed over steps, ``[B, G]`` (reference RCE/SFT loss terms, reference#rce-loss).
 
         ``Σ_t CE(clamp(logits_t, min=clamp_min), a_t, label_smoothing)``; with smoothing ε the per-step term is
         ``(1−ε)(−log p_a) + ε·mean_k(−log p_k)`` over the *valid* entries only, so padding never enters.
@@ -560,7 +560,7 @@ class PointerSelector(nn.Module):
     ) -> torch.Tensor:
         """Greedy masked decoding in eval mode -> positions ``[B, shot_num]``; never repeats an item.
 
-        Raises if ``shot_num`` exceeds the number of valid pool entries (the reference silently repeated, C1).
+        Raises if ``shot_num`` exceeds the number of valid pool entries (the reference silently repeated, reference#defect-c1).
         The previous train/eval mode is restored afterwards.
         """
         with eval_mode(self):
@@ -576,12 +576,12 @@ class PointerSelector(nn.Module):
         policy_temperature: float = 1.0,
         static_query: bool = False,
     ) -> StepFn:
-        """A ``decoding.StepFn`` for one query ``[d]`` and pool ``[K, d]``, for beam search / sampling (spec §6.2).
+        """A ``decoding.StepFn`` for one query ``[d]`` and pool ``[K, d]``, for beam search / sampling (reference#rldata-candidates).
 
         Encodes once in eval mode; each call replays the gate over the prefix (teacher forcing) and returns the
         next-step logits ``[K]`` with prefix items at ``mask_value``. Uses the weights as they are at call time.
 
-        static_query: [QUIRK §6.2] the reference RL generator's ``compute_step_logits`` had no gate update
+        static_query: [QUIRK reference#rldata-candidates] the reference RL generator's ``compute_step_logits`` had no gate update
             (True reproduces it); our default False uses the model's own forward, gate included.
         """
         if query_emb.dim() != 1 or cand_emb.dim() != 2:

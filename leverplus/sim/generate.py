@@ -1,11 +1,11 @@
-"""Writes a simulated world as Lever-Plus files (spec §1a, §1b, §1c) and caches them by parameter hash.
+"""Writes a simulated world as Lever-Plus files (reference#formats-beam-json, reference#formats-rl-json, reference#formats-embeddings) and caches them by parameter hash.
 
 Files under one world folder (docs/sim.md describes each):
 
 * ``train_embeddings.pt``: ``[num_train, d]`` float32, row i = train item i (the reference's
   ``query_embeddings.pt`` = ``candidate_embeddings.pt``; one file serves both);
-* the InfoScore beam JSON (§1a), with the reference file name;
-* ``rl_data_RandSampler_sim-lvlm_shot{S}.json``: one RL JSON (§1b, K=64 variant) per shot count;
+* the InfoScore beam JSON (reference#formats-beam-json), with the reference file name;
+* ``rl_data_RandSampler_sim-lvlm_shot{S}.json``: one RL JSON (reference#formats-rl-json, K=64 variant) per shot count;
 * ``eval_queries.json`` + ``val_embeddings.pt`` / ``test_embeddings.pt``: our own format for evaluation queries
   (questions, annotator answers, 64-pools), see :func:`load_eval_queries`;
 * ``manifest.json``: parameters, hash, generator version, content hashes, counts. Written last: a folder with a
@@ -59,8 +59,8 @@ class SimDataPaths:
 
     root: Path
     embeddings: Path  # [num_train, d] train embeddings (query and candidate table)
-    beam_json: Path  # InfoScore beam JSON (§1a)
-    rl_json: dict  # shot_num -> RL JSON path (§1b)
+    beam_json: Path  # InfoScore beam JSON (reference#formats-beam-json)
+    rl_json: dict  # shot_num -> RL JSON path (reference#formats-rl-json)
     eval_queries: Path  # our eval-query JSON (val/test questions, answers, pools)
     eval_embeddings: dict  # "val"/"test" -> [n, d] embeddings of the eval queries
     manifest: Path
@@ -102,13 +102,13 @@ def _file_hash(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------
-# InfoScore beam search (spec §1a)
+# InfoScore beam search (reference#formats-beam-json)
 # ------------------------------------------------------------------------------------------------------
 
 
 def infoscore_beam_search(lvlm: SimLVLM, anchors: np.ndarray, pools: np.ndarray, beam_size: int,
                           max_shot: int) -> dict[int, dict]:
-    """InfoScore beam search (spec §1a) with the simulated LVLM, vectorised over all anchors: the shared
+    """InfoScore beam search (reference#formats-beam-json) with the simulated LVLM, vectorised over all anchors: the shared
     :func:`leverplus.scorers.infoscore.infoscore_beam_search` with ``P(y | prompt)`` = ``p_correct`` (the
     teacher-forced probability of the anchor's canonical answer, ``answer_prob``)."""
     from leverplus.datagen.scorers.infoscore import infoscore_beam_search as shared
@@ -117,14 +117,14 @@ def infoscore_beam_search(lvlm: SimLVLM, anchors: np.ndarray, pools: np.ndarray,
 
 
 # ------------------------------------------------------------------------------------------------------
-# RL candidates (spec §6.2) and their scores (§6.5-§6.7)
+# RL candidates (reference#rldata-candidates) and their scores (reference#rldata)
 # ------------------------------------------------------------------------------------------------------
 
 
 def proposal_logits(world: World, qidx: int, pool: np.ndarray, cos: Optional[np.ndarray] = None) -> np.ndarray:
     """The PROPOSAL policy over one anchor's pool: ``(cos(e_q, e_c) + ε_qc) / τ``.
 
-    A stand-in for the SFT'd pointer net of the reference (which, by caveat C3, was in fact random): static over
+    A stand-in for the SFT'd pointer net of the reference (which, by reference#defect-c3, was in fact random): static over
     steps like the reference's ``compute_step_logits``, with a fixed per-(query, candidate) Gaussian ``ε``
     (sd ``proposal_noise``) so that beam/sample candidates are not just the retrieval ones.
     ``cos`` (the visible cosines to the pool) is recomputed when not given.
@@ -137,13 +137,13 @@ def proposal_logits(world: World, qidx: int, pool: np.ndarray, cos: Optional[np.
 
 
 def candidate_settings(p: SimParams) -> CandidateSettings:
-    """The §6.2 generator counts of the world's parameters."""
+    """The reference#rldata-candidates generator counts of the world's parameters."""
     return CandidateSettings(num_beams=p.num_beams, temps=tuple(p.temps), num_samples_per_temp=p.num_samples_per_temp,
                              num_retrieval=p.num_retrieval, num_random=p.num_random)
 
 
 def pointer_candidates(world: World, qidx: int, shot_num: int) -> list[dict]:
-    """Spec §6.2 candidates for one anchor from the shared builder (:func:`leverplus.candidates.build_candidates`:
+    """reference#rldata-candidates candidates for one anchor from the shared builder (:func:`leverplus.candidates.build_candidates`:
     beam, sample, retrieval, random; de-duplicated with priority beam > retrieval > sample > random) driven by the
     PROPOSAL policy. Pointers are LOCAL positions in the anchor's pool, prompt order.
 
@@ -192,7 +192,7 @@ def score_fallback(world: World, qidx: int, pointer_global: Sequence[int], predi
 
 
 def _query_block(world: World, split: str, qidx: int) -> dict:
-    """The §1b ``query`` object of one query."""
+    """The reference#formats-rl-json ``query`` object of one query."""
     items = world.items(split)
     raw = list(items.gt_answers[qidx])
     return {"query_id": int(qidx), "question_id": int(items.question_id[qidx]),
@@ -220,7 +220,7 @@ def rl_records(world: World, lvlm: SimLVLM, shot_num: int, fallback_anchors: set
 
 
 def rl_meta(p: SimParams, shot_num: int, counts: dict) -> dict:
-    """``_meta`` of an RL file: the reference's keys (§1b) plus ``eval_mode_counts`` and ``sim``."""
+    """``_meta`` of an RL file: the reference's keys (reference#formats-rl-json) plus ``eval_mode_counts`` and ``sim``."""
     h = params_hash(p)
     return {
         "created_at": CREATED_AT,

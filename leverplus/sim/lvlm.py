@@ -176,7 +176,7 @@ class SimLVLM:
         return self.answer_distribution(split, qidx, icds).get(cls, 0.0)
 
     def vqa_gt_prob(self, split: str, qidx: int, icds: Sequence[int]) -> float:
-        """Spec §6.6 expected-accuracy probability of the prompt, with :meth:`answer_prob` as ``p(a)``."""
+        """reference#gt-prob expected-accuracy probability of the prompt, with :meth:`answer_prob` as ``p(a)``."""
         dist = self.answer_distribution(split, qidx, icds)
         norm = [vqa_postprocess(g) for g in self.gt_answers(split, qidx)]
         return gt_prob_formula(norm, lambda a: dist.get(self.world.class_of.get(normalize_answer(a), -1), 0.0))

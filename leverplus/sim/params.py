@@ -72,16 +72,16 @@ class SimParams:
     distractor_alt_weight: float = 0.35  # share of a wrong answer that is the annotators' alternative answer
     distractor_copy_weight: float = 0.3  # share of a wrong answer copied from the ICDs' answers
 
-    # --- scoring: official metric vs the noisy string-match fallback (spec §6.5) ------------------------
+    # --- scoring: official metric vs the noisy string-match fallback (reference#correctness) ------------------------
     fallback_fraction: float = 0.1  # anchors whose candidates are scored by fallback_match
     fallback_noise: float = 0.3  # prob. a fallback-scored correctness is corrupted (see fallback_noise_kind)
     fallback_noise_kind: str = "coin"  # "coin": replaced by a fair coin flip; "flip": inverted (a planted, harmful bias)
 
-    # --- InfoScore beam JSON (spec §1a) ----------------------------------------------------------------
+    # --- InfoScore beam JSON (reference#formats-beam-json) ----------------------------------------------------------------
     beam_size: int = 5
     beam_max_shot: int = 2
 
-    # --- RL JSON (spec §6.2) ---------------------------------------------------------------------------
+    # --- RL JSON (reference#rldata-candidates) ---------------------------------------------------------------------------
     shot_nums: List[int] = field(default_factory=lambda: [1, 2, 3, 4])
     num_beams: int = 5
     temps: List[float] = field(default_factory=lambda: [1.0, 1.3])

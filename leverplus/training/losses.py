@@ -1,4 +1,4 @@
-"""RL losses as pure functions of tensors: RCE (spec §2.4) and GRPO = PPO-clip + k3 KL (spec §2.5).
+"""RL losses as pure functions of tensors: RCE (reference#rce-loss) and GRPO = PPO-clip + k3 KL (reference#grpo-loss).
 
 Nothing here sees a model. Inputs are per-member *sequence* log-probabilities ``log π(a_i | q, C)`` of shape
 ``[B, G]`` (B queries, G group members, padded), rewards ``[B, G]`` and an optional bool ``mask [B, G]`` that is
@@ -64,7 +64,7 @@ def _member_order(rewards: Tensor, valid: Tensor, *, descending: bool) -> Tensor
 def ascending_rank_scores(rewards: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """``ρ = rank/(n−1)`` with ascending ranks among the n valid members (worst 0, best 1); 0 when n ≤ 1 or padded.
 
-    This is the reference ``argsort(argsort(r))/(G−1)`` (spec §2.4 rank path); ties are broken stably, so of two
+    This is the reference ``argsort(argsort(r))/(G−1)`` (reference#rce-loss rank path); ties are broken stably, so of two
     equal rewards the earlier member gets the lower rank.
     """
     _check_2d("rewards", rewards)
@@ -78,7 +78,7 @@ def ascending_rank_scores(rewards: Tensor, mask: Optional[Tensor] = None) -> Ten
 
 
 # ---------------------------------------------------------------------------------------------------
-# RCE: reward-weighted cross-entropy (spec §2.4)
+# RCE: reward-weighted cross-entropy (reference#rce-loss)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -112,7 +112,7 @@ def rce_loss(log_probs: Tensor, rewards: Tensor, temperature: float, mask: Optio
 
 
 # ---------------------------------------------------------------------------------------------------
-# GRPO: group advantages, k3 KL, PPO-clip (spec §2.5)
+# GRPO: group advantages, k3 KL, PPO-clip (reference#grpo-loss)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -146,7 +146,7 @@ def kl_k3(log_ratio: Tensor) -> Tensor:
 def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, rewards: Tensor, clip_epsilon: float = 0.2,
               kl_beta: float = 0.1, mask: Optional[Tensor] = None, *, std_floor: float = 0.1, adv_clip: float = 5.0,
               use_ppo_clip_only: bool = False, advantages: Optional[Tensor] = None) -> dict[str, Tensor]:
-    """GRPO loss per query q, over its valid members i (spec §2.5 steps 3-6; B = 1 is exactly the reference):
+    """GRPO loss per query q, over its valid members i (reference#grpo-loss steps 3-6; B = 1 is exactly the reference):
 
         A       = group_advantages(r)  (or ``advantages`` when given)
         ratio_i = exp(new_i − old_i)
@@ -211,7 +211,7 @@ def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, rewards: Tensor, clip_ep
 
 
 # ---------------------------------------------------------------------------------------------------
-# Member selection: curriculum top-k (spec §2.5 step 1) and top-1 (use_top1_only, spec §2.4)
+# Member selection: curriculum top-k (reference#grpo-loss step 1) and top-1 (use_top1_only, reference#rce-loss)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -238,7 +238,7 @@ def top1_member(rewards: Tensor, mask: Optional[Tensor] = None, *, compat_index0
     """Index [B] of each query's highest-reward valid member (ties -> lowest index; no valid member -> 0).
 
     ``compat_index0=True`` returns 0 for every query: the reference ``use_top1_only`` trains on the first stored
-    candidate, not the best one (spec §2.4 [QUIRK]). Our default (False) picks the best.
+    candidate, not the best one (reference#rce-loss [QUIRK]). Our default (False) picks the best.
     """
     _check_2d("rewards", rewards)
     if rewards.shape[-1] < 1:

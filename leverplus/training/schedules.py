@@ -1,5 +1,5 @@
-"""Schedules: RCE temperature τ (spec §3.5), adaptive KL β (§2.6), optional adaptive policy temperature,
-learning-rate multiplier, and the GRPO curriculum top-k (§5.4).
+"""Schedules: RCE temperature τ (reference#temperature-schedule), adaptive KL β (reference#adaptive-kl), optional adaptive policy temperature,
+learning-rate multiplier, and the GRPO curriculum top-k (reference#grpo-epoch).
 
 All are small pure functions or tiny stateful controllers; every constant the reference hard-coded is a keyword
 argument whose default is the reference value (unless the docstring says otherwise).
@@ -21,7 +21,7 @@ def _require(ok: bool, field: str, problem: str, fix: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# RCE temperature (spec §3.5)
+# RCE temperature (reference#temperature-schedule)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -40,7 +40,7 @@ def rce_temperature(step: int, total_steps: int, start: float = 2.0, end: float 
 
 
 # ---------------------------------------------------------------------------------------------------
-# Adaptive KL β (spec §2.6) and adaptive policy temperature (our optional addition)
+# Adaptive KL β (reference#adaptive-kl) and adaptive policy temperature (our optional addition)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -152,7 +152,7 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, schedu
 
 
 # ---------------------------------------------------------------------------------------------------
-# GRPO curriculum top-k (spec §5.4)
+# GRPO curriculum top-k (reference#grpo-epoch)
 # ---------------------------------------------------------------------------------------------------
 
 

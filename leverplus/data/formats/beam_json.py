@@ -21,7 +21,7 @@ from leverplus.data.formats.io import (
 from leverplus.errors import LeverPlusInputError
 
 # --------------------------------------------------------------------------------------------------
-# Beam JSON (§1a)
+# Beam JSON (reference#formats-beam-json)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -44,7 +44,7 @@ class BeamRecord:
     def sequence_infoscore(self, i: int) -> float:
         """Total InfoScore gain of beam ``i``: ``sum(shot_scores[i])`` if stored, else ``score_list[i]``.
 
-        (``score_list`` holds the last step's InfoScore only, §1a, so it is a fallback, not the same quantity.)
+        (``score_list`` holds the last step's InfoScore only, reference#formats-beam-json, so it is a fallback, not the same quantity.)
         """
         if self.shot_scores is not None:
             return float(sum(self.shot_scores[i]))

@@ -42,7 +42,7 @@ def _strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> tuple[dict[str
 
 
 def _rename_v2format(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Undo ``convert_v3_to_v2_format.py``'s renames (C2): ``cross_attn.*`` -> ``cross_attn_layers.0.*`` etc."""
+    """Undo ``convert_v3_to_v2_format.py``'s renames (reference#defect-c2): ``cross_attn.*`` -> ``cross_attn_layers.0.*`` etc."""
     out = {}
     for k, v in sd.items():
         for old, new in V2FORMAT_RENAMES:
@@ -64,7 +64,7 @@ def _pointer_keys(sd: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
 
 
 def detect_checkpoint_format(obj: Any) -> str:
-    """Which of the §1d formats ``obj`` (a loaded checkpoint) is: one of ``CHECKPOINT_FORMATS``."""
+    """Which of reference#checkpoints formats ``obj`` (a loaded checkpoint) is: one of ``CHECKPOINT_FORMATS``."""
     if isinstance(obj, Mapping) and "model_state_dict" in obj:
         return "trainer_pt"
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):

@@ -14,7 +14,7 @@ from leverplus.data.formats.io import PathLike, _atomic_open, _type_name, atomic
 from leverplus.errors import LeverPlusInputError
 
 # --------------------------------------------------------------------------------------------------
-# Embeddings (§1c)
+# Embeddings (reference#formats-embeddings)
 # --------------------------------------------------------------------------------------------------
 
 

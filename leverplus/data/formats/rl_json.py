@@ -21,7 +21,7 @@ from leverplus.data.formats.io import (
 )
 from leverplus.errors import LeverPlusInputError
 
-#: Candidate fields that must be finite numbers when present and not null (§1b table).
+#: Candidate fields that must be finite numbers when present and not null (reference#formats-rl-json table).
 RL_NUMERIC_FIELDS = (
     "vqa_acc_score",
     "vqa_gt_prob",
@@ -40,7 +40,7 @@ _RL_ENTRY_KEYS = ("pointer_candidates", "candidate_pool_ids", "_fix_failed", "_f
 
 
 # --------------------------------------------------------------------------------------------------
-# RL JSON (§1b, §4.2)
+# RL JSON (reference#formats-rl-json, reference#dataset-rl)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -68,7 +68,7 @@ class RLQuery:
 
     ``local_pointers`` is True when the file stored ``pointer`` local to ``candidate_pool_ids`` (with
     ``pointer_global``; the K=64-fixed variant). The reference uses ``candidate_pool_ids`` as the policy's
-    pool only in that case (§4.2 step 6); otherwise the pool is built from the trajectories.
+    pool only in that case (reference#dataset-rl step 6); otherwise the pool is built from the trajectories.
     """
 
     query_id: int
@@ -181,7 +181,7 @@ def _rl_pointer(
     record: str,
     num_items: Optional[int],
 ) -> tuple[list[int], bool]:
-    """Pick the pointer field (§1b "Legacy formats"), validate it and return (global ids, stored_local)."""
+    """Pick the pointer field (reference#formats-rl-json "Legacy formats"), validate it and return (global ids, stored_local)."""
     if "pointer_global" in cand:
         glob = _int_list(cand["pointer_global"], path=path, record=record, field_name="pointer_global",
                          num_items=num_items)

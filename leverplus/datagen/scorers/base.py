@@ -1,4 +1,4 @@
-"""Scorers: an LVLM plus the VQA data it answers about, behind one small interface (spec §6.3-§6.6).
+"""Scorers: an LVLM plus the VQA data it answers about, behind one small interface (reference#rldata).
 
 The generators (``generate_rl_data``, ``generate_beam_data``) and the evaluator only talk to a :class:`Scorer`.
 A scorer implements five primitives; everything else is derived here, once, for every scorer:
@@ -9,10 +9,10 @@ primitive                               meaning
 ``num_items(split)``                    how many items the split has (train: one per embedding row)
 ``item(split, q)``                      the VQA item: question_id, image_id, question, answer, gt_answers_raw
 ``official_answers(split, q)``          the annotators' answers from official annotation files, with the
-                                        split whose file had them (``vqaEval``), or None (→ fallback, §6.5)
+                                        split whose file had them (``vqaEval``), or None (→ fallback, reference#correctness)
 ``generate(split, qs, icds)``           raw decoded generations, one per prompt (before ``vqa_postprocess``)
 ``answer_probs(split, qs, icds, a)``    teacher-forced ``P(a | prompt) = exp(−mean CE over the answer
-                                        tokens)`` (``get_cond_prob``, §1a), one per prompt
+                                        tokens)`` (``get_cond_prob``, reference#formats-beam-json), one per prompt
 =====================================  ===================================================================
 
 ``icds`` are global train ids in prompt order (the last one sits next to the query); ``split`` is the query's
@@ -55,7 +55,7 @@ class Scorer(ABC):
 
     @abstractmethod
     def official_answers(self, split: str, query_index: int) -> Optional[Tuple[List[str], str]]:
-        """(annotators' answers, split whose official annotation file has the question) or None (§6.5)."""
+        """(annotators' answers, split whose official annotation file has the question) or None (reference#correctness)."""
 
     @abstractmethod
     def generate(self, split: str, query_indices: Sequence[int], icd_lists: Sequence[Sequence[int]]) -> List[str]:
@@ -92,12 +92,12 @@ class Scorer(ABC):
 
     def fallback_score(self, split: str, query_index: int, icd_ids: Sequence[int], prediction: str,
                        gt_answers: Sequence[str]) -> Tuple[int, float]:
-        """String-match correctness when no official annotation has the question (§6.5 fallback)."""
+        """String-match correctness when no official annotation has the question (reference#correctness fallback)."""
         return fallback_match(prediction, gt_answers)
 
     # ---------------------------------------------------------------------------------- derived
     def query_record(self, split: str, query_index: int) -> dict:
-        """The §1b ``query`` object: query_id, question_id, image_id, question, gt_answers_raw, gt_answers_norm."""
+        """The reference#formats-rl-json ``query`` object: query_id, question_id, image_id, question, gt_answers_raw, gt_answers_norm."""
         it = self.item(split, query_index)
         raw = [str(a) for a in it["gt_answers_raw"]]
         return {"query_id": int(query_index), "question_id": it["question_id"], "image_id": it.get("image_id"),
@@ -118,7 +118,7 @@ class Scorer(ABC):
 
     def vqa_gt_prob_batch(self, split: str, query_indices: Sequence[int],
                           icd_lists: Sequence[Sequence[int]]) -> np.ndarray:
-        """Spec §6.6 for each prompt: the GT strings after ``vqa_postprocess``, each unique one scored once by
+        """reference#gt-prob for each prompt: the GT strings after ``vqa_postprocess``, each unique one scored once by
         :meth:`answer_probs` (one batch for all prompts), combined by :func:`gt_prob_formula`."""
         pairs_q, pairs_icds, pairs_a, owners = [], [], [], []
         norms = []

@@ -20,11 +20,11 @@ class SimScorerConfig:
 
 @dataclass
 class HFScorerConfig:
-    """A Hugging Face transformers LVLM of the Qwen2-VL family (spec §6.3, §6.4). Reference values in comments."""
+    """A Hugging Face transformers LVLM of the Qwen2-VL family (reference#lvlm-prompt, reference#postprocess). Reference values in comments."""
 
     model: Optional[str] = None  # local folder, or a hub id already in the local HF cache (never downloaded)
     data: Dict[str, str] = field(default_factory=dict)  # split -> items file (JSON/JSONL, see docs/rldata.md)
-    annotations: Dict[str, str] = field(default_factory=dict)  # split -> official VQA annotation JSON (§6.5)
+    annotations: Dict[str, str] = field(default_factory=dict)  # split -> official VQA annotation JSON (reference#correctness)
     image_root: Optional[str] = None  # relative image paths in the items files are resolved against it
     system_prompt: Optional[str] = None  # None = the reference's Qwen2.5-VL system prompt; "" = none
     prompt_template: str = "Question:<Q> Short answer:<A>"  # configs/task/vqa.yaml

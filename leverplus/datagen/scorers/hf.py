@@ -1,17 +1,17 @@
-"""The ``hf`` scorer: a Hugging Face transformers vision-language model of the Qwen2-VL family (spec §6.3-§6.6).
+"""The ``hf`` scorer: a Hugging Face transformers vision-language model of the Qwen2-VL family (reference#rldata).
 
 Optional extra: ``pip install -e .[lvlm]`` (transformers, pillow). Weights come only from a local folder or the
 local Hugging Face cache (``local_files_only=True`` everywhere); nothing is ever downloaded implicitly.
 
-Prompt (spec §6.3, ``qwen2vl_interface.py``): one chat, ``[system prompt] + user turn [img(ex1), txt(ex1), ...,
+Prompt (reference#lvlm-prompt, ``qwen2vl_interface.py``): one chat, ``[system prompt] + user turn [img(ex1), txt(ex1), ...,
 img(query), txt(query)]``, with ICD text ``Question:{q} Short answer:{a}`` and query text ``Question:{q} Short
 answer:`` (texts ``.strip(" ")``, empty ones dropped), rendered with the model's chat template and the
 generation prompt. Generation settings come from the config (reference: ``max_new_tokens=5, num_beams=3,
 length_penalty=0.0, min_new_tokens=0, do_sample=False``); the new tokens are decoded with special tokens skipped.
 
-Teacher forcing (InfoScore §1a, ``vqa_gt_prob`` §6.6): ``P(a | prompt) = exp(−mean CE)`` over exactly the tokens
+Teacher forcing (InfoScore reference#formats-beam-json, ``vqa_gt_prob`` reference#gt-prob): ``P(a | prompt) = exp(−mean CE)`` over exactly the tokens
 of ``a`` inside the chat-template sequence fed to the model (token offsets locate the answer's characters), not
-over a span counted on plain text as the reference did ([BUG?] §1a). ``answer_placement`` puts ``a`` where the
+over a span counted on plain text as the reference did ([BUG?] reference#formats-beam-json). ``answer_placement`` puts ``a`` where the
 model would generate it (``"assistant"``, ours) or at the end of the query text in the user turn with no
 generation prompt (``"user_turn"``, the reference's ``transfer_prompts``).
 

@@ -1,4 +1,4 @@
-"""InfoScore beam search (spec §1a) over any scorer's teacher-forced answer probability.
+"""InfoScore beam search (reference#formats-beam-json) over any scorer's teacher-forced answer probability.
 
 ``InfoScore(c | C) = P(y | [c] + C + query) − P(y | C + query)``: how much prepending ICD ``c`` to the chosen ICDs
 ``C`` raises the probability of the query's answer ``y``. The simulator and ``generate_beam_data`` both run

@@ -1,4 +1,4 @@
-"""VQA items a real scorer answers about, and the official annotation files that score it (spec §6.3, §6.5).
+"""VQA items a real scorer answers about, and the official annotation files that score it (reference#lvlm-prompt, reference#correctness).
 
 Items file (one per split; row i = item i, so train row i is embedding row i and id i in every JSON file): a JSON
 list of objects, ``{"items": [...]}``, or JSONL. Each object::
@@ -11,7 +11,7 @@ ICD label and InfoScore target, the reference's ``answer`` column) defaults to t
 the first seen). ``image`` is resolved against ``image_root`` (default: the items file's folder).
 
 Official annotations (``vqaEval``): the VQA ``*_annotations.json`` files, ``{"annotations": [{"question_id": ..,
-"answers": [{"answer": ..}, ...]}, ...]}``, tried in the order train, val, then any other split (§6.5).
+"answers": [{"answer": ..}, ...]}, ...]}``, tried in the order train, val, then any other split (reference#correctness).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class VQAItems:
 
 
 class OfficialAnnotations:
-    """question_id -> annotators' answers, from official VQA annotation files (``vqaEval``, spec §6.5)."""
+    """question_id -> annotators' answers, from official VQA annotation files (``vqaEval``, reference#correctness)."""
 
     def __init__(self, files: Mapping[str, PathLike]) -> None:
         order = [s for s in ANNOTATION_ORDER if s in files] + sorted(s for s in files if s not in ANNOTATION_ORDER)

@@ -225,7 +225,7 @@ def test_mixed_gts_get_punctuation_only():
 
 
 def test_lever_plus_mode_normalises_everything():
-    # spec §6.5 copy: prediction and GTs always get the full normalisation
+    # reference#correctness copy: prediction and GTs always get the full normalisation
     assert vqa_accuracy("dog", ["Dog."] * 10, normalization="lever_plus") == 1.0
     assert vqa_accuracy("2", ["two"] * 10, normalization="lever_plus") == 1.0
     assert vqa_accuracy("dog", ["Dog."] * 9 + ["cat"], normalization="lever_plus") == 1.0

@@ -1,4 +1,4 @@
-"""PointerSelector (spec §2.1-2.3) and the model-free decoders (spec §6.2)."""
+"""PointerSelector (reference#model) and the model-free decoders (reference#rldata-candidates)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RL data generation: the shared §6.2 candidate builder (hand-computed), scoring and eval modes on constructed
+"""RL data generation: the shared reference#rldata-candidates candidate builder (hand-computed), scoring and eval modes on constructed
 scorers, the generic generator on the embedded world (shots 1-4, read by the core readers, trained on), resume and
 sharding byte-identical to an uninterrupted run, the InfoScore beam app, and the data-quality report."""
 
@@ -104,7 +104,7 @@ def shot_files(env):
     return out
 
 
-# ---------------------------------------------------------------------------------------------- §6.2 builder
+# ---------------------------------------------------------------------------------------------- reference#rldata-candidates builder
 
 
 def test_dedupe_keeps_the_first_position_and_the_highest_priority():

@@ -1,4 +1,4 @@
-"""Groups, filters, pools, split and padded batching (spec §4.2, §4.3)."""
+"""Groups, filters, pools, split and padded batching (reference#dataset-rl, reference#split)."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""RCE τ schedule (spec §3.5), adaptive KL β (§2.6), adaptive policy temperature, LR multiplier, GRPO top-k (§5.4).
+"""RCE τ schedule (reference#temperature-schedule), adaptive KL β (reference#adaptive-kl), adaptive policy temperature, LR multiplier, GRPO top-k (reference#grpo-epoch).
 
 Expected values are computed by hand in the comments.
 """

@@ -234,7 +234,7 @@ def test_answer_prob_is_a_distribution_over_normalised_answers(default_world):
     for form in w.class_variants[w.class_of[gold]]:
         assert m.answer_prob("train", q, icds, form) == pytest.approx(m.p_correct("train", q, icds))
     assert m.answer_prob("train", q, icds, "not an answer") == 0.0
-    # batch gt_prob == the literal §6.6 formula with answer_prob
+    # batch gt_prob == the literal reference#gt-prob formula with answer_prob
     qs = w.anchors[:20]
     pairs = np.stack([w.pool("train", a)[:3] for a in qs])
     batch = m.vqa_gt_prob_batch("train", qs, pairs)

@@ -1,4 +1,4 @@
-"""RCE loss (spec §2.4), group advantages, k3 KL and GRPO loss (§2.5), top-k / top-1 member selection.
+"""RCE loss (reference#rce-loss), group advantages, k3 KL and GRPO loss (reference#grpo-loss), top-k / top-1 member selection.
 
 Expected values are computed by hand in the comments.
 """

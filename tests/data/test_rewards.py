@@ -1,4 +1,4 @@
-"""Reward modes (spec §3.1), hybrid InfoScore scaling, group normalisation (§3.2), sequence diversity.
+"""Reward modes (reference#reward-modes), hybrid InfoScore scaling, group normalisation (reference#reward-normalisation), sequence diversity.
 
 Expected values are computed by hand in the comments.
 """

@@ -1,4 +1,4 @@
-"""Strict checkpoint I/O for the four §1d formats: trainer .pt, Lightning .ckpt, v2format .ckpt, raw state dict."""
+"""Strict checkpoint I/O for the four reference#checkpoints formats: trainer .pt, Lightning .ckpt, v2format .ckpt, raw state dict."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_v2format_names_are_mapped_back_in_lightning_and_raw_dicts(tmp_path):
     assert detect_checkpoint_format(obj) == "v2format_ckpt"
     torch.save(obj, tmp_path / "rce_epoch5_v2format.ckpt")
     loaded = load_pointer_checkpoint(tmp_path / "rce_epoch5_v2format.ckpt")
-    assert same_weights(model, loaded)  # the trained cross-attention is used, unlike the reference (C2)
+    assert same_weights(model, loaded)  # the trained cross-attention is used, unlike the reference (reference#defect-c2)
     raw = {k.replace("lever_lm.pointer_selector.", ""): v for k, v in obj["state_dict"].items() if "pointer" in k}
     assert "cross_attn.in_proj_weight" in raw and "attn_norm.bias" in raw
     assert detect_checkpoint_format(raw) == "raw_state_dict"
