@@ -26,7 +26,7 @@ import torch
 from leverplus.evaluation.vqa_metric import vqa_accuracy
 from leverplus.sim.generate import generate_world_data
 from leverplus.sim.lvlm import SimLVLM
-from leverplus.sim.params import SimParams, params_hash
+from leverplus.config.sim_params import SimParams, params_hash
 from leverplus.sim.world import World
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from leverplus.sweeps.study import (
+from leverplus.tracking.trials import (
     COUNTED_STATES,
     INTERRUPTED_ATTR,
     OUTPUT_DIR_ATTR,

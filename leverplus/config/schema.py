@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Dict, List, Optional
 
-from leverplus.sim.params import SimParams
+from leverplus.config.sim_params import SimParams
 
 
 class DataSource(str, Enum):

@@ -1,7 +1,7 @@
 """The simulated in-context-learning world: runs everything on a laptop, with no model weights or dataset,
 and gives tests data whose ground truth is known (docs/sim.md).
 
-* :class:`SimParams` (``params.py``): every knob; nested in the Hydra config as ``data.sim``.
+* :class:`SimParams` (``leverplus/config/sim_params.py``): every knob; nested in the Hydra config as ``data.sim``.
 * :class:`World` (``world.py``): train items (the ICD pool), val/test queries, hidden factors, visible
   embeddings, annotator answers with surface variants, RandSampler 64-pools.
 * :class:`SimLVLM` (``lvlm.py``): answers a query given an ordered ICD sequence; ``p_correct``,

@@ -38,7 +38,7 @@ from leverplus.env import CACHE_VAR
 from leverplus.errors import LeverPlusInputError
 from leverplus.evaluation.vqa_metric import fallback_match, vqa_postprocess
 from leverplus.sim.lvlm import STREAM_FALLBACK_COIN, STREAM_FALLBACK_NOISE, SimLVLM, hash_uniform
-from leverplus.sim.params import GENERATOR_VERSION, SimParams, params_dict, params_hash
+from leverplus.config.sim_params import GENERATOR_VERSION, SimParams, params_dict, params_hash
 from leverplus.sim.world import World
 
 PathLike = Union[str, Path]

@@ -119,7 +119,7 @@ class SimScorer(Scorer):
         return self.lvlm.vqa_gt_prob_batch(split, q, icds) if len(q) else np.zeros(0)
 
     def describe(self) -> Dict[str, Any]:
-        from leverplus.sim.params import params_hash
+        from leverplus.config.sim_params import params_hash
 
         h = params_hash(self.world.params)
         return {"vqa_model": self.name,
@@ -142,7 +142,7 @@ def world_paths(cfg: Any):
     from omegaconf import OmegaConf
 
     from leverplus.sim.generate import default_cache_root, load_or_generate
-    from leverplus.sim.params import SimParams
+    from leverplus.config.sim_params import SimParams
 
     params = cfg.params
     if not isinstance(params, SimParams):

@@ -1,6 +1,6 @@
 """The simulated items: hidden factors, visible embeddings, answers with annotator surface variants, pools.
 
-A :class:`World` is a pure function of :class:`~leverplus.sim.params.SimParams` (numpy ``SeedSequence``
+A :class:`World` is a pure function of :class:`~leverplus.config.sim_params.SimParams` (numpy ``SeedSequence``
 streams; no global RNG). It holds three splits:
 
 * ``"train"``: the ICD pool (row i = train item i = embedding row i); RL / beam anchors are drawn from it;
@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from leverplus.errors import LeverPlusInputError
-from leverplus.sim.params import SimParams
+from leverplus.config.sim_params import SimParams
 
 SPLITS = ("train", "val", "test")
 

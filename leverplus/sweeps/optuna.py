@@ -81,7 +81,7 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
     # ------------------------------------------------------------------ pieces
     def _make_sampler(self, n_existing: int) -> Any:
         from leverplus.errors import LeverPlusInputError
-        from leverplus.sweeps.study import sampler_seed
+        from leverplus.tracking.trials import sampler_seed
 
         cfg = OmegaConf.to_container(self.sampler_cfg, resolve=True)
         if cfg.get("_partial_"):
@@ -96,7 +96,7 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
         """FAIL trials of a killed invocation (marked interrupted, not counted) and enqueue their retries."""
         import optuna
 
-        from leverplus.sweeps.study import INTERRUPTED_ATTR, RETRY_OF_ATTR
+        from leverplus.tracking.trials import INTERRUPTED_ATTR, RETRY_OF_ATTR
 
         for t in stale:
             optuna.trial.Trial(study, t._trial_id).set_user_attr(INTERRUPTED_ATTR, True)
@@ -112,7 +112,7 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
         """Report one job's outcome to Optuna (COMPLETE or FAIL) and to its MLflow child run."""
         import optuna
 
-        from leverplus.sweeps.study import ERROR_ATTR, OUTPUT_DIR_ATTR, RUN_ID_ATTR
+        from leverplus.tracking.trials import ERROR_ATTR, OUTPUT_DIR_ATTR, RUN_ID_ATTR
 
         value: Optional[float] = None
         error: Optional[str] = None
@@ -156,7 +156,7 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
 
         from leverplus.analysis.study_report import report_study
         from leverplus.errors import LeverPlusInputError
-        from leverplus.sweeps.study import (
+        from leverplus.tracking.trials import (
             HOST_ATTR,
             PID_ATTR,
             check_directions,
@@ -256,7 +256,7 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
                 tracker.close(status)
 
     def _check_failures(self, study: Any, max_failures: int) -> None:
-        from leverplus.sweeps.study import n_failed
+        from leverplus.tracking.trials import n_failed
 
         failed = n_failed(study.get_trials(deepcopy=False))
         if failed > max_failures:

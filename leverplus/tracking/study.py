@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from leverplus.env import PARENT_RUN_ID_VAR, SWEEP_VAR, TRACKING_URI_VAR
-from leverplus.sweeps.study import STATE_TAG, STUDY_TAG, TRIAL_TAG
+from leverplus.tracking.trials import STATE_TAG, STUDY_TAG, TRIAL_TAG
 
 # ---------------------------------------------------------------------------------------------- MLflow
 

@@ -40,7 +40,7 @@ from leverplus.model.checkpoint import save_pointer_checkpoint
 from leverplus.model.pointer import PointerSelector
 from leverplus.pipeline import load_data, train_and_evaluate
 from leverplus.sim import generate as simgen
-from leverplus.sim.params import SimParams
+from leverplus.config.sim_params import SimParams
 from leverplus.sim.world import World
 
 SIM = dict(num_train=240, num_anchors=20, num_val=4, num_test=4, candidate_num=16, embedding_dim=32,
@@ -326,7 +326,7 @@ def test_shots_1_to_4_are_valid_files_the_trainer_trains_on(env, shot_files, tmp
 
 
 def _world_embeddings(env) -> Path:
-    from leverplus.sim.params import params_hash
+    from leverplus.config.sim_params import params_hash
 
     return env["root"] / "cache" / "sim" / params_hash(SimParams(**SIM)) / simgen.EMBEDDINGS_FILE
 

@@ -213,7 +213,7 @@ def test_real_lever_plus_files_load_and_train(store, tmp_path):
 
     from leverplus.model.pointer import PointerSelector
     from leverplus.sim.generate import load_or_generate
-    from leverplus.sim.params import SimParams
+    from leverplus.config.sim_params import SimParams
 
     sim = compose_cfg(["data=sim_tiny"]).data.sim
     from omegaconf import OmegaConf

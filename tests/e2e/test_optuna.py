@@ -25,7 +25,7 @@ from conftest import REPO, compose_cfg
 from optuna.trial import TrialState, create_trial
 
 from leverplus.errors import LeverPlusInputError
-from leverplus.sweeps import study as S
+from leverplus.tracking import trials as S
 
 TINY = ["data=sim_tiny", "rce.epochs=1", "sft.epochs=1", "model.hidden_dim=32", "eval.baselines=[zero_shot]",
         "grpo.epochs=int(interval(1,2))"]

@@ -26,7 +26,7 @@ from leverplus.evaluation.vqa_metric import (
 )
 from leverplus.sim import generate as gen
 from leverplus.sim.lvlm import SimLVLM, hash_uniform
-from leverplus.sim.params import GENERATOR_VERSION, SimParams, params_hash
+from leverplus.config.sim_params import GENERATOR_VERSION, SimParams, params_hash
 from leverplus.sim.world import VOCABULARY, World, surface_variants
 
 SMALL = dict(num_train=240, num_anchors=40, num_val=12, num_test=15, candidate_num=16, fallback_fraction=0.25)

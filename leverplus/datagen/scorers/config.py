@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-from leverplus.sim.params import SimParams
+from leverplus.config.sim_params import SimParams
 
 
 @dataclass
