@@ -243,15 +243,17 @@ def select_icds(
     raise ValueError(f"unknown selection method {method!r}; valid: selector, {', '.join(BASELINES)}")
 
 
-def score_selections(scorer: Scorer, qset: EvalQuerySet, selections: Sequence[Sequence[int]]) -> List[dict]:
-    """Ask the scorer for each query's answer and compute the official VQA accuracy (per-query rows)."""
+def score_selections(scorer: Scorer, qset: EvalQuerySet, selections: Sequence[Sequence[int]], *,
+                     normalization: str = "official") -> List[dict]:
+    """Ask the scorer for each query's answer and compute the VQA accuracy (per-query rows);
+    ``normalization`` as in ``metrics.vqa_accuracy``."""
     rows = []
     if hasattr(scorer, "answer_batch"):  # vectorised scorers (the simulated LVLM) answer a whole split at once
         preds = scorer.answer_batch(qset.split, list(qset.query_index), [list(s) for s in selections])
     else:
         preds = [scorer.answer(qset.split, q, list(s)) for q, s in zip(qset.query_index, selections)]
     for qidx, icds, pred in zip(qset.query_index, selections, preds):
-        acc = vqa_accuracy(pred, scorer.gt_answers(qset.split, qidx))
+        acc = vqa_accuracy(pred, scorer.gt_answers(qset.split, qidx), normalization=normalization)
         rows.append({"split": qset.split, "query_index": qidx, "icds": list(icds), "prediction": pred, "acc": acc})
     return rows
 
@@ -271,12 +273,13 @@ def downstream_eval(
     model=None,
     pool_mode: str = "query_pool",
     seed: int = 0,
+    normalization: str = "official",
 ) -> Tuple[Dict[str, Dict[str, float]], Dict[str, List[dict]]]:
     """Run every method through the same harness. Returns ({method: summary}, {method: per-query rows})."""
     summaries, per_query = {}, {}
     for method in methods:
         sel = select_icds(method, qset, embeddings, shot_num, model=model, pool_mode=pool_mode, seed=seed)
-        rows = score_selections(scorer, qset, sel)
+        rows = score_selections(scorer, qset, sel, normalization=normalization)
         for r in rows:
             r["method"], r["shot_num"] = method, shot_num
         per_query[method] = rows

@@ -384,18 +384,18 @@ def train_and_evaluate(
                     qset = _head(qset, int(cfg.eval.max_queries))
                 sel_accs = []
                 for shot in sorted(data.rl):
-                    pool_mode = _enum(cfg.eval.pool)
+                    pool_mode, norm = _enum(cfg.eval.pool), _enum(cfg.eval.vqa_normalization)
                     summ, rows = downstream_eval(
                         data.scorer, qset, data.embeddings, shot, ["selector"], model=model,
-                        pool_mode=pool_mode, seed=int(cfg.seed),
+                        pool_mode=pool_mode, seed=int(cfg.seed), normalization=norm,
                     )
                     baselines = cfg.eval.baselines if split in cfg.eval.baseline_splits else []
                     for method in baselines:  # model-free: computed once per process and data
-                        bkey = (data.fingerprint, split, len(qset), shot, method, pool_mode, int(cfg.seed))
+                        bkey = (data.fingerprint, split, len(qset), shot, method, pool_mode, int(cfg.seed), norm)
                         if bkey not in _BASELINE_MEMO:
                             _BASELINE_MEMO[bkey] = downstream_eval(
                                 data.scorer, qset, data.embeddings, shot, [method], pool_mode=pool_mode,
-                                seed=int(cfg.seed),
+                                seed=int(cfg.seed), normalization=norm,
                             )
                         b_summ, b_rows = _BASELINE_MEMO[bkey]
                         summ.update(b_summ)

@@ -212,7 +212,8 @@ def rl_records(world: World, lvlm: SimLVLM, shot_num: int, fallback_anchors: set
     scorer = SimScorer(lvlm, fallback_queries=fallback_anchors)
     jobs = [QueryJob(int(a), [int(i) for i in world.pool("train", int(a))], pointer_candidates(world, int(a), shot_num))
             for a in world.anchors]
-    records, counts = score_queries(scorer, "train", jobs, strict_eval=False, cache=cache)
+    records, counts = score_queries(scorer, "train", jobs, strict_eval=False, cache=cache,
+                                    normalization=world.params.vqa_normalization)
     return records, counts.mode_counts()
 
 
