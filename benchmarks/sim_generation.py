@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from leverplus.config.sim_params import SimParams, params_hash
 from leverplus.evaluation.vqa_metric import vqa_accuracy
 from leverplus.sim.generate import generate_world_data
 from leverplus.sim.lvlm import SimLVLM
-from leverplus.config.sim_params import SimParams, params_hash
 from leverplus.sim.world import World
 
 

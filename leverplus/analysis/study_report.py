@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from leverplus.tracking.study import StudyTracker
 from leverplus.tracking.trials import (
     COUNTED_STATES,
     INTERRUPTED_ATTR,
@@ -20,7 +21,6 @@ from leverplus.tracking.trials import (
     n_counted,
     n_failed,
 )
-from leverplus.tracking.study import StudyTracker
 
 # ---------------------------------------------------------------------------------------------- report
 

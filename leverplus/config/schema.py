@@ -61,6 +61,13 @@ class GRPORewardSource(str, Enum):
     raw = "raw"  # the clipped formula output (what the reports claimed)
 
 
+class VqaNormalization(str, Enum):
+    """How ``metrics.vqa_accuracy`` normalises answers (leverplus/evaluation/vqa_metric.py)."""
+
+    official = "official"  # vqaEval.py at a013f00 (2021-03-11): normalise both sides only when the GTs differ
+    lever_plus = "lever_plus"  # the reference's copy (reference#correctness): always normalise prediction and GTs
+
+
 class EvalPool(str, Enum):
     query_pool = "query_pool"  # each test query's own 64-candidate pool (explicit, logged)
     train_pool = "train_pool"  # the whole train pool
@@ -193,6 +200,9 @@ class EvalConfig:
     downstream: bool = True  # selector -> scorer -> VQA accuracy (sim scorer; needs a scorer for real data)
     downstream_splits: List[str] = field(default_factory=lambda: ["val", "test"])
     pool: EvalPool = EvalPool.query_pool
+    # answer normalisation of the downstream VQA accuracy (the RL data's own scores: data.sim.vqa_normalization,
+    # or generate_rl_data's vqa_normalization)
+    vqa_normalization: VqaNormalization = VqaNormalization.official
     baselines: List[str] = field(default_factory=lambda: ["zero_shot", "random", "similarity"])
     baseline_splits: List[str] = field(default_factory=lambda: ["test"])  # model-free context; val needs none
     max_queries: Optional[int] = None  # cap on downstream queries per split (None = all)

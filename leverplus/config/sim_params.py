@@ -16,8 +16,12 @@ from typing import Any, List, Mapping
 
 from leverplus.errors import LeverPlusInputError
 
+#: the answer normalisations of the VQA metric (``evaluation.vqa_metric.vqa_accuracy``), shared with ``eval``
+NORMALIZATION_MODES = ("official", "lever_plus")
+
 #: Bump whenever generated files would change for the same parameters (invalidates every cache entry).
-GENERATOR_VERSION = "1"
+#: "2": the official VQA accuracy follows vqaEval.py at a013f00 (vqa_acc_score / vqa_correct of the RL files moved).
+GENERATOR_VERSION = "2"
 
 #: Answer types the world knows (their vocabularies live in ``leverplus.sim.world.VOCABULARY``).
 KNOWN_ANSWER_TYPES = ("yes/no", "number", "color", "object", "other")
@@ -76,6 +80,9 @@ class SimParams:
     fallback_fraction: float = 0.1  # anchors whose candidates are scored by fallback_match
     fallback_noise: float = 0.3  # prob. a fallback-scored correctness is corrupted (see fallback_noise_kind)
     fallback_noise_kind: str = "coin"  # "coin": replaced by a fair coin flip; "flip": inverted (a planted, harmful bias)
+    # answer normalisation of the official metric behind vqa_acc_score / vqa_correct (metrics.vqa_accuracy):
+    # "official" (vqaEval.py a013f00) or "lever_plus" (the reference's copy, reference#correctness)
+    vqa_normalization: str = "official"
 
     # --- InfoScore beam JSON (reference#formats-beam-json) ----------------------------------------------------------------
     beam_size: int = 5
@@ -165,6 +172,9 @@ class SimParams:
         if self.distractor_alt_weight + self.distractor_copy_weight > 1.0:
             bad("distractor_copy_weight", "distractor_alt_weight + distractor_copy_weight exceeds 1",
                 "lower one of them")
+        if self.vqa_normalization not in NORMALIZATION_MODES:
+            bad("vqa_normalization", f"must be one of {NORMALIZATION_MODES}, got {self.vqa_normalization!r}",
+                "use official or lever_plus")
         if self.fallback_noise_kind not in ("coin", "flip"):
             bad("fallback_noise_kind", f"must be 'coin' or 'flip', got {self.fallback_noise_kind!r}", "use coin or flip")
         if not -1.0 <= self.redundancy_threshold < 1.0:

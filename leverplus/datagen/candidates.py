@@ -21,7 +21,6 @@ import torch
 from leverplus.errors import LeverPlusInputError
 from leverplus.evaluation.vqa_metric import (
     answer_relevance,
-    normalize_answer,
     vqa_accuracy,
     vqa_correct,
     vqa_postprocess,
@@ -220,8 +219,8 @@ _ZERO_REL = {"vqa_rel_token_f1": 0.0, "vqa_rel_edit_sim": 0.0, "vqa_rel_score": 
 
 
 def score_queries(scorer: "Scorer", split: str, jobs: Sequence[QueryJob], *, strict_eval: bool,
-                  save_prompts: bool = False, cache: Optional[dict] = None) -> tuple[dict[int, Optional[dict]],
-                                                                                     ScoreCounts]:
+                  save_prompts: bool = False, cache: Optional[dict] = None,
+                  normalization: str = "official") -> tuple[dict[int, Optional[dict]], ScoreCounts]:
     """Answer and score every candidate of ``jobs`` (one scorer batch over all their prompts), reference#rldata-driver order:
     generate, score (reference#correctness), ``vqa_gt_prob`` (reference#gt-prob), relevance (reference#relevance), then reference#formats-rl-json fields.
 
@@ -229,10 +228,10 @@ def score_queries(scorer: "Scorer", split: str, jobs: Sequence[QueryJob], *, str
     query's annotations; otherwise strict evaluation drops the candidate (reference default) and non-strict uses
     ``scorer.fallback_score`` (``"fallback"``). A metric error (``LeverPlusInputError``, e.g. an empty GT list)
     drops the candidate in strict mode and stores an ``"error"`` record with zeros otherwise. Model errors are
-    not caught: the run stops and resumes later.
+    not caught: the run stops and resumes later. ``normalization`` goes to ``metrics.vqa_accuracy``.
 
     Returns ({query id: on-disk record, or None when every candidate was dropped}, counts). ``cache`` (shared
-    across calls) memoises query blocks, official accuracies per normalised answer and relevance per answer.
+    across calls) memoises query blocks, official accuracies per answer and relevance per answer.
     """
     cache = {} if cache is None else cache
     acc_cache, rel_cache, query_cache = (cache.setdefault(k, {}) for k in ("acc", "rel", "query"))
@@ -264,9 +263,11 @@ def score_queries(scorer: "Scorer", split: str, jobs: Sequence[QueryJob], *, str
             try:
                 if official is not None:
                     answers, split_used = official
-                    key = (split, q, normalize_answer(pred))
+                    # keyed by the answer itself: under "official", "Yes" and "yes" score differently when all
+                    # GTs are identical, so the normal form is not a valid key
+                    key = (split, q, pred, normalization)
                     if key not in acc_cache:
-                        acc_cache[key] = vqa_accuracy(pred, answers)
+                        acc_cache[key] = vqa_accuracy(pred, answers, normalization=normalization)
                     acc = acc_cache[key]
                     correct, mode = vqa_correct(acc), "vqaEval"
                 elif strict_eval:

@@ -31,6 +31,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from leverplus.config.schema import VqaNormalization
 from leverplus.config.store import conf_dir
 from leverplus.data.formats.beam_json import read_beam_json
 from leverplus.data.formats.embeddings import read_embeddings
@@ -57,6 +58,7 @@ from leverplus.datagen.generation import (
 from leverplus.datagen.scorers.base import Scorer, build_scorer
 from leverplus.datagen.scorers.config import ScorerConfig
 from leverplus.errors import LeverPlusInputError, printed_input_errors
+from leverplus.utils import enum_value
 
 LABEL = "generate_rl_data"
 
@@ -112,6 +114,8 @@ class GenerateRLConfig:
     candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     strict_eval: bool = True  # reference default: candidates without official annotations are dropped
+    # answer normalisation of vqa_acc_score (vqa_metric.vqa_accuracy); lever_plus reproduces the reference's files
+    vqa_normalization: VqaNormalization = VqaNormalization.official
     save_prompts: bool = False  # store vqa_prompt_text / vqa_prompt_len (hf scorer)
     save_interval: int = 50  # queries between atomic interim saves (reference 50)
     seed: int = 0  # sampling / random candidates, per (seed, query, shot_num)
@@ -292,9 +296,11 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, scorer: Optional[Sc
     pool_fn, local, pool_desc = make_pool_fn(cfg, scorer, n, all_ids[0])
     model = load_selector(cfg, embeddings.shape[1])
     described = scorer.describe()
+    norm = enum_value(cfg.vqa_normalization)
     generation = {
         "generator": f"leverplus.{LABEL}", "shot_num": int(cfg.shot_num), "seed": int(cfg.seed),
         "strict_eval": bool(cfg.strict_eval), "save_prompts": bool(cfg.save_prompts), "queries": query_desc,
+        "vqa_normalization": norm,
         "pool": pool_desc, "candidates": settings.as_dict(),
         "selector": {"checkpoint": Path(cfg.selector.checkpoint).name,
                      "fingerprint": file_fingerprint(cfg.selector.checkpoint),
@@ -318,7 +324,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, scorer: Optional[Sc
         for q in block:
             job = query_job(q, list(pool_fn(q)), local, embeddings, model, cfg, settings)
             records, counts = score_queries(scorer, "train", [job], strict_eval=bool(cfg.strict_eval),
-                                            save_prompts=bool(cfg.save_prompts), cache=cache)
+                                            save_prompts=bool(cfg.save_prompts), cache=cache, normalization=norm)
             out.add(q, records[q], {k: v for k, v in counts.dropped_counts().items() if v})
         out.save_partial()
         finished += len(block)

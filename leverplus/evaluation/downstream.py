@@ -101,15 +101,17 @@ def select_icds(
     raise ValueError(f"unknown selection method {method!r}; valid: selector, {', '.join(BASELINES)}")
 
 
-def score_selections(scorer: Scorer, qset: EvalQuerySet, selections: Sequence[Sequence[int]]) -> List[dict]:
-    """Ask the scorer for each query's answer and compute the official VQA accuracy (per-query rows)."""
+def score_selections(scorer: Scorer, qset: EvalQuerySet, selections: Sequence[Sequence[int]], *,
+                     normalization: str = "official") -> List[dict]:
+    """Ask the scorer for each query's answer and compute the VQA accuracy (per-query rows);
+    ``normalization`` as in ``vqa_metric.vqa_accuracy``."""
     rows = []
     if hasattr(scorer, "answer_batch"):  # vectorised scorers (the simulated LVLM) answer a whole split at once
         preds = scorer.answer_batch(qset.split, list(qset.query_index), [list(s) for s in selections])
     else:
         preds = [scorer.answer(qset.split, q, list(s)) for q, s in zip(qset.query_index, selections)]
     for qidx, icds, pred in zip(qset.query_index, selections, preds):
-        acc = vqa_accuracy(pred, scorer.gt_answers(qset.split, qidx))
+        acc = vqa_accuracy(pred, scorer.gt_answers(qset.split, qidx), normalization=normalization)
         rows.append({"split": qset.split, "query_index": qidx, "icds": list(icds), "prediction": pred, "acc": acc})
     return rows
 
@@ -129,12 +131,13 @@ def downstream_eval(
     model=None,
     pool_mode: str = "query_pool",
     seed: int = 0,
+    normalization: str = "official",
 ) -> Tuple[Dict[str, Dict[str, float]], Dict[str, List[dict]]]:
     """Run every method through the same harness. Returns ({method: summary}, {method: per-query rows})."""
     summaries, per_query = {}, {}
     for method in methods:
         sel = select_icds(method, qset, embeddings, shot_num, model=model, pool_mode=pool_mode, seed=seed)
-        rows = score_selections(scorer, qset, sel)
+        rows = score_selections(scorer, qset, sel, normalization=normalization)
         for r in rows:
             r["method"], r["shot_num"] = method, shot_num
         per_query[method] = rows
@@ -174,11 +177,12 @@ _BASELINE_MEMO: Dict[tuple, tuple] = {}
 
 
 def _baseline(scorer: Scorer, qset: EvalQuerySet, embeddings: torch.Tensor, shot: int, method: str, pool_mode: str,
-              seed: int, data_key: str) -> tuple:
+              seed: int, data_key: str, normalization: str) -> tuple:
     """A model-free baseline's evaluation, computed once per process and data (every arm of a sweep shares it)."""
-    key = (data_key, qset.split, len(qset), shot, method, pool_mode, seed)
+    key = (data_key, qset.split, len(qset), shot, method, pool_mode, seed, normalization)
     if key not in _BASELINE_MEMO:
-        _BASELINE_MEMO[key] = downstream_eval(scorer, qset, embeddings, shot, [method], pool_mode=pool_mode, seed=seed)
+        _BASELINE_MEMO[key] = downstream_eval(scorer, qset, embeddings, shot, [method], pool_mode=pool_mode, seed=seed,
+                                              normalization=normalization)
     return _BASELINE_MEMO[key]
 
 
@@ -187,7 +191,7 @@ def evaluate_splits(model, scorer: Scorer, eval_sets: Dict[str, EvalQuerySet], e
     """The downstream evaluation loop: for every split in ``eval.downstream_splits`` and every shot, the selector's
     ICDs answered by ``scorer`` and scored with the VQA metric, next to the configured baselines."""
     out = DownstreamResult()
-    pool_mode = enum_value(eval_cfg.pool)
+    pool_mode, norm = enum_value(eval_cfg.pool), enum_value(eval_cfg.vqa_normalization)
     for split in eval_cfg.downstream_splits:
         qset = eval_sets.get(split)
         if qset is None:
@@ -197,9 +201,9 @@ def evaluate_splits(model, scorer: Scorer, eval_sets: Dict[str, EvalQuerySet], e
         sel_accs = []
         for shot in shots:
             summ, rows = downstream_eval(scorer, qset, embeddings, shot, ["selector"], model=model,
-                                         pool_mode=pool_mode, seed=seed)
+                                         pool_mode=pool_mode, seed=seed, normalization=norm)
             for method in (eval_cfg.baselines if split in eval_cfg.baseline_splits else []):
-                b_summ, b_rows = _baseline(scorer, qset, embeddings, shot, method, pool_mode, seed, data_key)
+                b_summ, b_rows = _baseline(scorer, qset, embeddings, shot, method, pool_mode, seed, data_key, norm)
                 summ.update(b_summ)
                 rows.update({m: [dict(r) for r in rr] for m, rr in b_rows.items()})
             for method, s in summ.items():

@@ -1,17 +1,25 @@
 """The VQA answer metrics: the official VQA accuracy, answer post-processing, the string-match fallback,
 and answer relevance (reference#postprocess, reference#correctness, reference#relevance).
 
-``vqa_accuracy`` follows the official evaluation script (GT-Vision-Lab/VQA,
-``PythonEvaluationTools/vqaEvaluation/vqaEval.py``, class ``VQAEval``) exactly, not the Lever-Plus copy
-described in reference#correctness. The two differ:
+``vqa_accuracy(normalization="official")`` (the default) follows the current official evaluation script:
+GT-Vision-Lab/VQA, ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``, class ``VQAEval``, at commit a013f00
+"Fixed processing answers bug" (2021-03-11, the latest change to that file). Per question it does:
 
-* official: the prediction is always cleaned (newline/tab -> space, strip) and normalised
-  (``processPunctuation`` then ``processDigitArticle``); the GT answers are left as they are, except that when
-  they are not all identical each gets ``processPunctuation`` only (no lower-casing, no number words, no
-  article removal, no strip);
-* Lever-Plus copy: prediction and every GT always get cleaning + both normalisation steps.
+1. newline and tab -> space, then ``strip``, on the prediction and on every GT answer;
+2. only if the (cleaned) GT answers are not all identical: ``processPunctuation`` then ``processDigitArticle`` on
+   every GT answer and on the prediction; when all GTs are identical, nothing is normalised (case, punctuation,
+   articles and number words then all matter);
+3. leave-one-out over the annotators against the answers as left by steps 1-2 (see :func:`vqa_accuracy`).
 
-Pass ``normalization="lever_plus"`` to reproduce the reference numbers; the default is ``"official"``.
+``normalization="lever_plus"`` is the Lever-Plus copy of the script (reference#correctness): the same steps without the
+identity guard, so prediction and GTs are always fully normalised. The two agree whenever the GT answers differ;
+with ten identical GTs, ``official`` needs the cleaned strings to be equal and ``lever_plus`` only their normal
+forms ("Yes" vs 10 x "yes": 0 vs 1). ``lever_plus`` is therefore never below ``official``.
+
+leverplus used to follow the revision before a013f00 (commit 458a8b2, 2016-10-08): the prediction always fully
+normalised, the GTs only punctuation-processed (no lower-casing, number words, articles or contractions) and
+only when they differ, the GTs never stripped. There "yes" scored 0 against 10 answers "Yes"/"YES", and "Yes"
+scored 1 against 10 x "yes"; a013f00 fixed exactly that mismatch between the two sides.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 
+from leverplus.config.sim_params import NORMALIZATION_MODES
 from leverplus.errors import LeverPlusInputError
 
 # --------------------------------------------------------------------------------------------------------------
@@ -77,8 +86,6 @@ _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(\,)(\d)")
 # so at most 32 periods are deleted.
 OFFICIAL_PERIOD_STRIP_COUNT = int(re.UNICODE)
 
-NORMALIZATION_MODES = ("official", "lever_plus")
-
 
 def _require_str(value: object, field: str, record: str | None = None) -> str:
     if not isinstance(value, str):
@@ -92,7 +99,8 @@ def _require_str(value: object, field: str, record: str | None = None) -> str:
 
 
 def clean_whitespace(text: str) -> str:
-    """Newline and tab become spaces, then strip: what the official script always does to the prediction."""
+    """Newline and tab become spaces, then strip: what the official script always does to the prediction and
+    to every GT answer."""
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
@@ -102,7 +110,8 @@ def process_punctuation(text: str, *, period_strip_count: int = OFFICIAL_PERIOD_
     Each punctuation character is deleted if it touches a space anywhere in the *input* text (``p + " "`` or
     ``" " + p``), or if the input contains a digit-comma-digit pattern such as "1,000"; otherwise every
     occurrence is replaced by a space. Then periods not followed by a digit are deleted (at most
-    ``period_strip_count`` of them, 32 in the official script).
+    ``period_strip_count`` of them, 32 in the official script). No lower-casing here: that is
+    ``process_digit_article``'s first step.
     """
     has_digit_comma = _COMMA_BETWEEN_DIGITS.search(text) is not None
     out = text
@@ -123,15 +132,15 @@ def process_digit_article(text: str) -> str:
 
 
 def normalize_answer(text: str) -> str:
-    """The full normalisation the official script applies to a prediction:
-    ``clean_whitespace`` -> ``process_punctuation`` -> ``process_digit_article``."""
+    """The full normalisation of one answer: ``clean_whitespace`` -> ``process_punctuation`` ->
+    ``process_digit_article`` (the official script applies it to the prediction and every GT answer of a
+    question whose GT answers are not all identical; ``lever_plus`` always)."""
     _require_str(text, "answer")
     return process_digit_article(process_punctuation(clean_whitespace(text)))
 
 
-# Pure string functions, called for 10 annotator answers of every scored prediction: cached (bounded).
+# A pure string function, called for 10 annotator answers of every scored prediction: cached (bounded).
 _normalize_cached = lru_cache(maxsize=1 << 17)(normalize_answer)
-_punctuation_cached = lru_cache(maxsize=1 << 17)(process_punctuation)
 
 
 def vqa_accuracy(
@@ -144,16 +153,18 @@ def vqa_accuracy(
 ) -> float:
     """VQA accuracy of one prediction against its annotators' answers, in [0, 1].
 
-    For each annotator j, count the *other* annotators k != j whose answer equals the prediction
-    (the official script compares answer dicts, which all differ by ``answer_id``, so exactly one answer is
-    left out even when strings repeat), score ``min(1, matches / 3)``, and average over annotators.
-    The official script stores ``round(100 * acc, 2)``; this returns that value / 100. With m of 10 annotators
-    matching: m=0 -> 0, 1 -> 0.3, 2 -> 0.6, 3 -> 0.9, >=4 -> 1.0.
+    Normalisation (module docstring): ``"official"`` (default) is vqaEval.py at a013f00: prediction and GTs
+    get ``clean_whitespace``; then, only when the cleaned GTs are not all identical, every GT and the prediction
+    get ``normalize_answer``. ``"lever_plus"`` always normalises both (reference#correctness).
 
-    ``normalization="official"`` (default) follows GT-Vision-Lab/VQA vqaEval.py: the prediction is always
-    cleaned and fully normalised; GT answers get ``process_punctuation`` only, and only when they are not all
-    identical. ``"lever_plus"`` is the reference's copy (reference#correctness): prediction and GTs always get
-    ``normalize_answer``.
+    Matching: for each annotator j, count the *other* annotators k != j whose answer, as left by the
+    normalisation step, equals the prediction, score ``min(1, matches / 3)``, and average over annotators. The
+    official script normalises the answer dicts in place and the leave-one-out loop reads ``item['answer']``
+    from those dicts, so it compares *processed* GT answers (the list ``gtAnswers`` of cleaned strings only
+    decides whether to normalise). It drops ``item != gtAnsDatum`` from the list; the dicts all differ by
+    ``answer_id``, so exactly one answer is left out even when the strings repeat. The script stores
+    ``round(100 * acc, 2)``; this returns that value / 100. With m of 10 annotators matching: m=0 -> 0,
+    1 -> 0.3, 2 -> 0.6, 3 -> 0.9, >=4 -> 1.0.
 
     A pure function, and every evaluation scores the same few thousand queries with answers from a small
     vocabulary, so results are memoised (bounded); unhashable input skips the memo and gets the validation error.
@@ -186,11 +197,12 @@ def _vqa_accuracy(prediction, gt_answers, normalization, matches_for_full_credit
     for j, gt in enumerate(gts):
         _require_str(gt, "gt_answers", record=str(j))
 
-    pred = _normalize_cached(prediction)
-    if normalization == "lever_plus":
+    pred = clean_whitespace(prediction)
+    gts = [clean_whitespace(g) for g in gts]
+    # the official guard: identical GTs (after cleaning) leave both sides as they are; lever_plus has no guard
+    if normalization == "lever_plus" or len(set(gts)) > 1:
+        pred = _normalize_cached(pred)
         gts = [_normalize_cached(g) for g in gts]
-    elif len(set(gts)) > 1:
-        gts = [_punctuation_cached(g) for g in gts]
 
     per_annotator = []
     for j in range(len(gts)):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
+from leverplus.config.sim_params import GENERATOR_VERSION, SimParams, params_dict, params_hash
 from leverplus.data.formats.beam_json import write_beam_json
 from leverplus.data.formats.embeddings import read_embeddings, save_embeddings
 from leverplus.data.formats.io import atomic_write_json, load_json
@@ -38,7 +39,6 @@ from leverplus.env import CACHE_VAR
 from leverplus.errors import LeverPlusInputError
 from leverplus.evaluation.vqa_metric import fallback_match, vqa_postprocess
 from leverplus.sim.lvlm import STREAM_FALLBACK_COIN, STREAM_FALLBACK_NOISE, SimLVLM, hash_uniform
-from leverplus.config.sim_params import GENERATOR_VERSION, SimParams, params_dict, params_hash
 from leverplus.sim.world import World
 
 PathLike = Union[str, Path]
@@ -143,7 +143,7 @@ def candidate_settings(p: SimParams) -> CandidateSettings:
 
 
 def pointer_candidates(world: World, qidx: int, shot_num: int) -> list[dict]:
-    """reference#rldata-candidates candidates for one anchor from the shared builder (:func:`leverplus.candidates.build_candidates`:
+    """reference#rldata-candidates candidates for one anchor from the shared builder (:func:`leverplus.datagen.candidates.build_candidates`:
     beam, sample, retrieval, random; de-duplicated with priority beam > retrieval > sample > random) driven by the
     PROPOSAL policy. Pointers are LOCAL positions in the anchor's pool, prompt order.
 
@@ -206,7 +206,7 @@ def rl_records(world: World, lvlm: SimLVLM, shot_num: int, fallback_anchors: set
 
     Candidates come from :func:`pointer_candidates`; answers, correctness (official metric, or the noisy
     fallback for ``fallback_anchors``), ``vqa_gt_prob`` and relevance from the shared
-    :func:`leverplus.candidates.score_queries` with the ``sim`` scorer, in one vectorised batch over all anchors.
+    :func:`leverplus.datagen.candidates.score_queries` with the ``sim`` scorer, in one vectorised batch over all anchors.
     ``cache`` (shared across shot counts) memoises the VQA accuracy and relevance of (anchor, prediction).
     """
     from leverplus.datagen.candidates import score_queries
@@ -215,7 +215,8 @@ def rl_records(world: World, lvlm: SimLVLM, shot_num: int, fallback_anchors: set
     scorer = SimScorer(lvlm, fallback_queries=fallback_anchors)
     jobs = [QueryJob(int(a), [int(i) for i in world.pool("train", int(a))], pointer_candidates(world, int(a), shot_num))
             for a in world.anchors]
-    records, counts = score_queries(scorer, "train", jobs, strict_eval=False, cache=cache)
+    records, counts = score_queries(scorer, "train", jobs, strict_eval=False, cache=cache,
+                                    normalization=world.params.vqa_normalization)
     return records, counts.mode_counts()
 
 

@@ -71,7 +71,7 @@ class SimLVLM:
         self.world = world
         self.params = world.params
         self._train = world.splits["train"]
-        self._class_acc_cache: dict[tuple[str, int], dict[int, float]] = {}
+        self._class_acc_cache: dict[tuple[str, int, str], dict[int, float]] = {}
         self._gt_weight_cache: dict[tuple[str, int], dict[int, float]] = {}
         self._wrong_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -263,24 +263,41 @@ class SimLVLM:
         return list(self.world.items(split).gt_answers[int(qidx)])
 
     # --- exact expectations (for baselines and docs) -------------------------------------------------------
-    def class_accuracy(self, split: str, qidx: int) -> dict[int, float]:
-        """Official VQA accuracy of each class's canonical spelling against the query's GT answers (classes
-        with a non-zero score only). Every surface variant normalises to the canonical spelling, so this is
-        the accuracy of any answer of that class. Cached per query."""
-        key = (split, int(qidx))
+    def surface_form_probs(self, cls: int) -> list[tuple[str, float]]:
+        """(spelling, probability) of the answer text the LVLM writes for class ``cls``: canonical with
+        probability ``1 - pred_variant_prob``, else a uniform pick among the other spellings (as in
+        :meth:`raw_generation_batch`)."""
+        forms = self.world.class_variants[int(cls)]
+        pv = self.params.pred_variant_prob
+        if len(forms) == 1 or pv == 0:
+            return [(forms[0], 1.0)]
+        return [(forms[0], 1.0 - pv)] + [(f, pv / (len(forms) - 1)) for f in forms[1:]]
+
+    def class_accuracy(self, split: str, qidx: int, normalization: str = "official") -> dict[int, float]:
+        """E[VQA accuracy of the answer | its class] against the query's GT answers, over the spelling the LVLM
+        writes (:meth:`surface_form_probs`); classes with a non-zero score only. With ``"lever_plus"``, or
+        ``"official"`` and GTs that are not all identical, every spelling normalises to the canonical one and
+        scores the same; with ten identical GTs, ``"official"`` normalises nothing, so only the GT's own
+        spelling scores. The run-on text that ``vqa_postprocess`` leaves is trailing whitespace, which the
+        metric strips. Cached per (query, normalization)."""
+        key = (split, int(qidx), normalization)
         if key not in self._class_acc_cache:
             gts = self.gt_answers(split, qidx)
             classes = {self.world.class_of.get(normalize_answer(g)) for g in gts} - {None}
-            accs = {cls: vqa_accuracy(self.world.classes[cls], gts) for cls in sorted(classes)}
+            accs = {cls: sum(w * vqa_accuracy(f, gts, normalization=normalization)
+                             for f, w in self.surface_form_probs(cls)) for cls in sorted(classes)}
             self._class_acc_cache[key] = {c: a for c, a in accs.items() if a > 0}
         return dict(self._class_acc_cache[key])
 
-    def expected_accuracy(self, split: str, qidx: int, icds: Sequence[int]) -> float:
-        """E[official VQA accuracy of ``answer``] over the LVLM's randomness (exact, no sampling)."""
-        acc = self.class_accuracy(split, qidx)
+    def expected_accuracy(self, split: str, qidx: int, icds: Sequence[int], normalization: str = "official") -> float:
+        """E[VQA accuracy of ``answer``] over the LVLM's randomness (exact, no sampling); ``normalization`` as
+        in ``metrics.vqa_accuracy``."""
+        acc = self.class_accuracy(split, qidx, normalization)
         dist = self.answer_distribution(split, qidx, icds)
         return float(sum(dist.get(c, 0.0) * a for c, a in acc.items()))
 
-    def expected_accuracy_many(self, split: str, pairs: Iterable[tuple[int, Sequence[int]]]) -> np.ndarray:
+    def expected_accuracy_many(self, split: str, pairs: Iterable[tuple[int, Sequence[int]]],
+                               normalization: str = "official") -> np.ndarray:
         """:meth:`expected_accuracy` over (qidx, icds) pairs."""
-        return np.asarray([self.expected_accuracy(split, q, icds) for q, icds in pairs], dtype=np.float64)
+        return np.asarray([self.expected_accuracy(split, q, icds, normalization) for q, icds in pairs],
+                          dtype=np.float64)

@@ -141,8 +141,8 @@ def world_paths(cfg: Any):
     """The world folder of a ``scorer.sim`` config (generated and cached on first use)."""
     from omegaconf import OmegaConf
 
-    from leverplus.sim.generate import default_cache_root, load_or_generate
     from leverplus.config.sim_params import SimParams
+    from leverplus.sim.generate import default_cache_root, load_or_generate
 
     params = cfg.params
     if not isinstance(params, SimParams):

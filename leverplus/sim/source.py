@@ -7,11 +7,11 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from leverplus.config.sim_params import SimParams
 from leverplus.data.eval_queries import EvalQuerySet
 from leverplus.data.loading import LoadedData, assemble, requested_shots
 from leverplus.errors import LeverPlusInputError
 from leverplus.sim.generate import load_eval_queries, load_lvlm, load_or_generate
-from leverplus.config.sim_params import SimParams
 from leverplus.utils import default_cache_dir
 
 

@@ -23,8 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
-from leverplus.errors import LeverPlusInputError
 from leverplus.config.sim_params import SimParams
+from leverplus.errors import LeverPlusInputError
 
 SPLITS = ("train", "val", "test")
 

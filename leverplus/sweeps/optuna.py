@@ -156,6 +156,8 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
 
         from leverplus.analysis.study_report import report_study
         from leverplus.errors import LeverPlusInputError
+        from leverplus.tracking.store import resolve_artifact_root, resolve_tracking_uri
+        from leverplus.tracking.study import StudyTracker
         from leverplus.tracking.trials import (
             HOST_ATTR,
             PID_ATTR,
@@ -168,8 +170,6 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
             trial_overrides,
             trials_to_run,
         )
-        from leverplus.tracking.store import resolve_artifact_root, resolve_tracking_uri
-        from leverplus.tracking.study import StudyTracker
         from leverplus.utils import launch_dir
 
         cfg = self.config

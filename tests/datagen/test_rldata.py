@@ -16,6 +16,7 @@ import torch
 from conftest import REPO, compose_cfg
 from hydra import compose, initialize_config_dir
 
+from leverplus.config.sim_params import SimParams
 from leverplus.data.formats.beam_json import read_beam_json
 from leverplus.data.formats.embeddings import save_embeddings
 from leverplus.data.formats.rl_json import read_rl_json
@@ -40,7 +41,6 @@ from leverplus.model.checkpoint import save_pointer_checkpoint
 from leverplus.model.pointer import PointerSelector
 from leverplus.pipeline import load_data, train_and_evaluate
 from leverplus.sim import generate as simgen
-from leverplus.config.sim_params import SimParams
 from leverplus.sim.world import World
 
 SIM = dict(num_train=240, num_anchors=20, num_val=4, num_test=4, candidate_num=16, embedding_dim=32,
@@ -291,6 +291,33 @@ def test_pool_all_writes_global_pointers_without_the_query(tmp_path):
         for c in q.candidates:
             assert c.raw["pointer"] == c.raw["pointer_pos"] == list(c.pointer) and qid not in c.pointer
             assert "pointer_global" not in c.raw
+
+
+class SameGTScorer(FakeScorer):
+    """FakeScorer whose ten annotators all wrote "blue"."""
+
+    def item(self, split, q):
+        return {**super().item(split, q), "gt_answers_raw": ["blue"] * 10}
+
+
+def test_vqa_normalization_scores_the_candidates_and_is_part_of_the_generation_settings(tmp_path):
+    args = _tiny_inputs(tmp_path)
+    scorer = SameGTScorer(10, official=range(10))
+    accs = {}
+    for norm in ("official", "lever_plus"):
+        out = tmp_path / f"{norm}.json"
+        meta = gr.run(_compose("rl_data", args + [f"output={out}", f"vqa_normalization={norm}"]), say=_quiet,
+                      scorer=scorer)
+        assert meta["generation"]["vqa_normalization"] == norm
+        accs[norm] = {(c.raw["vqa_pred_answer"], c.raw["vqa_acc_score"])
+                      for q in read_rl_json(out, shot_num=1, num_items=10).queries.values() for c in q.candidates}
+    # ten identical GTs "blue": official normalises nothing -> "red" 0 and "Blue" 0 ("Blue" != "blue");
+    # lever_plus: "Blue" -> "blue" matches all 10 -> 1
+    assert accs["official"] == {("red", 0.0), ("Blue", 0.0)}
+    assert accs["lever_plus"] == {("red", 0.0), ("Blue", 1.0)}
+    with pytest.raises(LeverPlusInputError, match="vqa_normalization"):  # resume refuses another metric
+        gr.run(_compose("rl_data", args + [f"output={tmp_path / 'official.json'}", "vqa_normalization=lever_plus"]),
+               say=_quiet, scorer=scorer)
 
 
 # ---------------------------------------------------------------------------------------------- embedded world

@@ -211,9 +211,9 @@ def test_real_lever_plus_files_load_and_train(store, tmp_path):
     """data=files on files in the Lever-Plus formats (made by the simulator) and a Lightning SFT checkpoint."""
     import torch
 
+    from leverplus.config.sim_params import SimParams
     from leverplus.model.pointer import PointerSelector
     from leverplus.sim.generate import load_or_generate
-    from leverplus.config.sim_params import SimParams
 
     sim = compose_cfg(["data=sim_tiny"]).data.sim
     from omegaconf import OmegaConf

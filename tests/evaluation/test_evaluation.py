@@ -160,3 +160,41 @@ def test_vectorised_ranking_stats_equal_the_per_group_definitions():
                 assert math.isnan(st[k][i]), (i, k)
             else:
                 assert st[k][i] == pytest.approx(want[k], abs=1e-12), (i, k)
+
+
+class CaseScorer:
+    """Answers "Yes" to every query; the annotators wrote "yes" ten times."""
+
+    def answer(self, split, q, icds):
+        return "Yes"
+
+    def gt_answers(self, split, q):
+        return ["yes"] * 10
+
+
+def test_downstream_accuracy_uses_the_requested_normalisation():
+    # ten identical GTs: official (vqaEval.py a013f00) normalises nothing -> "Yes" != "yes" -> 0;
+    # lever_plus normalises both -> "yes" == "yes" for all 10 -> 1
+    qs = qset(n=5)
+    emb = torch.randn(50, 4)
+    summ, rows = downstream_eval(CaseScorer(), qs, emb, 2, ["random"])
+    assert summ["random"]["acc"] == 0.0 and {r["acc"] for r in rows["random"]} == {0.0}
+    summ, _ = downstream_eval(CaseScorer(), qs, emb, 2, ["random"], normalization="lever_plus")
+    assert summ["random"]["acc"] == 1.0
+
+
+def test_vqa_normalization_is_a_config_enum_and_part_of_the_run_key():
+    from conftest import compose_cfg
+    from hydra.errors import ConfigCompositionException
+
+    from leverplus.config.identity import to_container
+    from leverplus.tracking import run_key
+
+    default = to_container(compose_cfg([]))
+    assert default["eval"]["vqa_normalization"] == default["data"]["sim"]["vqa_normalization"] == "official"
+    keys = {run_key(default, "fp")}
+    for override in ("eval.vqa_normalization=lever_plus", "data.sim.vqa_normalization=lever_plus"):
+        keys.add(run_key(to_container(compose_cfg([override])), "fp"))
+    assert len(keys) == 3  # each option changes the run key
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["eval.vqa_normalization=lavis"])

@@ -1,4 +1,4 @@
-"""Tests for leverplus.metrics: the official VQA accuracy (GT-Vision-Lab/VQA vqaEval.py), post-processing,
+"""Tests for leverplus.evaluation.vqa_metric: the official VQA accuracy (GT-Vision-Lab/VQA vqaEval.py), post-processing,
 the fallback match and answer relevance. Expected values are worked out by hand in the comments."""
 
 from __future__ import annotations
@@ -188,55 +188,146 @@ def test_leave_one_out_by_position_even_for_identical_strings():
     assert vqa_accuracy("yes", ["yes"]) == 0.0
 
 
-def test_prediction_is_always_normalised():
-    gts = ["2"] * 3 + ["3"] * 7  # GTs differ -> processPunctuation on GTs (no change here)
-    # "Two." -> "two" -> "2": m = 3 -> 0.9
-    assert vqa_accuracy("Two.", gts) == 0.9
-    assert vqa_accuracy("the 2", gts) == 0.9
+# The cases below are worked out by hand from vqaEval.py at a013f00 ("Fixed processing answers bug", 2021-03-11):
+#   clean = newline/tab -> space, strip (prediction and every GT);
+#   if len(set(cleaned GTs)) > 1: processPunctuation then processDigitArticle on every GT and on the prediction;
+#   acc = mean over annotators j of min(1, #{k != j : gt_k == pred} / 3).
+# With m matching annotators out of n: a matching j sees m-1 matches, a non-matching one m, so
+#   acc = [m·min(1, (m-1)/3) + (n-m)·min(1, m/3)] / n   (n = 10: m = 1 -> .3, 2 -> .6, 3 -> .9, >= 4 -> 1).
+# "old" is the revision leverplus followed before (458a8b2, 2016): prediction always fully normalised, GTs only
+# processPunctuation (and only when they differ), GTs never stripped. lever_plus: always normalise both sides.
 
 
-def test_all_identical_gts_are_not_normalised():
-    # official: GTs are normalised only when len(set(gts)) > 1; the prediction always is.
-    # pred "dog" -> "dog" vs GT "Dog." x10 (untouched) -> 0 matches -> 0
-    assert vqa_accuracy("dog", ["Dog."] * 10) == 0.0
-    # even the identical string fails: "Dog." -> "dog" != "Dog."
-    assert vqa_accuracy("Dog.", ["Dog."] * 10) == 0.0
-    # GTs already in normal form: "Dog." -> "dog" == "dog" for all 10 -> 1
-    assert vqa_accuracy("Dog.", ["dog"] * 10) == 1.0
-    # number words: pred "two" -> "2" vs untouched "two"
-    assert vqa_accuracy("two", ["two"] * 10) == 0.0
-    # GT whitespace is never stripped: "dog " != "dog"
-    assert vqa_accuracy("dog", ["dog "] * 10) == 0.0
+def both(pred, gts):
+    return (vqa_accuracy(pred, gts), vqa_accuracy(pred, gts, normalization="lever_plus"))
 
 
-def test_mixed_gts_get_punctuation_only():
-    # GTs differ -> each GT gets processPunctuation only: "Dog." -> "Dog" (no lower-casing) -> no match
-    assert vqa_accuracy("dog", ["Dog."] * 9 + ["cat"]) == 0.0
-    # "dog." -> "dog": 9 matches -> 1
-    assert vqa_accuracy("dog", ["dog."] * 9 + ["cat"]) == 1.0
-    # "two" stays "two" on the GT side (no number words), pred "two" -> "2": only the "2"s match (m=2 -> .6)
-    assert vqa_accuracy("two", ["two"] * 8 + ["2"] * 2) == 0.6
-    # articles stay on the GT side: "the dog" != "dog"; "dog" x3 match -> .9
-    assert vqa_accuracy("the dog", ["the dog"] * 7 + ["dog"] * 3) == 0.9
-    # digit-comma rule on GTs: "1,000" -> "1000"; pred "1,000" -> "1000": m=2 -> .6
-    assert vqa_accuracy("1,000", ["1,000", "1,000"] + ["no"] * 8) == 0.6
-    # GT whitespace not stripped even here: "dog " -> "dog " -> no match
-    assert vqa_accuracy("dog", ["dog "] * 5 + ["cat"] * 5) == 0.0
+def test_all_identical_gts_normalise_nothing():
+    # 10 x "yes": one distinct GT -> no normalisation at all; "Yes" != "yes" -> 0 matches -> 0.
+    # lever_plus: "Yes" -> "yes" == "yes" x10: every j sees 9 matches -> 1. (old: pred "yes" -> 1)
+    assert both("Yes", ["yes"] * 10) == (0.0, 1.0)
+    # the other way round: "yes" != "Yes" -> 0 (old: pred "yes" vs untouched "Yes" -> 0 as well); lever_plus 1
+    assert both("yes", ["Yes"] * 10) == (0.0, 1.0)
+    # punctuation matters: "dog." != "dog" -> 0; lever_plus "dog" == "dog" -> 1
+    assert both("dog.", ["dog"] * 10) == (0.0, 1.0)
+    # the identical raw string always matches: "Dog." == "Dog." -> 1 (old: pred -> "dog" != "Dog." -> 0)
+    assert both("Dog.", ["Dog."] * 10) == (1.0, 1.0)
+    # number words: "two" == "two" -> 1 (old: pred -> "2" -> 0); "2" != "two" -> 0 (lever_plus: "2" == "2" -> 1)
+    assert both("two", ["two"] * 10) == (1.0, 1.0)
+    assert both("2", ["two"] * 10) == (0.0, 1.0)
+    # articles: "dog" != "the dog" -> 0; lever_plus drops "the" -> 1
+    assert both("dog", ["the dog"] * 10) == (0.0, 1.0)
+    # contractions: "dont know" != "don't know" -> 0; lever_plus "dont" -> "don't" -> 1
+    assert both("dont know", ["don't know"] * 10) == (0.0, 1.0)
+    # digit-comma-digit: "1000" != "1,000" -> 0; "1,000" == "1,000" -> 1
+    assert both("1000", ["1,000"] * 10) == (0.0, 1.0)
+    assert both("1,000", ["1,000"] * 10) == (1.0, 1.0)
 
 
-def test_lever_plus_mode_normalises_everything():
-    # reference#correctness copy: prediction and GTs always get the full normalisation
-    assert vqa_accuracy("dog", ["Dog."] * 10, normalization="lever_plus") == 1.0
-    assert vqa_accuracy("2", ["two"] * 10, normalization="lever_plus") == 1.0
-    assert vqa_accuracy("dog", ["Dog."] * 9 + ["cat"], normalization="lever_plus") == 1.0
-    assert vqa_accuracy("dog", ["dog "] * 2 + ["cat"] * 8, normalization="lever_plus") == 0.6
+def test_identity_is_decided_after_cleaning_and_cleaning_always_applies():
+    # GTs 9 x "yes" + "yes\n": cleaned -> 10 x "yes", ONE distinct answer -> no normalisation; "Yes" -> 0.
+    # lever_plus: "yes" x10 -> 1.
+    assert both("Yes", ["yes"] * 9 + ["yes\n"]) == (0.0, 1.0)
+    # the cleaning itself runs on both sides even without normalisation:
+    # pred "\tyes\n" -> "yes"; GT "dog " -> "dog" (old: GT never stripped -> 0)
+    assert both("\tyes\n", ["yes"] * 10) == (1.0, 1.0)
+    assert both("dog", ["dog "] * 10) == (1.0, 1.0)
+    assert both("dog", [" dog\t"] * 5 + ["dog"] * 5) == (1.0, 1.0)  # cleaned: all "dog" -> identical -> 1
+    # a newline inside an answer becomes a space: "yes\nno" -> "yes no" != "yes" -> 0
+    assert both("yes\nno", ["yes"] * 4 + ["no"] * 6) == (0.0, 0.0)
+    # the tab becomes a space BEFORE processPunctuation: pred "x-y\t-z" -> "x-y -z"; " -" occurs -> every "-"
+    # deleted -> "xy z". GTs 3 x "xy z" + 7 x "no" differ -> normalised (unchanged) -> m = 3 -> .9
+    assert both("x-y\t-z", ["xy z"] * 3 + ["no"] * 7) == (0.9, 0.9)
 
 
-def test_newline_tab_strip_on_prediction():
-    gts = ["yes"] * 4 + ["no"] * 6
-    assert vqa_accuracy(" yes\n", gts) == 1.0
-    assert vqa_accuracy("\tYES\t", gts) == 1.0
-    assert vqa_accuracy("yes\nno", gts) == 0.0  # -> "yes no"
+def test_mixed_case_gts_are_lower_cased_with_the_prediction():
+    # 5 x "Yes" + 5 x "YES": two distinct -> all normalised -> 10 x "yes"; pred "yes" -> m = 10 -> 1.
+    # (old: GTs only de-punctuated -> "Yes"/"YES" never equal "yes" -> 0)
+    assert both("yes", ["Yes"] * 5 + ["YES"] * 5) == (1.0, 1.0)
+    # 8 x "Yes" + 2 x "yes" -> 10 x "yes" -> 1 (old: only the 2 "yes" match -> .6)
+    assert both("yes", ["Yes"] * 8 + ["yes"] * 2) == (1.0, 1.0)
+    # leave-one-out fraction, n = 10: pred "Yes" -> "yes"; GTs "yes", "YES" -> "yes", 8 x "no": m = 2.
+    # j in the two matching: 1 other match -> 1/3; j among the 8: 2 matches -> 2/3;
+    # (2·1/3 + 8·2/3) / 10 = (18/3) / 10 = .6
+    assert both("Yes", ["yes", "YES"] + ["no"] * 8) == (0.6, 0.6)
+    # n = 4: ["Yes", "yes", "no", "No"] -> [yes, yes, no, no]; pred "yes": m = 2 -> (2·1/3 + 2·2/3) / 4 = .5
+    assert both("yes", ["Yes", "yes", "no", "No"]) == (0.5, 0.5)
+
+
+def test_digit_comma_digit_in_mixed_gts():
+    # GTs differ -> normalised. "1,000" matches (\d)(,)(\d) -> every punctuation char deleted -> "1000";
+    # "1000" stays; "1 000" stays "1 000"; "no" stays. pred "1,000" -> "1000": m = 3 (two "1,000" + one "1000")
+    # -> .9 (old: GT "1,000" -> "1000" too, so also .9)
+    assert both("1,000", ["1,000"] * 2 + ["1000", "1 000"] + ["no"] * 6) == (0.9, 0.9)
+    # without digits on both sides the comma is punctuation that becomes a space: "red,white" -> "red white"
+    assert both("red white", ["red,white"] * 3 + ["red"] * 7) == (0.9, 0.9)
+
+
+def test_periods_in_mixed_gts():
+    # "3.5." : the first "." is followed by "5" -> kept; the last is followed by nothing -> deleted -> "3.5".
+    # "35" is another answer. pred "3.5" -> "3.5": m = 3 -> .9
+    assert both("3.5", ["3.5"] * 2 + ["3.5."] + ["35"] * 7) == (0.9, 0.9)
+    # "3.5" is never turned into "35": pred "35" matches the 7 x "35" only -> 1 (>= 4 matches)
+    assert both("35", ["3.5"] * 2 + ["3.5."] + ["35"] * 7) == (1.0, 1.0)
+    assert both("35", ["3.5"] * 4 + ["4"] * 6) == (0.0, 0.0)
+    # trailing period stripped on both sides: pred "dog." -> "dog"; GTs "dog", "dog", "dog." -> "dog": m = 3 -> .9
+    assert both("dog.", ["dog"] * 2 + ["dog."] + ["cat"] * 7) == (0.9, 0.9)
+
+
+def test_number_words_articles_and_contractions_in_mixed_gts():
+    # number words on BOTH sides now: GTs "2", "two" -> "2", "2"; pred "two" -> "2": m = 2 -> .6
+    # (old: GT "two" stays "two" -> m = 1 -> .3)
+    assert both("two", ["2", "two"] + ["3"] * 8) == (0.6, 0.6)
+    # "Two" is lower-cased first, then mapped: 4 matches -> 1
+    assert both("2", ["2", "two", "Two", "TWO"] + ["3"] * 6) == (1.0, 1.0)
+    # articles dropped on both sides: "a dog", "the dog" -> "dog"; pred "dog": m = 2 -> .6 (old: 0)
+    assert both("dog", ["a dog", "the dog"] + ["cat"] * 8) == (0.6, 0.6)
+    # pred "an apple" -> "apple"; GT "apple" x1: m = 1 -> 9·(1/3)/10 = .3
+    assert both("an apple", ["apple"] + ["pear"] * 9) == (0.3, 0.3)
+    # contractions restored on the GT side too: "dont know" -> "don't know"; pred "don't know" (the "'" is not
+    # in the punctuation list) -> m = 3 -> .9 (old: GT stays "dont know" -> 0)
+    assert both("don't know", ["dont know"] * 3 + ["no"] * 7) == (0.9, 0.9)
+    # and on the prediction side: pred "dont know" -> "don't know" vs 3 x "don't know" -> .9
+    assert both("dont know", ["don't know"] * 3 + ["no"] * 7) == (0.9, 0.9)
+
+
+def test_punctuation_that_becomes_a_space_versus_deleted_in_gts():
+    # "hot-dog": "-" touches no space -> replaced by " " -> "hot dog": pred "hot dog" m = 3 -> .9, "hotdog" 0
+    gts = ["hot-dog"] * 3 + ["pizza"] * 7
+    assert both("hot dog", gts) == (0.9, 0.9)
+    assert both("hotdog", gts) == (0.0, 0.0)
+    # "hot-dog -": " -" occurs in the text -> EVERY "-" is deleted -> "hotdog " -> split/join -> "hotdog"
+    gts = ["hot-dog -"] * 3 + ["pizza"] * 7
+    assert both("hotdog", gts) == (0.9, 0.9)
+    assert both("hot dog", gts) == (0.0, 0.0)
+    # "!" between words becomes a space ("yes!no" -> "yes no"), at the end it touches nothing either -> space,
+    # which the final split/join removes: "red!" -> "red " -> "red"
+    assert both("red", ["red!"] * 3 + ["blue"] * 7) == (0.9, 0.9)
+    assert both("yes no", ["yes!no"] * 3 + ["no"] * 7) == (0.9, 0.9)
+
+
+def test_official_and_lever_plus_agree_unless_all_gts_are_identical_and_lever_plus_is_never_lower():
+    import random
+
+    rng = random.Random(0)
+    forms = ["yes", "Yes", "yes.", "YES", " yes\n", "no", "2", "two", "Two", "2.", "the dog", "dog", "Dog!",
+             "dont know", "don't know", "1,000", "1000", "3.5", "hot-dog"]
+    for _ in range(2000):
+        gts = [rng.choice(forms[: rng.randint(1, len(forms))]) for _ in range(rng.choice([1, 3, 10]))]
+        if rng.random() < 0.3:
+            gts = [gts[0]] * len(gts)
+        pred = rng.choice(forms)
+        official, lever_plus = both(pred, gts)
+        if len({g.strip() for g in gts}) > 1:
+            assert official == lever_plus, (pred, gts)
+        assert lever_plus >= official, (pred, gts)
+
+
+def test_memo_keys_on_the_normalisation_mode():
+    # the same (prediction, GTs) under both modes: two memo entries, two different answers
+    assert vqa_accuracy("Yes", ("yes",) * 10) == 0.0
+    assert vqa_accuracy("Yes", ("yes",) * 10, normalization="lever_plus") == 1.0
+    assert vqa_accuracy("Yes", ("yes",) * 10) == 0.0
 
 
 def test_accuracy_keywords_and_errors():
@@ -372,7 +463,7 @@ def test_vqa_accuracy_memo_is_transparent_and_bad_input_still_raises():
     from leverplus.evaluation.vqa_metric import _vqa_accuracy_cached, vqa_accuracy
 
     gts = ["2"] * 3 + ["three"] * 7
-    first = vqa_accuracy("two", gts)  # the prediction is normalised ("two" -> "2"), GTs only de-punctuated
+    first = vqa_accuracy("two", gts)  # GTs differ -> both sides normalised: "two" -> "2", "three" -> "3"
     hits = _vqa_accuracy_cached.cache_info().hits
     assert vqa_accuracy("two", tuple(gts)) == first == 0.9  # 3 matching annotators -> 0.9, list or tuple alike
     assert _vqa_accuracy_cached.cache_info().hits == hits + 1

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from leverplus.config.sim_params import GENERATOR_VERSION, SimParams, params_hash
 from leverplus.data.formats.beam_json import read_beam_json
 from leverplus.data.formats.embeddings import read_embeddings
 from leverplus.data.formats.rl_json import read_rl_json
@@ -26,7 +27,6 @@ from leverplus.evaluation.vqa_metric import (
 )
 from leverplus.sim import generate as gen
 from leverplus.sim.lvlm import SimLVLM, hash_uniform
-from leverplus.config.sim_params import GENERATOR_VERSION, SimParams, params_hash
 from leverplus.sim.world import VOCABULARY, World, surface_variants
 
 SMALL = dict(num_train=240, num_anchors=40, num_val=12, num_test=15, candidate_num=16, fallback_fraction=0.25)
@@ -60,6 +60,7 @@ def test_params_hash_tracks_every_parameter_and_ignores_int_float_spelling():
     assert params_hash(a) == params_hash(SimParams())
     assert params_hash(a) != params_hash(SimParams(seed=1))
     assert params_hash(a) != params_hash(SimParams(temps=[1.0, 1.5]))
+    assert params_hash(a) != params_hash(SimParams(vqa_normalization="lever_plus"))  # the RL scores differ
     assert params_hash(SimParams(recency=1)) == params_hash(SimParams(recency=1.0))
     assert len(params_hash(a)) == 16 and GENERATOR_VERSION
 
@@ -69,6 +70,8 @@ def test_params_validation_names_the_field():
         SimParams(num_train=20, num_anchors=5, candidate_num=64)
     with pytest.raises(LeverPlusInputError, match="data.sim.answer_type_probs"):
         SimParams(answer_type_probs=[0.5, 0.5])
+    with pytest.raises(LeverPlusInputError, match="data.sim.vqa_normalization"):
+        SimParams(vqa_normalization="lavis")
     with pytest.raises(LeverPlusInputError, match="unknown simulation parameter"):
         SimParams.from_mapping({"seed": 1, "num_trian": 5})
     assert SimParams.from_mapping({"seed": 3, "temps": (1.0,)}).temps == [1.0]
@@ -244,11 +247,36 @@ def test_answer_prob_is_a_distribution_over_normalised_answers(default_world):
 
 def test_expected_accuracy_matches_the_official_metric(default_world):
     w, m = default_world
-    q, icds = int(w.anchors[5]), list(w.pool("train", int(w.anchors[5]))[:2])
-    gts = m.gt_answers("train", q)
-    dist = m.answer_distribution("train", q, icds)
-    want = sum(pr * vqa_accuracy(w.classes[c], gts) for c, pr in dist.items())
-    assert m.expected_accuracy("train", q, icds) == pytest.approx(want)
+    gts_of = {int(a): m.gt_answers("train", int(a)) for a in w.anchors}
+    same = next(a for a, g in gts_of.items() if len(set(g)) == 1)  # ten identical GTs: official normalises nothing
+    mixed = next(a for a, g in gts_of.items() if len(set(g)) > 1)
+    pv = w.params.pred_variant_prob
+    for q in (same, mixed):
+        icds = list(w.pool("train", q)[:2])
+        gts = gts_of[q]
+        dist = m.answer_distribution("train", q, icds)
+        for norm in ("official", "lever_plus"):
+            # E[acc] = sum_class P(class) · sum_spelling P(spelling | class) · vqa_accuracy(spelling, GTs); the LVLM
+            # writes the canonical spelling with prob 1 - pv, else one of the other spellings uniformly
+            want = 0.0
+            for c, pr in dist.items():
+                forms = w.class_variants[c]
+                want += pr * ((1 - pv) * vqa_accuracy(forms[0], gts, normalization=norm)
+                              + pv * np.mean([vqa_accuracy(f, gts, normalization=norm) for f in forms[1:]]))
+            assert m.expected_accuracy("train", q, icds, norm) == pytest.approx(want)
+        # with differing GTs every spelling scores like the canonical one; with identical GTs the variants score 0
+        # under official (case/punctuation/articles/number words all count), so official < lever_plus there
+        official = m.expected_accuracy("train", q, icds)
+        lever_plus = m.expected_accuracy("train", q, icds, "lever_plus")
+        assert official == pytest.approx(lever_plus) if q == mixed else official < lever_plus
+    # the expectation agrees with sampled answers on the identical-GT anchor (many different ICD pairs)
+    pool = w.pool("train", same)
+    icds = np.array([[pool[i], pool[j]] for i in range(len(pool)) for j in range(len(pool)) if i != j])
+    qs = np.full(len(icds), same)
+    answers = m.answer_batch("train", qs, icds)
+    acc = np.array([vqa_accuracy(a, gts_of[same]) for a in answers])
+    exp = m.expected_accuracy_many("train", zip(qs, icds.tolist()))
+    assert abs(acc.mean() - exp.mean()) < 4 * acc.std() / math.sqrt(len(acc))
 
 
 def test_hash_uniform_depends_on_order_and_is_uniform():
@@ -353,6 +381,22 @@ def test_files_are_valid_lever_plus_formats(small_data, small_params):
     assert len(ev) == p.num_test and ev.embeddings.shape == (p.num_test, p.embedding_dim)
     assert torch.equal(ev.embeddings, torch.from_numpy(w.items("test").embedding))
     assert ev.pools[0] == [int(x) for x in w.pool("test", 0)]
+
+
+def test_rl_scores_follow_the_worlds_vqa_normalization():
+    # data.sim.vqa_normalization picks the metric behind vqa_acc_score; on an anchor whose ten GTs are identical a
+    # variant spelling ("Yes" for "yes") scores 0 under official and full credit under lever_plus
+    scores = {}
+    for norm in ("official", "lever_plus"):
+        w = World(SimParams(**SMALL, vqa_normalization=norm))
+        recs, _ = gen.rl_records(w, SimLVLM(w), 2, fallback_anchors=set())
+        for qid, rec in recs.items():
+            gts = rec["query"]["gt_answers_raw"]
+            for c in rec["pointer_candidates"]:
+                assert c["vqa_acc_score"] == vqa_accuracy(c["vqa_pred_answer"], gts, normalization=norm)
+                scores.setdefault((qid, tuple(c["pointer"])), []).append(c["vqa_acc_score"])
+    assert all(len(v) == 2 and v[1] >= v[0] for v in scores.values())  # same candidates; lever_plus never lower
+    assert any(v[1] > v[0] for v in scores.values())
 
 
 def test_candidate_generators_and_priorities(small_params):
