@@ -188,7 +188,7 @@ def test_vqa_normalization_is_a_config_enum_and_part_of_the_run_key():
     from hydra.errors import ConfigCompositionException
 
     from leverplus.config.identity import to_container
-    from leverplus.tracking import run_key
+    from leverplus.config.identity import run_key
 
     default = to_container(compose_cfg([]))
     assert default["eval"]["vqa_normalization"] == default["data"]["sim"]["vqa_normalization"] == "official"
