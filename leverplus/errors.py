@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from typing import Iterator, Optional
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 
 class LeverPlusInputError(ValueError):
@@ -37,12 +41,24 @@ class LeverPlusInputError(ValueError):
         super().__init__(msg)
 
 
+#: exit status of an entry point that stopped on bad input (argparse and Hydra use 2 for usage errors too)
+INPUT_ERROR_EXIT_STATUS = 2
+
+
+def _in_multirun() -> bool:
+    """True inside a job of a Hydra multirun, where the sweeper (not this process) decides what a failure means."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @contextmanager
 def printed_input_errors() -> Iterator[None]:
-    """For Hydra entry points: print a LeverPlusInputError as one ``[leverplus] error: ...`` line on stderr, then
-    re-raise (Hydra reports the failure and exits non-zero)."""
+    """For entry points: a LeverPlusInputError becomes one ``[leverplus] error: ...`` line on stderr and exit status
+    2, with no traceback (the message already names the file, record, field and fix). ``HYDRA_FULL_ERROR=1`` keeps
+    the traceback; inside a multirun job the error is re-raised so the sweeper records the failed job."""
     try:
         yield
     except LeverPlusInputError as e:
         print(f"[leverplus] error: {e}", file=sys.stderr)
-        raise
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_multirun():
+            raise
+        raise SystemExit(INPUT_ERROR_EXIT_STATUS) from None
