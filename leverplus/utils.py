@@ -64,11 +64,21 @@ def stable_hash(obj: Any, length: int = 16) -> str:
 
 
 @lru_cache(maxsize=1)
-def code_version() -> str:
-    """Hash of the package's source files: changes whenever the code that computes results changes."""
+#: the parts of the package whose code computes results (run keys and cached stages depend on them). Editing
+#: anything else (tracking, analysis and figures, sweepers, entry points, error texts) changes no number, so it must
+#: not invalidate finished runs or cached SFT/RCE stages.
+RESULT_CODE = ("config", "data", "model", "training", "evaluation", "datagen", "sim", "pipeline.py", "utils.py")
+
+
+def code_version(root: Path = PACKAGE_ROOT) -> str:
+    """Hash of the source files that compute results (``RESULT_CODE`` under ``root``): it changes whenever the code
+    that computes results changes, and only then."""
     h = hashlib.sha256()
-    for path in sorted(PACKAGE_ROOT.rglob("*.py")):
-        h.update(path.relative_to(PACKAGE_ROOT).as_posix().encode())
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] not in RESULT_CODE:
+            continue
+        h.update(rel.as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
