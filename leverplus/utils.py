@@ -63,16 +63,25 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
-@lru_cache(maxsize=1)
 #: the parts of the package whose code computes results (run keys and cached stages depend on them). Editing
 #: anything else (tracking, analysis and figures, sweepers, entry points, error texts) changes no number, so it must
 #: not invalidate finished runs or cached SFT/RCE stages.
 RESULT_CODE = ("config", "data", "model", "training", "evaluation", "datagen", "sim", "pipeline.py", "utils.py")
 
 
-def code_version(root: Path = PACKAGE_ROOT) -> str:
-    """Hash of the source files that compute results (``RESULT_CODE`` under ``root``): it changes whenever the code
-    that computes results changes, and only then."""
+def code_version(root: Optional[Path] = None) -> str:
+    """Hash of the source files that compute results (``RESULT_CODE`` under ``root``, default this package): it
+    changes whenever the code that computes results changes, and only then. Computed once per process for the
+    installed package."""
+    return _package_code_version() if root is None else _hash_result_code(Path(root))
+
+
+@lru_cache(maxsize=1)
+def _package_code_version() -> str:
+    return _hash_result_code(PACKAGE_ROOT)
+
+
+def _hash_result_code(root: Path) -> str:
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
