@@ -14,7 +14,10 @@ from hypothesis import strategies as st
 
 from leverplus.errors import LeverPlusInputError
 from leverplus.training.losses import (
+    GRPO_LOSS_KEYS,
+    GRPOEpochStats,
     ascending_rank_scores,
+    count_zero_std_groups,
     group_advantages,
     grpo_loss,
     kl_k3,
@@ -331,3 +334,59 @@ def test_top1_member():
     assert top1_member(torch.tensor([[-3.0, -2.0, 5.0]]), mask=torch.tensor([[True, True, False]])).tolist() == [1]
     # reference quirk: always candidate 0
     assert top1_member(torch.tensor([[0.5, 2.0], [1.0, 3.0]]), compat_index0=True).tolist() == [0, 0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keyword-only arguments and the GRPO epoch statistics
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_everything_after_the_rewards_is_keyword_only():
+    lp, r = torch.zeros(1, 2), torch.tensor([[0.0, 1.0]])
+    with pytest.raises(TypeError):
+        rce_loss(lp, r, 1.0)
+    with pytest.raises(TypeError):
+        grpo_loss(lp, lp, r, 0.2)
+    with pytest.raises(TypeError):
+        group_advantages(r, torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(TypeError):
+        top_k_members(r, None, 1)
+
+
+def test_count_zero_std_groups_by_hand():
+    r = torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, 4.0], [5.0, 0.0, 0.0], [0.5, 0.5 + 1e-7, 0.0], [0.5, 0.50001, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, True], [True, False, False], [True, True, False],
+                         [True, True, False]])
+    # flat; variance 4 -> not flat; one real member (padding ignored) -> flat; std 7e-8 <= 1e-6 -> flat; std 7e-6 > 1e-6 -> not flat
+    assert count_zero_std_groups(r, mask) == 3
+    # the tolerance is on the unbiased variance: row 1 has ((0-2)² + 0 + (4-2)²) / 2 = 4
+    assert count_zero_std_groups(r[1:2], mask[1:2], var_tol=4.0) == 1
+    assert count_zero_std_groups(r[1:2], mask[1:2], var_tol=3.9) == 0
+
+
+def _out(loss):
+    return {key: torch.tensor(loss if key == "loss" else 0.0) for key in GRPO_LOSS_KEYS}
+
+
+def test_grpo_epoch_stats_on_a_hand_computed_epoch():
+    stats = GRPOEpochStats()
+    # batch 1: two queries, top-3 rewards [1, 1, 1] (flat) and [0, 2, 4]; raw rewards of the 3 real members of each
+    stats.add(_out(1.0), torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, 4.0]]), torch.ones(2, 3, dtype=torch.bool),
+              torch.tensor([[1.0, 1.0, 1.0, 9.0], [0.0, 2.0, 4.0, 9.0]]),
+              torch.tensor([[True, True, True, False], [True, True, True, False]]))
+    # batch 2: one query with a single selected member (flat by definition), raw rewards [5, (padding 7)]
+    stats.add(_out(4.0), torch.tensor([[5.0, 0.0]]), torch.tensor([[True, False]]), torch.tensor([[5.0, 7.0]]),
+              torch.tensor([[True, False]]))
+    m = stats.summary()
+    assert m["loss"] == pytest.approx((1.0 * 2 + 4.0 * 1) / 3)  # query-weighted mean of the batch losses
+    assert m["kl"] == 0.0
+    assert m["frac_reward_zero_std"] == pytest.approx(2 / 3)
+    # raw rewards of the 7 real members: 1 1 1 0 2 4 5 -> mean 2, E[r^2] = 48/7, std = sqrt(48/7 - 4)
+    assert m["reward_mean"] == pytest.approx(2.0)
+    assert m["reward_std"] == pytest.approx(math.sqrt(48 / 7 - 4))
+    assert list(m) == [*GRPO_LOSS_KEYS, "frac_reward_zero_std", "reward_mean", "reward_std"]
+
+
+def test_grpo_epoch_stats_of_an_empty_epoch_are_zero():
+    m = GRPOEpochStats().summary()
+    assert m["loss"] == 0.0 and m["frac_reward_zero_std"] == 0.0 and m["reward_std"] == 0.0
