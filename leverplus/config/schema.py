@@ -148,6 +148,9 @@ class SFTConfig:
     warmup_ratio: float = 0.05  # v2 train.py warm_steps
     grad_clip: float = 1.0
     batch_size: int = 64
+    # The phase reseeds shuffling and dropout with seed * 10 + seed_offset (one offset per phase, so a phase's
+    # result does not depend on whether the phases before it ran or came from a cache).
+    seed_offset: int = 1
 
 
 @dataclass
@@ -165,6 +168,7 @@ class RCEConfig:
     grad_clip: float = 1.0
     lr_schedule: LRSchedule = LRSchedule.warmup_cosine  # reference: constant
     warmup_ratio: float = 0.1
+    seed_offset: int = 2  # phase seed = seed * 10 + seed_offset (see SFTConfig)
 
 
 @dataclass
@@ -192,6 +196,13 @@ class GRPOConfig:
     lr_schedule: LRSchedule = LRSchedule.warmup_cosine  # reference: constant
     warmup_ratio: float = 0.1
     adaptive_temperature: bool = False  # innovation, off by default: KL-adaptive policy temperature
+    # ... starting at policy_temperature_init, x/÷ policy_temperature_factor when the KL leaves
+    # [kl_target_min, kl_target_max], clipped to [policy_temperature_min, policy_temperature_max]
+    policy_temperature_init: float = 1.0
+    policy_temperature_factor: float = 1.1
+    policy_temperature_min: float = 0.5
+    policy_temperature_max: float = 4.0
+    seed_offset: int = 3  # phase seed = seed * 10 + seed_offset (see SFTConfig)
 
 
 @dataclass

@@ -119,7 +119,7 @@ def offline_metrics(
                 lp = model.sequence_log_probs_indexed(b.query_emb, b.pool_idx, b.labels, table, b.cand_mask)
             else:
                 lp = model.sequence_log_probs(b.query_emb, b.cand_emb, b.labels, b.cand_mask)
-            loss_sum += float(rce_loss(lp, b.rewards_raw, 1.0, b.member_mask)["loss"]) * len(chunk)
+            loss_sum += float(rce_loss(lp, b.rewards_raw, temperature=1.0, mask=b.member_mask)["loss"]) * len(chunk)
             n += len(chunk)
             st = ranking_stats(lp.double().numpy(), b.rewards_raw.double().numpy(), b.acc.double().numpy(),
                                b.member_mask.numpy())

@@ -7,9 +7,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import tempfile
 import warnings
-from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -22,10 +20,81 @@ from leverplus.data.formats.checkpoints import (
     extract_pointer_state_dict,
     infer_model_config,
 )
+from leverplus.data.formats.io import atomic_torch_save
 from leverplus.errors import LeverPlusInputError
 from leverplus.model.pointer import PointerSelector
 
 log = logging.getLogger(__name__)
+
+
+def _read(path_or_state_dict: Union[str, os.PathLike, Mapping[str, Any]], map_location: Any) -> tuple[str, Any]:
+    """The label used in messages (the path, or ``_IN_MEMORY``) and the loaded object."""
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        return str(path_or_state_dict), _read_checkpoint(path_or_state_dict, map_location)
+    return _IN_MEMORY, path_or_state_dict
+
+
+def _extract(obj: Any, label: str) -> tuple[dict, str, list, dict]:
+    """The pointer-net state dict, its format, the ignored keys and the model config the weights imply."""
+    try:
+        sd, fmt, ignored = extract_pointer_state_dict(obj)
+        inferred = infer_model_config(sd)
+    except LeverPlusInputError as exc:
+        raise LeverPlusInputError(exc.problem, file=label, field=exc.field, fix=exc.fix) from None
+    if ignored:
+        log.info("%s: ignored %d non-pointer-net keys (%s)", label, len(ignored), _list_keys(ignored))
+    return sd, fmt, ignored, inferred
+
+
+def _build(obj: Any, fmt: str, inferred: dict, model_kwargs: dict, label: str) -> PointerSelector:
+    """The model of the stored ``model_config`` (trainer ``.pt``) or of the inferred one, with ``model_kwargs`` on top."""
+    unknown = sorted(set(model_kwargs) - set(inspect.signature(PointerSelector).parameters))
+    if unknown:
+        raise LeverPlusInputError(f"unknown model arguments {unknown}", file=label, field="model_kwargs")
+    stored = obj.get("model_config") if fmt == "trainer_pt" else None
+    config = dict(stored) if isinstance(stored, Mapping) else dict(inferred)
+    config.update(model_kwargs)
+    try:
+        return PointerSelector(**config)
+    except TypeError as exc:
+        raise LeverPlusInputError(f"bad model config {config}: {exc}", file=label, field="model_config") from None
+
+
+def _key_problems(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> tuple[list, list]:
+    """Descriptions of the missing, unexpected and wrongly shaped keys, and the wrongly shaped keys."""
+    missing = sorted(k for k in expected if k not in sd)
+    unexpected = sorted(k for k in sd if k not in expected)
+    mismatched = sorted(k for k in sd if k in expected and sd[k].shape != expected[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing keys [{_list_keys(missing)}]")
+    if unexpected:
+        problems.append(f"unexpected keys [{_list_keys(unexpected)}]")
+    if mismatched:
+        shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched]
+        problems.append(f"shape mismatches [{_list_keys(shapes)}]")
+    return problems, mismatched
+
+
+def _strict_error(model: PointerSelector, inferred: dict, fmt: str, problems: list, label: str) -> LeverPlusInputError:
+    """The strict-load error: the format, the model config, the problems and the model arguments that would fit."""
+    hints = [f"model.{k}={v}" for k, v in inferred.items() if model.config[k] != v]
+    fix = "pass strict=false to load anyway"
+    if hints:
+        fix = f"pass {', '.join(hints)} (what the weights imply), or {fix}"
+    return LeverPlusInputError(
+        f"pointer-net weights do not match the model (format {fmt}, model config "
+        f"{ {k: model.config[k] for k in INFERRED_KEYS} }): " + "; ".join(problems),
+        file=label,
+        fix=fix,
+    )
+
+
+def _checkpoint_info(obj: Any, label: str, fmt: str, ignored: list) -> dict:
+    """Where the weights came from and the metadata the checkpoint carried (None where it has none)."""
+    meta = obj if isinstance(obj, Mapping) else {}
+    return dict(path=label, format=fmt, ignored_keys=ignored,
+                **{key: meta.get(key) for key in ("epoch", "phase", "kl_beta", "metrics")})
 
 
 def load_pointer_checkpoint(
@@ -43,66 +112,17 @@ def load_pointer_checkpoint(
     loads what fits and warns with the same lists. Ignored non-pointer keys (e.g. CLIP) are logged and kept in
     ``model.checkpoint_info["ignored_keys"]`` with the format, epoch, phase, kl_beta and metrics.
     """
-    if isinstance(path_or_state_dict, (str, os.PathLike)):
-        label = str(path_or_state_dict)
-        obj = _read_checkpoint(path_or_state_dict, map_location)
-    else:
-        label, obj = _IN_MEMORY, path_or_state_dict
-    try:
-        sd, fmt, ignored = extract_pointer_state_dict(obj)
-        inferred = infer_model_config(sd)
-    except LeverPlusInputError as exc:
-        raise LeverPlusInputError(exc.problem, file=label, field=exc.field, fix=exc.fix) from None
-    if ignored:
-        log.info("%s: ignored %d non-pointer-net keys (%s)", label, len(ignored), _list_keys(ignored))
-
-    unknown = sorted(set(model_kwargs) - set(inspect.signature(PointerSelector).parameters))
-    if unknown:
-        raise LeverPlusInputError(f"unknown model arguments {unknown}", file=label, field="model_kwargs")
-    stored = obj.get("model_config") if fmt == "trainer_pt" else None
-    config = dict(stored) if isinstance(stored, Mapping) else dict(inferred)
-    config.update(model_kwargs)
-    try:
-        model = PointerSelector(**config)
-    except TypeError as exc:
-        raise LeverPlusInputError(f"bad model config {config}: {exc}", file=label, field="model_config") from None
-
+    label, obj = _read(path_or_state_dict, map_location)
+    sd, fmt, ignored, inferred = _extract(obj, label)
+    model = _build(obj, fmt, inferred, model_kwargs, label)
     expected = model.state_dict()
-    missing = sorted(k for k in expected if k not in sd)
-    unexpected = sorted(k for k in sd if k not in expected)
-    mismatched = sorted(k for k in sd if k in expected and sd[k].shape != expected[k].shape)
-    problems = []
-    if missing:
-        problems.append(f"missing keys [{_list_keys(missing)}]")
-    if unexpected:
-        problems.append(f"unexpected keys [{_list_keys(unexpected)}]")
-    if mismatched:
-        shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched]
-        problems.append(f"shape mismatches [{_list_keys(shapes)}]")
+    problems, mismatched = _key_problems(sd, expected)
     if problems and strict:
-        hints = [f"model.{k}={v}" for k, v in inferred.items() if model.config[k] != v]
-        fix = "pass strict=false to load anyway"
-        if hints:
-            fix = f"pass {', '.join(hints)} (what the weights imply), or {fix}"
-        raise LeverPlusInputError(
-            f"pointer-net weights do not match the model (format {fmt}, model config "
-            f"{ {k: model.config[k] for k in INFERRED_KEYS} }): " + "; ".join(problems),
-            file=label,
-            fix=fix,
-        )
-    fitting = {k: v for k, v in sd.items() if k in expected and k not in mismatched}
-    model.load_state_dict(fitting, strict=False)
+        raise _strict_error(model, inferred, fmt, problems, label)
+    model.load_state_dict({k: v for k, v in sd.items() if k in expected and k not in mismatched}, strict=False)
     if problems:
         warnings.warn(f"{label}: non-strict load of a {fmt} checkpoint: " + "; ".join(problems), stacklevel=2)
-    model.checkpoint_info = dict(
-        path=label,
-        format=fmt,
-        ignored_keys=ignored,
-        epoch=obj.get("epoch") if isinstance(obj, Mapping) else None,
-        phase=obj.get("phase") if isinstance(obj, Mapping) else None,
-        kl_beta=obj.get("kl_beta") if isinstance(obj, Mapping) else None,
-        metrics=obj.get("metrics") if isinstance(obj, Mapping) else None,
-    )
+    model.checkpoint_info = _checkpoint_info(obj, label, fmt, ignored)
     return model
 
 
@@ -133,7 +153,8 @@ def save_pointer_checkpoint(
     metrics: Optional[dict] = None,
     extra: Optional[dict] = None,
 ) -> None:
-    """Write a trainer ``.pt`` atomically (temp file in the same directory, then ``os.replace``).
+    """Write a trainer ``.pt`` atomically (``atomic_torch_save``: temp file in the same directory, then
+    ``os.replace``; the file gets the process umask like every other output).
 
     Layout: the reference ``{"epoch", "phase", "model_state_dict", "kl_beta", "metrics"}`` plus our
     ``"model_config"`` (so the model is rebuilt exactly) and any ``extra`` keys.
@@ -155,17 +176,4 @@ def save_pointer_checkpoint(
         raise LeverPlusInputError(f"extra keys {clash} would overwrite reserved checkpoint keys", field="extra")
     obj.update(_plain(extra or {}, "extra"))
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
+    atomic_torch_save(path, obj)

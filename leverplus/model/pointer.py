@@ -317,15 +317,36 @@ class PointerSelector(nn.Module):
         (``None`` when ``need_preds`` is False and the labels cover every step: teacher-forced training).
         Teacher forcing on ``labels`` for ``t < T``; the greedy pick afterwards.
         """
+        G = self._check_unroll(state, valid, labels, steps, policy_temperature)
+        padded = ~valid.unsqueeze(1)  # [B, 1, K]
+        chosen = None  # [B, G, K] bool once something is chosen
+        all_logits, all_preds = [], []
+        for t in range(steps):
+            logits = self._step_logits(state, cand_hat, padded, chosen, G, policy_temperature)
+            teacher = labels is not None and t < labels.shape[2]
+            pred = None
+            if need_preds or not teacher:
+                # argmax with chosen at -inf: identical to the reference's argmax, but can never repeat an item
+                pred = (logits if chosen is None else logits.masked_fill(chosen, float("-inf"))).argmax(dim=-1)
+                all_preds.append(pred)
+            all_logits.append(logits)
+            if t < steps - 1:
+                state, chosen = self._advance(state, cand_hat, chosen, labels[:, :, t] if teacher else pred)
+        preds = torch.stack(all_preds, dim=2) if len(all_preds) == steps else None
+        return torch.stack(all_logits, dim=2), preds
+
+    @staticmethod
+    def _check_unroll(state: torch.Tensor, valid: torch.Tensor, labels: Optional[torch.Tensor], steps: int,
+                      policy_temperature: float) -> int:
+        """Validate the ``_unroll`` arguments; return ``G``, the sequences per query."""
         if not policy_temperature > 0:
             raise LeverPlusInputError(
                 f"policy_temperature must be > 0, got {policy_temperature}", field="policy_temperature"
             )
-        B, G0, H = state.shape
+        G0 = state.shape[1]
         G = labels.shape[1] if labels is not None else G0
         if G0 not in (1, G):
             raise ValueError(f"state has {G0} rows per query, labels {G}")
-        K = cand_hat.shape[1]
         n_valid = int(valid.sum(dim=1).min())
         if steps < 1 or steps > n_valid:
             raise LeverPlusInputError(
@@ -333,34 +354,33 @@ class PointerSelector(nn.Module):
                 field="shot_num",
                 fix="lower the shot number or enlarge the candidate pool",
             )
-        padded = ~valid.unsqueeze(1)  # [B, 1, K]
-        chosen = None  # [B, G, K] bool once something is chosen
-        all_logits, all_preds = [], []
-        for t in range(steps):
-            logits = torch.bmm(state, cand_hat.transpose(1, 2)) / self.temperature  # [B, G0 or G, K]
-            if policy_temperature != 1.0:
-                logits = logits / policy_temperature
-            logits = logits.masked_fill(padded, float("-inf"))
-            if logits.shape[1] != G:
-                logits = logits.expand(B, G, K)
-            if chosen is not None:
-                logits = logits.masked_fill(chosen, self.mask_value)
-            teacher = labels is not None and t < labels.shape[2]
-            if need_preds or not teacher:
-                # argmax with chosen at -inf: identical to the reference's argmax, but can never repeat an item
-                pred = (logits if chosen is None else logits.masked_fill(chosen, float("-inf"))).argmax(dim=-1)
-                all_preds.append(pred)
-            all_logits.append(logits)
-            idx = labels[:, :, t] if teacher else pred  # [B, G]
-            if t < steps - 1:
-                if chosen is None:
-                    chosen = torch.zeros(B, G, K, dtype=torch.bool, device=state.device)
-                chosen = chosen.scatter(2, idx.unsqueeze(-1), True)
-                if self.use_query_update_gate:
-                    picked = torch.gather(cand_hat, 1, idx.unsqueeze(-1).expand(B, G, H))  # [B, G, H]
-                    state = self.gate_update(state.expand(B, G, H), picked)
-        preds = torch.stack(all_preds, dim=2) if len(all_preds) == steps else None
-        return torch.stack(all_logits, dim=2), preds
+        return G
+
+    def _step_logits(self, state: torch.Tensor, cand_hat: torch.Tensor, padded: torch.Tensor,
+                     chosen: Optional[torch.Tensor], G: int, policy_temperature: float) -> torch.Tensor:
+        """One pointer step's logits ``[B, G, K]``: ``s·ĉ / temperature / policy_temperature``, padded at ``-inf``,
+        chosen at ``mask_value``."""
+        B, K = cand_hat.shape[0], cand_hat.shape[1]
+        logits = torch.bmm(state, cand_hat.transpose(1, 2)) / self.temperature  # [B, G0 or G, K]
+        if policy_temperature != 1.0:
+            logits = logits / policy_temperature
+        logits = logits.masked_fill(padded, float("-inf"))
+        if logits.shape[1] != G:
+            logits = logits.expand(B, G, K)
+        return logits if chosen is None else logits.masked_fill(chosen, self.mask_value)
+
+    def _advance(self, state: torch.Tensor, cand_hat: torch.Tensor, chosen: Optional[torch.Tensor],
+                 idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mark the picks ``idx [B, G]`` as chosen and move the state through the gate (when it is on)."""
+        B, G = idx.shape
+        K, H = cand_hat.shape[1], cand_hat.shape[2]
+        if chosen is None:
+            chosen = torch.zeros(B, G, K, dtype=torch.bool, device=state.device)
+        chosen = chosen.scatter(2, idx.unsqueeze(-1), True)
+        if self.use_query_update_gate:
+            picked = torch.gather(cand_hat, 1, idx.unsqueeze(-1).expand(B, G, H))  # [B, G, H]
+            state = self.gate_update(state.expand(B, G, H), picked)
+        return state, chosen
 
     def forward(
         self,

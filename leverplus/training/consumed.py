@@ -3,6 +3,10 @@ bit-identical models, so a sweep runs them once (arm aliasing)."""
 
 from __future__ import annotations
 
+import torch
+
+from leverplus.training.losses import group_advantages, top_k_members
+
 
 def hash_consumed_rewards(h, groups, cfg) -> None:
     """Feed ``h`` what training consumes from the train groups' rewards, in the form it is consumed.
@@ -11,10 +15,6 @@ def hash_consumed_rewards(h, groups, cfg) -> None:
     gives exactly uniform weights whatever the value (such groups keep their raw values under z-scoring): hashed
     as zeros. GRPO: the advantages and the top-k picks of every curriculum stage, exactly as ``grpo_loss`` gets them.
     """
-    import torch
-
-    from leverplus.training.losses import group_advantages, top_k_members
-
     rce_raw = bool(cfg.rce.use_raw_reward)
     grpo_on = int(cfg.grpo.epochs) > 0
     grpo_raw = str(getattr(cfg.grpo.reward_source, "value", cfg.grpo.reward_source)) == "raw"
@@ -32,8 +32,8 @@ def hash_consumed_rewards(h, groups, cfg) -> None:
             r[i, : len(g.rewards)] = g.rewards_raw if grpo_raw else g.rewards
             mask[i, : len(g.rewards)] = True
         for k in ks:
-            idx, sel = top_k_members(r, mask, k)
-            adv = group_advantages(torch.gather(r, 1, idx), sel, std_floor=float(cfg.grpo.adv_std_floor),
+            idx, sel = top_k_members(r, mask=mask, k=k)
+            adv = group_advantages(torch.gather(r, 1, idx), mask=sel, std_floor=float(cfg.grpo.adv_std_floor),
                                    clip=float(cfg.grpo.adv_clip))
             h.update(idx.numpy().tobytes())
             h.update(adv.numpy().tobytes())

@@ -8,6 +8,7 @@ With B = 1 and no padding every function is exactly the reference formula.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -61,7 +62,7 @@ def _member_order(rewards: Tensor, valid: Tensor, *, descending: bool) -> Tensor
     return order.gather(-1, torch.sort(invalid_first_key, dim=-1, stable=True).indices)
 
 
-def ascending_rank_scores(rewards: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+def ascending_rank_scores(rewards: Tensor, *, mask: Optional[Tensor] = None) -> Tensor:
     """``ρ = rank/(n−1)`` with ascending ranks among the n valid members (worst 0, best 1); 0 when n ≤ 1 or padded.
 
     This is the reference ``argsort(argsort(r))/(G−1)`` (reference#rce-loss rank path); ties are broken stably, so of two
@@ -82,7 +83,7 @@ def ascending_rank_scores(rewards: Tensor, mask: Optional[Tensor] = None) -> Ten
 # ---------------------------------------------------------------------------------------------------
 
 
-def rce_loss(log_probs: Tensor, rewards: Tensor, temperature: float, mask: Optional[Tensor] = None, *,
+def rce_loss(log_probs: Tensor, rewards: Tensor, *, temperature: float, mask: Optional[Tensor] = None,
              use_rank: bool = False) -> dict[str, Tensor]:
     """``L = mean_q Σ_i w_i · (−log π(a_i))`` with ``w = softmax(r/τ)`` over the valid members of query q.
 
@@ -100,7 +101,7 @@ def rce_loss(log_probs: Tensor, rewards: Tensor, temperature: float, mask: Optio
     _check_finite("rewards", rewards, valid)
     has_member = valid.any(-1)
 
-    scores = (ascending_rank_scores(rewards, valid) if use_rank else rewards).to(log_probs.dtype)
+    scores = (ascending_rank_scores(rewards, mask=valid) if use_rank else rewards).to(log_probs.dtype)
     logits = torch.where(valid, scores.detach() / temperature, torch.full_like(log_probs, float("-inf")))
     logits = torch.where(has_member[:, None], logits, torch.zeros_like(logits))  # keep empty rows finite
     weights = torch.where(valid, torch.softmax(logits, dim=-1), torch.zeros_like(logits))
@@ -116,7 +117,7 @@ def rce_loss(log_probs: Tensor, rewards: Tensor, temperature: float, mask: Optio
 # ---------------------------------------------------------------------------------------------------
 
 
-def group_advantages(rewards: Tensor, mask: Optional[Tensor] = None, *, std_floor: float = 0.1,
+def group_advantages(rewards: Tensor, *, mask: Optional[Tensor] = None, std_floor: float = 0.1,
                      clip: float = 5.0) -> Tensor:
     """``A = clamp((r − mean_g) / max(std_g, std_floor), −clip, clip)`` per query over its valid members.
 
@@ -143,8 +144,48 @@ def kl_k3(log_ratio: Tensor) -> Tensor:
     return torch.expm1(log_ratio) - log_ratio
 
 
-def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, rewards: Tensor, clip_epsilon: float = 0.2,
-              kl_beta: float = 0.1, mask: Optional[Tensor] = None, *, std_floor: float = 0.1, adv_clip: float = 5.0,
+def _check_grpo_args(log_probs: Tensor, old_log_probs: Tensor, rewards: Tensor, clip_epsilon: float,
+                     kl_beta: float) -> None:
+    _check_2d("log_probs", log_probs)
+    _check_2d("old_log_probs", old_log_probs, log_probs.shape)
+    _check_2d("rewards", rewards, log_probs.shape)
+    if not 0 < clip_epsilon < 1:
+        raise LeverPlusInputError(f"clip_epsilon must lie in (0, 1), got {clip_epsilon}", field="clip_epsilon",
+                                  fix="use e.g. the reference 0.2")
+    if not kl_beta >= 0:
+        raise LeverPlusInputError(f"kl_beta must be >= 0, got {kl_beta}", field="kl_beta",
+                                  fix="use e.g. the reference 0.1")
+
+
+def _grpo_advantages(rewards: Tensor, valid: Tensor, advantages: Optional[Tensor], like: Tensor, *,
+                     std_floor: float, adv_clip: float) -> Tensor:
+    """The detached advantages in ``like``'s dtype (0 on padded members): given, or ``group_advantages(rewards)``."""
+    if advantages is None:
+        adv = group_advantages(rewards, mask=valid, std_floor=std_floor, clip=adv_clip)
+    else:
+        _check_2d("advantages", advantages, like.shape)
+        _check_finite("advantages", advantages, valid)
+        adv = advantages
+    return torch.where(valid, adv.detach().to(like.dtype), torch.zeros_like(like))
+
+
+@torch.no_grad()
+def _ratio_stats(ratio: Tensor, adv: Tensor, valid: Tensor, clip_epsilon: float) -> dict[str, Tensor]:
+    """Detached statistics pooled over all valid members (0 when there are too few)."""
+    r, a = ratio[valid], adv[valid]
+    empty = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
+    outside = (r < 1 - clip_epsilon) | (r > 1 + clip_epsilon)
+    return {
+        "mean_ratio": r.mean() if r.numel() else empty,
+        "clip_ratio": outside.to(ratio.dtype).mean() if r.numel() else empty,
+        "adv_mean": a.mean() if a.numel() else empty,
+        "adv_std": a.std() if a.numel() >= 2 else empty,
+        "adv_max_abs": a.abs().max() if a.numel() else empty,
+    }
+
+
+def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, rewards: Tensor, *, clip_epsilon: float = 0.2,
+              kl_beta: float = 0.1, mask: Optional[Tensor] = None, std_floor: float = 0.1, adv_clip: float = 5.0,
               use_ppo_clip_only: bool = False, advantages: Optional[Tensor] = None) -> dict[str, Tensor]:
     """GRPO loss per query q, over its valid members i (reference#grpo-loss steps 3-6; B = 1 is exactly the reference):
 
@@ -160,25 +201,10 @@ def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, rewards: Tensor, clip_ep
     outside [1−ε, 1+ε]), ``adv_mean``, ``adv_std`` (unbiased; 0 with fewer than 2 members), ``adv_max_abs``.
     Also ``per_query_loss`` [B] (0 for a query without valid members).
     """
-    _check_2d("log_probs", log_probs)
-    _check_2d("old_log_probs", old_log_probs, log_probs.shape)
-    _check_2d("rewards", rewards, log_probs.shape)
-    if not 0 < clip_epsilon < 1:
-        raise LeverPlusInputError(f"clip_epsilon must lie in (0, 1), got {clip_epsilon}", field="clip_epsilon",
-                                  fix="use e.g. the reference 0.2")
-    if not kl_beta >= 0:
-        raise LeverPlusInputError(f"kl_beta must be >= 0, got {kl_beta}", field="kl_beta",
-                                  fix="use e.g. the reference 0.1")
+    _check_grpo_args(log_probs, old_log_probs, rewards, clip_epsilon, kl_beta)
     valid = _valid(mask, log_probs)
     zeros = torch.zeros_like(log_probs)
-
-    if advantages is None:
-        adv = group_advantages(rewards, valid, std_floor=std_floor, clip=adv_clip)
-    else:
-        _check_2d("advantages", advantages, log_probs.shape)
-        _check_finite("advantages", advantages, valid)
-        adv = advantages
-    adv = torch.where(valid, adv.detach().to(log_probs.dtype), zeros)
+    adv = _grpo_advantages(rewards, valid, advantages, log_probs, std_floor=std_floor, adv_clip=adv_clip)
 
     log_ratio = torch.where(valid, log_probs - old_log_probs.detach(), zeros)
     ratio = torch.exp(log_ratio)
@@ -195,19 +221,66 @@ def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, rewards: Tensor, clip_ep
     ppo_loss = ppo_q.sum() / n_queries
     kl = kl_q.sum() / n_queries
     kl_loss = torch.zeros_like(kl) if use_ppo_clip_only else kl_beta * kl
-
-    with torch.no_grad():
-        r, a = ratio[valid], adv[valid]
-        empty = torch.zeros((), dtype=log_probs.dtype, device=log_probs.device)
-        outside = (r < 1 - clip_epsilon) | (r > 1 + clip_epsilon)
-        stats = {
-            "mean_ratio": r.mean() if r.numel() else empty,
-            "clip_ratio": outside.to(log_probs.dtype).mean() if r.numel() else empty,
-            "adv_mean": a.mean() if a.numel() else empty,
-            "adv_std": a.std() if a.numel() >= 2 else empty,
-            "adv_max_abs": a.abs().max() if a.numel() else empty,
-        }
+    stats = _ratio_stats(ratio, adv, valid, clip_epsilon)
     return {"loss": loss, "ppo_loss": ppo_loss, "kl_loss": kl_loss, "kl": kl, **stats, "per_query_loss": per_query}
+
+
+# ---------------------------------------------------------------------------------------------------
+# GRPO epoch statistics (TRL's names: grpo/frac_reward_zero_std, grpo/reward_mean, ...)
+# ---------------------------------------------------------------------------------------------------
+
+#: A group's selected rewards count as flat (no GRPO signal) when their variance is at most this, i.e. std <= 1e-6.
+#: A metric threshold only: training never reads it.
+ZERO_STD_VAR_TOL = 1e-12
+#: The ``grpo_loss`` outputs averaged over an epoch (query-weighted means of the batch values).
+GRPO_LOSS_KEYS = ("loss", "ppo_loss", "kl_loss", "kl", "mean_ratio", "clip_ratio", "adv_mean", "adv_std")
+
+
+@torch.no_grad()
+def count_zero_std_groups(rewards: Tensor, mask: Tensor, *, var_tol: float = ZERO_STD_VAR_TOL) -> int:
+    """How many rows have fewer than 2 valid members or an (unbiased) reward variance ``<= var_tol``."""
+    sel = mask.float()
+    cnt = sel.sum(1)
+    mean = (rewards * sel).sum(1) / cnt.clamp(min=1)
+    spread = (((rewards - mean[:, None]) * sel) ** 2).sum(1)
+    return int(((cnt < 2) | (spread <= var_tol * (cnt - 1).clamp(min=1))).sum())
+
+
+class GRPOEpochStats:
+    """Accumulates one GRPO epoch's metrics batch by batch; :meth:`summary` gives the epoch values.
+
+    ``grpo_loss`` outputs (``GRPO_LOSS_KEYS``): means over the epoch's queries of each batch's value;
+    ``frac_reward_zero_std``: the fraction of queries whose *selected* members' rewards are flat (TRL's metric);
+    ``reward_mean`` / ``reward_std``: over every real member of every query, on the raw rewards (population std).
+    """
+
+    def __init__(self) -> None:
+        self.sums = {key: 0.0 for key in GRPO_LOSS_KEYS}
+        self.zero_std, self.reward_sum, self.reward_sq, self.n_members, self.n = 0, 0.0, 0.0, 0, 0
+
+    @torch.no_grad()
+    def add(self, out: dict[str, Tensor], selected_rewards: Tensor, selected_mask: Tensor, raw_rewards: Tensor,
+            member_mask: Tensor) -> None:
+        """One batch: ``out`` from ``grpo_loss``, the rewards it saw with their mask ``[B, k]``, and the raw
+        rewards of all members with the member mask ``[B, G]``."""
+        size = int(member_mask.shape[0])
+        for key in GRPO_LOSS_KEYS:
+            self.sums[key] += float(out[key].detach()) * size
+        self.zero_std += count_zero_std_groups(selected_rewards, selected_mask)
+        raw = raw_rewards * member_mask
+        self.reward_sum += float(raw.sum())
+        self.reward_sq += float((raw**2).sum())
+        self.n_members += int(member_mask.sum())
+        self.n += size
+
+    def summary(self) -> dict[str, float]:
+        mean_r = self.reward_sum / max(self.n_members, 1)
+        return {
+            **{key: self.sums[key] / max(self.n, 1) for key in GRPO_LOSS_KEYS},
+            "frac_reward_zero_std": self.zero_std / max(self.n, 1),
+            "reward_mean": mean_r,
+            "reward_std": math.sqrt(max(self.reward_sq / max(self.n_members, 1) - mean_r**2, 0.0)),
+        }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,7 +288,7 @@ def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, rewards: Tensor, clip_ep
 # ---------------------------------------------------------------------------------------------------
 
 
-def top_k_members(rewards: Tensor, mask: Optional[Tensor], k: Optional[int]) -> tuple[Tensor, Tensor]:
+def top_k_members(rewards: Tensor, *, mask: Optional[Tensor], k: Optional[int]) -> tuple[Tensor, Tensor]:
     """Per query, the indices of its ``k`` largest valid rewards, best first, and the validity of each pick.
 
     ``k' = min(k, G)`` (``k=None`` -> all G). Ties go to the lower index (the reference ``torch.topk`` leaves them
@@ -234,7 +307,7 @@ def top_k_members(rewards: Tensor, mask: Optional[Tensor], k: Optional[int]) -> 
     return idx, valid.gather(-1, idx)
 
 
-def top1_member(rewards: Tensor, mask: Optional[Tensor] = None, *, compat_index0: bool = False) -> Tensor:
+def top1_member(rewards: Tensor, *, mask: Optional[Tensor] = None, compat_index0: bool = False) -> Tensor:
     """Index [B] of each query's highest-reward valid member (ties -> lowest index; no valid member -> 0).
 
     ``compat_index0=True`` returns 0 for every query: the reference ``use_top1_only`` trains on the first stored
@@ -245,4 +318,4 @@ def top1_member(rewards: Tensor, mask: Optional[Tensor] = None, *, compat_index0
         raise LeverPlusInputError("empty groups (G = 0)", field="rewards", fix="every query needs a member")
     if compat_index0:
         return torch.zeros(rewards.shape[0], dtype=torch.long, device=rewards.device)
-    return top_k_members(rewards, mask, 1)[0][:, 0]
+    return top_k_members(rewards, mask=mask, k=1)[0][:, 0]

@@ -4,6 +4,7 @@ runs of a sweep and across invocations.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -42,8 +43,6 @@ def stage_keys(cfg, data: LoadedData, groups: PreparedGroups) -> Dict[str, str]:
     SFT depends on the embeddings, the beam targets (query, pool, labels), the model and SFT configs and the seed,
     not on which RL file (shot count) the run trains on afterwards, so all shots of a sweep share one SFT.
     """
-    import hashlib
-
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     h = hashlib.sha256(data.embeddings.numpy().tobytes())
     for g in groups.sft_train:

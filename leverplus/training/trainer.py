@@ -1,26 +1,26 @@
 """Training phases SFT -> RCE -> GRPO on padded multi-query batches.
 
 The trainer owns optimisers, schedules, checkpoints and metric emission; the losses are pure functions in
-``leverplus.losses`` and the model is ``leverplus.model.PointerSelector``. Metrics go to a tiny logger interface
+``leverplus.training.losses`` and the model is ``leverplus.model.PointerSelector``. Metrics go to a tiny logger interface
 (MLflow is one implementation, a list in memory another), named the TRL way: ``rce/loss``, ``grpo/kl``,
 ``grpo/clip_ratio``, ``grpo/frac_reward_zero_std``, ``val/...``."""
 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Protocol
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
-from leverplus.data.batching import collate, iterate_batches, num_batches
+from leverplus.data.batching import Batch, collate, iterate_batches, num_batches
 from leverplus.data.groups import Group
 from leverplus.model.checkpoint import save_pointer_checkpoint
-from leverplus.model.pointer import PointerSelector
-from leverplus.training.losses import grpo_loss, rce_loss, top1_member, top_k_members
+from leverplus.model.pointer import ItemTable, PointerSelector
+from leverplus.training.losses import GRPOEpochStats, grpo_loss, rce_loss, top1_member, top_k_members
 from leverplus.training.schedules import (
     AdaptiveKLController,
     AdaptivePolicyTemperature,
@@ -77,24 +77,113 @@ class TrainResult:
     history: List[tuple] = field(default_factory=list)  # (epoch step, metric, value)
 
 
+#: Phase seed = seed * PHASE_SEED_STRIDE + <phase>.seed_offset: the stride keeps the phase seeds of different run
+#: seeds apart (offsets 1-3 < 10).
+PHASE_SEED_STRIDE = 10
+#: Queries per batch when computing the GRPO "old" log-probs (eval mode, no gradient): memory only, not results.
+OLD_LOGP_BATCH_SIZE = 64
+
+
 def _check_finite(loss: torch.Tensor, where: str) -> None:
     if not torch.isfinite(loss):
         raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at {where}; lower the learning rate or check the rewards")
 
 
+def optimizer_step(opt: torch.optim.Optimizer, sched: LRScheduler, loss: torch.Tensor, grad_clip: float,
+                   where: str) -> float:
+    """The one optimiser step of every phase: fail on a non-finite loss, zero_grad, backward, clip the gradient
+    norm of the optimised parameters to ``grad_clip``, step, step the lr schedule. Returns the loss value."""
+    _check_finite(loss, where)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], grad_clip)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
+def member_log_probs(
+    model: PointerSelector,
+    b: Batch,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    policy_temperature: float = 1.0,
+    smoothed: bool = False,
+    table: Optional[ItemTable] = None,
+) -> torch.Tensor:
+    """``log π(a_i | q, C)`` ``[B, G]`` of the members ``labels`` (default: every member of ``b``): the one
+    batch -> log-probs path of SFT, RCE and GRPO.
+
+    ``smoothed`` (SFT, RCE): ``−sequence_nll``, the reference's cross-entropy terms (the model's label smoothing,
+    logits clamped at -100); without smoothing this is the log-prob. ``table`` (the GRPO "old" policy): eval mode on
+    pools gathered from the item table. Otherwise (GRPO): the train-mode log-prob at ``policy_temperature``.
+    """
+    labels = b.labels if labels is None else labels
+    if (smoothed or table is not None) and policy_temperature != 1.0:
+        raise ValueError("policy_temperature applies to the plain train-mode log-prob only")
+    if table is not None:
+        return model.sequence_log_probs_indexed(b.query_emb, b.pool_idx, labels, table, b.cand_mask)
+    if smoothed:
+        return -model.sequence_nll(b.query_emb, b.cand_emb, labels, b.cand_mask)
+    return model.sequence_log_probs(b.query_emb, b.cand_emb, labels, b.cand_mask, policy_temperature=policy_temperature)
+
+
 @torch.no_grad()
 def sequence_log_probs_by_query(
-    model: PointerSelector, groups: List[Group], embeddings: torch.Tensor, batch_size: int = 64
+    model: PointerSelector, groups: List[Group], embeddings: torch.Tensor, batch_size: int = OLD_LOGP_BATCH_SIZE
 ) -> Dict[int, torch.Tensor]:
     """Eval-mode log-probs of every member of every group: the GRPO "old" policy."""
     table = model.item_table(embeddings)
     out: Dict[int, torch.Tensor] = {}
     for chunk in iterate_batches(groups, batch_size, shuffle=False):
-        b = collate(chunk, embeddings)
-        lp = model.sequence_log_probs_indexed(b.query_emb, b.pool_idx, b.labels, table, b.cand_mask)
+        lp = member_log_probs(model, collate(chunk, embeddings), table=table)
         for i, g in enumerate(chunk):
             out[g.query_id] = lp[i, : g.size].clone()
     return out
+
+
+def param_counts(model: PointerSelector) -> Dict[str, int]:
+    """Trainable and total parameter counts."""
+    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total": sum(p.numel() for p in model.parameters())}
+
+
+def rce_targets(cfg, b: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The rewards and member mask the RCE loss sees (raw or normalised; only the top-1 member with use_top1_only)."""
+    rewards = b.rewards_raw if cfg.use_raw_reward else b.rewards
+    mask = b.member_mask
+    if cfg.use_top1_only:
+        top = top1_member(rewards, mask=mask, compat_index0=cfg.top1_compat_index0)
+        mask = torch.zeros_like(mask).scatter_(1, top[:, None], True)
+    return rewards, mask
+
+
+def grpo_controllers(cfg) -> Tuple[AdaptiveKLController, AdaptivePolicyTemperature]:
+    """The adaptive KL β and the (optional) adaptive policy temperature of the ``grpo`` config."""
+    kl_ctl = AdaptiveKLController(
+        beta=cfg.kl_beta,
+        target_min=cfg.kl_target_min,
+        target_max=cfg.kl_target_max,
+        factor=cfg.kl_factor,
+        beta_min=cfg.beta_min,
+        beta_max=cfg.beta_max,
+        enabled=cfg.adaptive_kl,
+    )
+    temp_ctl = AdaptivePolicyTemperature(
+        init=cfg.policy_temperature_init,
+        target_min=cfg.kl_target_min,
+        target_max=cfg.kl_target_max,
+        factor=cfg.policy_temperature_factor,
+        t_min=cfg.policy_temperature_min,
+        t_max=cfg.policy_temperature_max,
+        enabled=cfg.adaptive_temperature,
+    )
+    return kl_ctl, temp_ctl
+
+
+def top_k_schedule(raw) -> List[Tuple[Optional[int], Optional[int]]]:
+    """``grpo.top_k_schedule`` ([[num_epochs, k], ...], -1 = open / all) as ``grpo_top_k`` stages (None = open / all)."""
+    return [(None if e < 0 else int(e), None if k < 0 else int(k)) for e, k in (tuple(x) for x in raw)]
 
 
 class Trainer:
@@ -134,17 +223,21 @@ class Trainer:
         self.kl_beta: Optional[float] = None
 
     # ------------------------------------------------------------------ helpers
-    _PHASE_IDS = {"sft": 1, "rce": 2, "grpo": 3}
-
     def _start_phase(self, phase: str) -> None:
-        """Reseed shuffling and dropout per phase, so a phase's result does not depend on whether the phases
-        before it ran or came from a cache."""
-        seed = int(self.cfg.seed) * 10 + self._PHASE_IDS[phase]
+        """Reseed shuffling and dropout per phase (``seed * PHASE_SEED_STRIDE + <phase>.seed_offset``), so a phase's
+        result does not depend on whether the phases before it ran or came from a cache."""
+        seed = int(self.cfg.seed) * PHASE_SEED_STRIDE + int(getattr(self.cfg, phase).seed_offset)
         self.generator.manual_seed(seed)
         torch.manual_seed(seed)
 
-    def _progress(self, it, **kw):
-        return progress(it, enabled=self.cfg.progress, **kw)
+    def _batches(self, groups: List[Group], batch_size: int, desc: str):
+        """One shuffled epoch over ``groups`` (the phase generator), behind a progress bar."""
+        return progress(
+            iterate_batches(groups, batch_size, shuffle=True, generator=self.generator),
+            enabled=self.cfg.progress,
+            desc=desc,
+            total=num_batches(groups, batch_size),
+        )
 
     def _optimizer(self, model, phase_cfg, steps: int):
         params = [p for p in model.parameters() if p.requires_grad]
@@ -192,40 +285,27 @@ class Trainer:
         cfg = self.cfg.sft
         if cfg.epochs <= 0 or not sft_groups:
             return
-        steps = cfg.epochs * num_batches(sft_groups, cfg.batch_size)
-        opt, sched = self._optimizer(model, cfg, steps)
+        opt, sched = self._optimizer(model, cfg, cfg.epochs * num_batches(sft_groups, cfg.batch_size))
         self._start_phase("sft")
         model.train()
         for epoch in range(cfg.epochs):
             total, n = 0.0, 0
-            bar = self._progress(
-                iterate_batches(sft_groups, cfg.batch_size, shuffle=True, generator=self.generator),
-                desc=f"SFT epoch {epoch + 1}/{cfg.epochs}",
-                total=num_batches(sft_groups, cfg.batch_size),
-            )
+            bar = self._batches(sft_groups, cfg.batch_size, f"SFT epoch {epoch + 1}/{cfg.epochs}")
             for chunk in bar:
                 b = collate(chunk, self.embeddings)
-                nll = model.sequence_nll(b.query_emb, b.cand_emb, b.labels, b.cand_mask)
+                nll = -member_log_probs(model, b, smoothed=True)
                 w = b.member_mask.float() / b.member_mask.sum(1, keepdim=True).clamp(min=1)
-                loss = (nll * w).sum(1).mean()
-                _check_finite(loss, f"SFT epoch {epoch + 1}")
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                sched.step()
-                total += loss.item() * len(chunk)
-                n += len(chunk)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                loss = optimizer_step(opt, sched, (nll * w).sum(1).mean(), cfg.grad_clip, f"SFT epoch {epoch + 1}")
+                total, n = total + loss * len(chunk), n + len(chunk)
+                bar.set_postfix(loss=f"{loss:.4f}")
             self.logger.log_metrics({"sft/loss": total / max(n, 1)}, step=self.epoch_counter)
             self.epoch_counter += 1
 
     # ------------------------------------------------------------------ RCE
     def run_rce(self, model: PointerSelector, select: bool) -> None:
-        cfg = self.cfg.rce
-        bs = self.cfg.data.batch_size
-        per_epoch = num_batches(self.train_groups, bs)
-        total_steps = cfg.epochs * per_epoch
+        """Reward-weighted cross-entropy with the τ schedule (reference#rce-loss, reference#temperature-schedule)."""
+        cfg, bs = self.cfg.rce, self.cfg.data.batch_size
+        total_steps = cfg.epochs * num_batches(self.train_groups, bs)
         if cfg.epochs <= 0:
             return
         opt, sched = self._optimizer(model, cfg, total_steps)
@@ -234,147 +314,71 @@ class Trainer:
         for epoch in range(cfg.epochs):
             model.train()
             total, n, tau = 0.0, 0, cfg.temp_end
-            bar = self._progress(
-                iterate_batches(self.train_groups, bs, shuffle=True, generator=self.generator),
-                desc=f"RCE epoch {epoch + 1}/{cfg.epochs}",
-                total=per_epoch,
-            )
+            bar = self._batches(self.train_groups, bs, f"RCE epoch {epoch + 1}/{cfg.epochs}")
             for chunk in bar:
                 b = collate(chunk, self.embeddings)
                 tau = rce_temperature(step, total_steps, cfg.temp_start, cfg.temp_end)
-                rewards = b.rewards_raw if cfg.use_raw_reward else b.rewards
-                mask = b.member_mask
-                if cfg.use_top1_only:
-                    top = top1_member(rewards, mask, compat_index0=cfg.top1_compat_index0)
-                    mask = torch.zeros_like(mask).scatter_(1, top[:, None], True)
-                log_probs = -model.sequence_nll(b.query_emb, b.cand_emb, b.labels, b.cand_mask)
-                out = rce_loss(log_probs, rewards, tau, mask, use_rank=cfg.use_rank_weights)
-                loss = out["loss"]
-                _check_finite(loss, f"RCE epoch {epoch + 1} step {step}")
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                sched.step()
+                rewards, mask = rce_targets(cfg, b)
+                log_probs = member_log_probs(model, b, smoothed=True)
+                out = rce_loss(log_probs, rewards, temperature=tau, mask=mask, use_rank=cfg.use_rank_weights)
+                loss = optimizer_step(opt, sched, out["loss"], cfg.grad_clip, f"RCE epoch {epoch + 1} step {step}")
                 step += 1
-                total += loss.item() * len(chunk)
-                n += len(chunk)
-                bar.set_postfix(loss=f"{loss.item():.4f}", tau=f"{tau:.2f}")
-            self._end_epoch(
-                model,
-                "rce",
-                epoch,
-                {"rce/loss": total / max(n, 1), "rce/tau": tau, "rce/lr": sched.get_last_lr()[0]},
-                select,
-            )
+                total, n = total + loss * len(chunk), n + len(chunk)
+                bar.set_postfix(loss=f"{loss:.4f}", tau=f"{tau:.2f}")
+            metrics = {"rce/loss": total / max(n, 1), "rce/tau": tau, "rce/lr": sched.get_last_lr()[0]}
+            self._end_epoch(model, "rce", epoch, metrics, select)
 
     # ------------------------------------------------------------------ GRPO
     def freeze_backbone(self, model: PointerSelector) -> Dict[str, int]:
         for name, p in model.named_parameters():
             if any(part in name for part in BACKBONE_PARTS):
                 p.requires_grad_(False)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        counts = param_counts(model)
+        trainable, total = counts["trainable"], counts["total"]
         self.say(f"GRPO: backbone frozen; trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.1f}%)")
-        return {"trainable": trainable, "total": total}
+        return counts
+
+    def _grpo_loss(self, model: PointerSelector, b: Batch, k: Optional[int], beta: float, policy_temperature: float):
+        """The GRPO loss of one batch on each query's top-k members; also their rewards and validity ``[B, k]``."""
+        cfg = self.cfg.grpo
+        rewards = b.rewards if enum_value(cfg.reward_source) == "normalized" else b.rewards_raw
+        idx, sel_mask = top_k_members(rewards, mask=b.member_mask, k=k)
+        labels = torch.gather(b.labels, 1, idx[..., None].expand(-1, -1, b.labels.shape[2]))
+        r = torch.gather(rewards, 1, idx)
+        old = torch.gather(b.old_log_probs, 1, idx)
+        new = member_log_probs(model, b, labels, policy_temperature=policy_temperature)
+        out = grpo_loss(new, old, r, clip_epsilon=cfg.clip_epsilon, kl_beta=beta, mask=sel_mask,
+                        std_floor=cfg.adv_std_floor, adv_clip=cfg.adv_clip, use_ppo_clip_only=cfg.use_ppo_clip_only)
+        return out, r, sel_mask
 
     def run_grpo(self, model: PointerSelector, old_log_probs: Dict[int, torch.Tensor], select: bool) -> Dict[str, int]:
-        cfg = self.cfg.grpo
-        counts = {"trainable": sum(p.numel() for p in model.parameters()), "total": sum(p.numel() for p in model.parameters())}
-        if cfg.freeze_backbone:
-            counts = self.freeze_backbone(model)
-        bs = self.cfg.data.batch_size
-        per_epoch = num_batches(self.train_groups, bs)
-        opt, sched = self._optimizer(model, cfg, cfg.epochs * per_epoch)  # fresh optimiser, as the reference
-        kl_ctl = AdaptiveKLController(
-            beta=cfg.kl_beta,
-            target_min=cfg.kl_target_min,
-            target_max=cfg.kl_target_max,
-            factor=cfg.kl_factor,
-            beta_min=cfg.beta_min,
-            beta_max=cfg.beta_max,
-            enabled=cfg.adaptive_kl,
-        )
-        temp_ctl = AdaptivePolicyTemperature(
-            target_min=cfg.kl_target_min, target_max=cfg.kl_target_max, enabled=cfg.adaptive_temperature
-        )
-        schedule = [
-            (None if e < 0 else int(e), None if k < 0 else int(k)) for e, k in (tuple(x) for x in cfg.top_k_schedule)
-        ]
+        """PPO-clip + k3 KL on the curriculum top-k members, adaptive β after every step (reference#grpo-epoch)."""
+        cfg, bs = self.cfg.grpo, self.cfg.data.batch_size
+        counts = self.freeze_backbone(model) if cfg.freeze_backbone else param_counts(model)
+        opt, sched = self._optimizer(model, cfg, cfg.epochs * num_batches(self.train_groups, bs))  # fresh, as the reference
+        kl_ctl, temp_ctl = grpo_controllers(cfg)
+        schedule = top_k_schedule(cfg.top_k_schedule)
         self._start_phase("grpo")
-        keys = ["loss", "ppo_loss", "kl_loss", "kl", "mean_ratio", "clip_ratio", "adv_mean", "adv_std"]
         step = 0
         for epoch in range(cfg.epochs):
             model.train()
             k = grpo_top_k(epoch, schedule)
-            sums = {key: 0.0 for key in keys}
-            zero_std, reward_sum, reward_sq, n_members, n = 0, 0.0, 0.0, 0, 0
-            bar = self._progress(
-                iterate_batches(self.train_groups, bs, shuffle=True, generator=self.generator),
-                desc=f"GRPO epoch {epoch + 1}/{cfg.epochs}",
-                total=per_epoch,
-            )
+            stats = GRPOEpochStats()
+            bar = self._batches(self.train_groups, bs, f"GRPO epoch {epoch + 1}/{cfg.epochs}")
             for chunk in bar:
                 b = collate(chunk, self.embeddings, old_log_probs)
-                rewards = b.rewards if enum_value(cfg.reward_source) == "normalized" else b.rewards_raw
-                idx, sel_mask = top_k_members(rewards, b.member_mask, k)
-                labels = torch.gather(b.labels, 1, idx[..., None].expand(-1, -1, b.labels.shape[2]))
-                r = torch.gather(rewards, 1, idx)
-                old = torch.gather(b.old_log_probs, 1, idx)
-                new = model.sequence_log_probs(
-                    b.query_emb, b.cand_emb, labels, b.cand_mask, policy_temperature=temp_ctl.temperature
-                )
-                out = grpo_loss(
-                    new,
-                    old,
-                    r,
-                    cfg.clip_epsilon,
-                    kl_ctl.beta,
-                    sel_mask,
-                    std_floor=cfg.adv_std_floor,
-                    adv_clip=cfg.adv_clip,
-                    use_ppo_clip_only=cfg.use_ppo_clip_only,
-                )
-                loss = out["loss"]
-                _check_finite(loss, f"GRPO epoch {epoch + 1} step {step}")
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-                opt.step()
-                sched.step()
+                out, r, sel_mask = self._grpo_loss(model, b, k, kl_ctl.beta, temp_ctl.temperature)
+                loss = optimizer_step(opt, sched, out["loss"], cfg.grad_clip, f"GRPO epoch {epoch + 1} step {step}")
                 step += 1
                 kl_value = float(out["kl"].detach())
                 kl_ctl.update(kl_value)  # after every optimiser step (reference: every query)
                 temp_ctl.update(kl_value)
-                for key in keys:
-                    sums[key] += float(out[key].detach()) * len(chunk)
-                # frac_reward_zero_std over the selected members, per group (TRL's metric), vectorised
-                with torch.no_grad():
-                    sel = sel_mask.float()
-                    cnt = sel.sum(1)
-                    mean = (r * sel).sum(1) / cnt.clamp(min=1)
-                    spread = (((r - mean[:, None]) * sel) ** 2).sum(1)
-                    zero_std += int(((cnt < 2) | (spread <= 1e-12 * (cnt - 1).clamp(min=1))).sum())  # std <= 1e-6
-                    raw = b.rewards_raw * b.member_mask
-                    reward_sum += float(raw.sum())
-                    reward_sq += float((raw**2).sum())
-                    n_members += int(b.member_mask.sum())
-                n += len(chunk)
-                bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl_value:.4f}", beta=f"{kl_ctl.beta:.3f}")
+                stats.add(out, r, sel_mask, b.rewards_raw, b.member_mask)
+                bar.set_postfix(loss=f"{loss:.4f}", kl=f"{kl_value:.4f}", beta=f"{kl_ctl.beta:.3f}")
             self.kl_beta = kl_ctl.beta
-            mean_r = reward_sum / max(n_members, 1)
-            metrics = {f"grpo/{key}": sums[key] / max(n, 1) for key in keys}
-            metrics.update(
-                {
-                    "grpo/beta": kl_ctl.beta,
-                    "grpo/top_k": float(k if k is not None else -1),
-                    "grpo/frac_reward_zero_std": zero_std / max(n, 1),
-                    "grpo/reward_mean": mean_r,
-                    "grpo/reward_std": math.sqrt(max(reward_sq / max(n_members, 1) - mean_r**2, 0.0)),
-                    "grpo/lr": sched.get_last_lr()[0],
-                    "grpo/policy_temperature": temp_ctl.temperature,
-                }
-            )
+            metrics = {f"grpo/{key}": value for key, value in stats.summary().items()}
+            metrics.update({"grpo/beta": kl_ctl.beta, "grpo/top_k": float(k if k is not None else -1),
+                            "grpo/lr": sched.get_last_lr()[0], "grpo/policy_temperature": temp_ctl.temperature})
             self._end_epoch(model, "grpo", epoch, metrics, select)
         return counts
 
@@ -403,7 +407,6 @@ class Trainer:
         old_log_probs = None
         if grpo_on and old_source == "sft":
             old_log_probs = sequence_log_probs_by_query(model, self.train_groups, self.embeddings)
-
         t0 = time.perf_counter()
         if post_rce_state is not None:
             model.load_state_dict(post_rce_state)
@@ -413,7 +416,7 @@ class Trainer:
         self.post_rce_state = copy.deepcopy(model.state_dict())
         timings["rce_s"] = time.perf_counter() - t0
 
-        counts = {"trainable": sum(p.numel() for p in model.parameters()), "total": sum(p.numel() for p in model.parameters())}
+        counts = param_counts(model)
         t0 = time.perf_counter()
         if grpo_on:
             if old_log_probs is None:

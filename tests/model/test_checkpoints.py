@@ -230,3 +230,14 @@ def test_loaded_model_computes_the_same_outputs():
     q, C = torch.randn(2, 12), torch.randn(2, 5, 12)
     labels = torch.tensor([[[0, 1]], [[4, 2]]])
     assert torch.equal(model.sequence_log_probs(q, C, labels), loaded.sequence_log_probs(q, C, labels))
+
+
+def test_saved_checkpoint_respects_the_umask_like_a_plain_file(tmp_path):
+    """Checkpoints go through the project's one atomic writer, so they get the umask like every other output
+    (a bare mkstemp would leave them 0600)."""
+    save_pointer_checkpoint(tmp_path / "best.pt", small(), phase="rce", epoch=0)
+    (tmp_path / "plain.txt").write_text("x")
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = os.stat(tmp_path / "best.pt").st_mode & 0o777
+    assert mode == os.stat(tmp_path / "plain.txt").st_mode & 0o777 == 0o666 & ~umask

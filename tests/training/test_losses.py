@@ -14,7 +14,10 @@ from hypothesis import strategies as st
 
 from leverplus.errors import LeverPlusInputError
 from leverplus.training.losses import (
+    GRPO_LOSS_KEYS,
+    GRPOEpochStats,
     ascending_rank_scores,
+    count_zero_std_groups,
     group_advantages,
     grpo_loss,
     kl_k3,
@@ -48,10 +51,10 @@ def test_rce_by_hand_tau_two_and_rank_path():
     # τ = 2: softmax([0.5, 0, 1]) = [1.648721, 1, 2.718282]/5.367003 = [0.307196, 0.186324, 0.506480]
     # loss = 0.307196·1 + 0.186324·2 + 0.506480·0.5 = 0.307196 + 0.372648 + 0.253240 = 0.933084
     logp = torch.tensor([[-1.0, -2.0, -0.5]])
-    assert rce_loss(logp, torch.tensor([[1.0, 0.0, 2.0]]), 2.0)["loss"].item() == pytest.approx(0.933084, abs=1e-6)
+    assert rce_loss(logp, torch.tensor([[1.0, 0.0, 2.0]]), temperature=2.0)["loss"].item() == pytest.approx(0.933084, abs=1e-6)
     # rank path, τ = 1: r = [10, 0, 20] -> ascending ranks [1, 0, 2] -> ρ = rank/2 = [0.5, 0, 1]
     # -> the same weights as above -> 0.933084 (only the order of the rewards matters)
-    out = rce_loss(logp, torch.tensor([[10.0, 0.0, 20.0]]), 1.0, use_rank=True)
+    out = rce_loss(logp, torch.tensor([[10.0, 0.0, 20.0]]), temperature=1.0, use_rank=True)
     assert out["loss"].item() == pytest.approx(0.933084, abs=1e-6)
 
 
@@ -59,10 +62,10 @@ def test_rank_scores_ties_masks_and_single_member():
     # ties broken stably: the earlier of two equal rewards gets the lower rank -> ρ = [0, 1]
     assert ascending_rank_scores(torch.tensor([[1.0, 1.0]])).tolist() == [[0.0, 1.0]]
     # masked member ignored: valid [3, 1] (idx 0, 2) -> ranks [1, 0] over n=2 -> ρ = [1, 0, 0(pad)]
-    rho = ascending_rank_scores(torch.tensor([[3.0, NAN, 1.0]]), torch.tensor([[True, False, True]]))
+    rho = ascending_rank_scores(torch.tensor([[3.0, NAN, 1.0]]), mask=torch.tensor([[True, False, True]]))
     assert rho.tolist() == [[1.0, 0.0, 0.0]]
     # G = 1 on the rank path: weight 1, loss = −logp = 0.7
-    out = rce_loss(torch.tensor([[-0.7]]), torch.tensor([[5.0]]), 1.0, use_rank=True)
+    out = rce_loss(torch.tensor([[-0.7]]), torch.tensor([[5.0]]), temperature=1.0, use_rank=True)
     assert out["weights"].tolist() == [[1.0]] and out["loss"].item() == pytest.approx(0.7)
 
 
@@ -71,20 +74,20 @@ def test_rce_empty_rows_are_left_out_of_the_mean():
     logp = torch.tensor([[-1.0, -2.0, -0.5], [NAN, NAN, NAN]])
     r = torch.tensor([[1.0, 0.0, 2.0], [NAN, NAN, NAN]])
     mask = torch.tensor([[True, True, True], [False, False, False]])
-    out = rce_loss(logp, r, 1.0, mask)
+    out = rce_loss(logp, r, temperature=1.0, mask=mask)
     assert out["loss"].item() == pytest.approx(0.757410, abs=1e-6)
     assert out["per_query"][1].item() == 0.0 and out["weights"][1].tolist() == [0.0, 0.0, 0.0]
 
 
 def test_rce_errors():
     with pytest.raises(LeverPlusInputError, match="temperature"):
-        rce_loss(torch.zeros(1, 2), torch.zeros(1, 2), 0.0)
+        rce_loss(torch.zeros(1, 2), torch.zeros(1, 2), temperature=0.0)
     with pytest.raises(LeverPlusInputError, match="does not match"):
-        rce_loss(torch.zeros(1, 2), torch.zeros(1, 3), 1.0)
+        rce_loss(torch.zeros(1, 2), torch.zeros(1, 3), temperature=1.0)
     with pytest.raises(LeverPlusInputError, match="valid"):
-        rce_loss(torch.zeros(1, 2), torch.tensor([[0.0, NAN]]), 1.0)
+        rce_loss(torch.zeros(1, 2), torch.tensor([[0.0, NAN]]), temperature=1.0)
     with pytest.raises(LeverPlusInputError, match="bool"):
-        rce_loss(torch.zeros(1, 2), torch.zeros(1, 2), 1.0, torch.ones(1, 2))
+        rce_loss(torch.zeros(1, 2), torch.zeros(1, 2), temperature=1.0, mask=torch.ones(1, 2))
 
 
 groups_st = st.lists(
@@ -114,8 +117,8 @@ def test_rce_mask_invariance_and_batched_equals_per_query(groups, extra, junk, u
     r1, lp1, m1 = _padded(groups, g_max + extra, junk)
     lp0.requires_grad_(True)
     lp1.requires_grad_(True)
-    a = rce_loss(lp0, r0, tau, m0, use_rank=use_rank)
-    b = rce_loss(lp1, r1, tau, m1, use_rank=use_rank)
+    a = rce_loss(lp0, r0, temperature=tau, mask=m0, use_rank=use_rank)
+    b = rce_loss(lp1, r1, temperature=tau, mask=m1, use_rank=use_rank)
     assert torch.allclose(a["loss"], b["loss"], atol=1e-10)
     assert torch.allclose(a["per_query"], b["per_query"], atol=1e-10)
     assert torch.allclose(a["weights"][m0], b["weights"][m1], atol=1e-12)
@@ -126,7 +129,8 @@ def test_rce_mask_invariance_and_batched_equals_per_query(groups, extra, junk, u
     assert torch.allclose(lp0.grad[m0], lp1.grad[m1], atol=1e-12)
     # batched loss == mean of the B = 1 losses
     singles = [rce_loss(torch.tensor([[li for _, li in m]], dtype=torch.float64),
-                        torch.tensor([[ri for ri, _ in m]], dtype=torch.float64), tau, use_rank=use_rank)["loss"]
+                        torch.tensor([[ri for ri, _ in m]], dtype=torch.float64), temperature=tau,
+                        use_rank=use_rank)["loss"]
                for m in groups]
     assert a["loss"].item() == pytest.approx(sum(s.item() for s in singles) / len(singles), abs=1e-10)
 
@@ -166,7 +170,7 @@ def test_group_advantages_single_member_constant_group_and_mask():
     # masked junk ignored: valid [1, 0, 2] -> [0, −1, 1], padded -> 0; row with one valid member -> 0
     r = torch.tensor([[1.0, 0.0, NAN, 2.0], [4.0, NAN, NAN, NAN]])
     mask = torch.tensor([[True, True, False, True], [True, False, False, False]])
-    assert group_advantages(r, mask).tolist() == [[0.0, -1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]
+    assert group_advantages(r, mask=mask).tolist() == [[0.0, -1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]
 
 
 def test_kl_k3_values():
@@ -307,26 +311,82 @@ def test_grpo_errors():
 def test_top_k_members_with_ties_and_masks():
     r = torch.tensor([[0.5, 2.0, 0.5, 1.0], [3.0, 9.0, 2.0, 9.0]])
     mask = torch.tensor([[True, True, True, True], [True, False, True, False]])
-    idx, sel = top_k_members(r, mask, 3)
+    idx, sel = top_k_members(r, mask=mask, k=3)
     # row 0: 2.0 (1), 1.0 (3), then the tie 0.5/0.5 -> lower index 0 first
     # row 1: valid are 3.0 (0) and 2.0 (2); the masked 9.0s never win; 3rd slot is padding (mask False)
     assert idx[0].tolist() == [1, 3, 0] and sel[0].tolist() == [True, True, True]
     assert idx[1, :2].tolist() == [0, 2] and sel[1].tolist() == [True, True, False]
     # k = None -> all G; k > G -> G
-    assert top_k_members(r, mask, None)[0].shape == (2, 4)
-    assert top_k_members(r, None, 10)[0][0].tolist() == [1, 3, 0, 2]
+    assert top_k_members(r, mask=mask, k=None)[0].shape == (2, 4)
+    assert top_k_members(r, mask=None, k=10)[0][0].tolist() == [1, 3, 0, 2]
     # all tied -> lowest indices
-    assert top_k_members(torch.ones(1, 3), None, 2)[0].tolist() == [[0, 1]]
+    assert top_k_members(torch.ones(1, 3), mask=None, k=2)[0].tolist() == [[0, 1]]
     with pytest.raises(LeverPlusInputError, match="positive int"):
-        top_k_members(r, mask, 0)
+        top_k_members(r, mask=mask, k=0)
 
 
 def test_top1_member():
     assert top1_member(torch.tensor([[0.5, 2.0, 2.0]])).tolist() == [1]  # tie -> lowest index
     mask = torch.tensor([[True, False, True]])
-    assert top1_member(torch.tensor([[0.5, 2.0, 2.0]]), mask).tolist() == [2]
+    assert top1_member(torch.tensor([[0.5, 2.0, 2.0]]), mask=mask).tolist() == [2]
     # negative valid rewards vs a junk padded value: the padded one never wins
-    assert top1_member(torch.tensor([[-1.0, -2.0, NAN]]), torch.tensor([[True, True, False]])).tolist() == [0]
-    assert top1_member(torch.tensor([[-3.0, -2.0, 5.0]]), torch.tensor([[True, True, False]])).tolist() == [1]
+    assert top1_member(torch.tensor([[-1.0, -2.0, NAN]]), mask=torch.tensor([[True, True, False]])).tolist() == [0]
+    assert top1_member(torch.tensor([[-3.0, -2.0, 5.0]]), mask=torch.tensor([[True, True, False]])).tolist() == [1]
     # reference quirk: always candidate 0
     assert top1_member(torch.tensor([[0.5, 2.0], [1.0, 3.0]]), compat_index0=True).tolist() == [0, 0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keyword-only arguments and the GRPO epoch statistics
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_everything_after_the_rewards_is_keyword_only():
+    lp, r = torch.zeros(1, 2), torch.tensor([[0.0, 1.0]])
+    with pytest.raises(TypeError):
+        rce_loss(lp, r, 1.0)
+    with pytest.raises(TypeError):
+        grpo_loss(lp, lp, r, 0.2)
+    with pytest.raises(TypeError):
+        group_advantages(r, torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(TypeError):
+        top_k_members(r, None, 1)
+
+
+def test_count_zero_std_groups_by_hand():
+    r = torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, 4.0], [5.0, 0.0, 0.0], [0.5, 0.5 + 1e-7, 0.0], [0.5, 0.50001, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, True], [True, False, False], [True, True, False],
+                         [True, True, False]])
+    # flat; variance 4 -> not flat; one real member (padding ignored) -> flat; std 7e-8 <= 1e-6 -> flat; std 7e-6 > 1e-6 -> not flat
+    assert count_zero_std_groups(r, mask) == 3
+    # the tolerance is on the unbiased variance: row 1 has ((0-2)² + 0 + (4-2)²) / 2 = 4
+    assert count_zero_std_groups(r[1:2], mask[1:2], var_tol=4.0) == 1
+    assert count_zero_std_groups(r[1:2], mask[1:2], var_tol=3.9) == 0
+
+
+def _out(loss):
+    return {key: torch.tensor(loss if key == "loss" else 0.0) for key in GRPO_LOSS_KEYS}
+
+
+def test_grpo_epoch_stats_on_a_hand_computed_epoch():
+    stats = GRPOEpochStats()
+    # batch 1: two queries, top-3 rewards [1, 1, 1] (flat) and [0, 2, 4]; raw rewards of the 3 real members of each
+    stats.add(_out(1.0), torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, 4.0]]), torch.ones(2, 3, dtype=torch.bool),
+              torch.tensor([[1.0, 1.0, 1.0, 9.0], [0.0, 2.0, 4.0, 9.0]]),
+              torch.tensor([[True, True, True, False], [True, True, True, False]]))
+    # batch 2: one query with a single selected member (flat by definition), raw rewards [5, (padding 7)]
+    stats.add(_out(4.0), torch.tensor([[5.0, 0.0]]), torch.tensor([[True, False]]), torch.tensor([[5.0, 7.0]]),
+              torch.tensor([[True, False]]))
+    m = stats.summary()
+    assert m["loss"] == pytest.approx((1.0 * 2 + 4.0 * 1) / 3)  # query-weighted mean of the batch losses
+    assert m["kl"] == 0.0
+    assert m["frac_reward_zero_std"] == pytest.approx(2 / 3)
+    # raw rewards of the 7 real members: 1 1 1 0 2 4 5 -> mean 2, E[r^2] = 48/7, std = sqrt(48/7 - 4)
+    assert m["reward_mean"] == pytest.approx(2.0)
+    assert m["reward_std"] == pytest.approx(math.sqrt(48 / 7 - 4))
+    assert list(m) == [*GRPO_LOSS_KEYS, "frac_reward_zero_std", "reward_mean", "reward_std"]
+
+
+def test_grpo_epoch_stats_of_an_empty_epoch_are_zero():
+    m = GRPOEpochStats().summary()
+    assert m["loss"] == 0.0 and m["frac_reward_zero_std"] == 0.0 and m["reward_std"] == 0.0

@@ -7,10 +7,18 @@ import pytest
 import torch
 from conftest import compose_cfg
 
+from leverplus.data.batching import collate
 from leverplus.data.groups import Group
 from leverplus.evaluation.ranking import validation_metrics
 from leverplus.model.build import build_model
-from leverplus.training.trainer import Trainer
+from leverplus.training.schedules import make_lr_scheduler
+from leverplus.training.trainer import (
+    PHASE_SEED_STRIDE,
+    NonFiniteLossError,
+    Trainer,
+    member_log_probs,
+    optimizer_step,
+)
 
 SMALL = ["model.hidden_dim=16", "data.batch_size=8", "tracking.enabled=false", "model.dropout=0.1"]
 
@@ -149,3 +157,72 @@ def test_tune_malloc_applies_on_glibc_and_changes_no_result(tmp_path):
         assert applied == (platform.libc_ver()[0] == "glibc")
     r2, t2 = run(tmp_path / "b", ["rce.epochs=2"])
     assert t1.memory.history == t2.memory.history
+
+
+def test_optimizer_step_clips_the_gradient_and_steps_optimiser_and_schedule():
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([w], lr=1.0)
+    sched = make_lr_scheduler(opt, 10, "constant")
+    target = torch.tensor([30.0, 40.0])
+    value = optimizer_step(opt, sched, (w * target).sum() + 1.5, grad_clip=1.0, where="test")
+    assert value == 1.5
+    # gradient (30, 40) has norm 50 -> clipped to norm 1 = (0.6, 0.8); SGD with lr 1 moves w by minus that
+    assert torch.allclose(w.grad, torch.tensor([0.6, 0.8]))
+    assert torch.allclose(w.detach(), torch.tensor([-0.6, -0.8]))
+    assert sched.last_epoch == 1
+    with pytest.raises(NonFiniteLossError, match="at here"):
+        optimizer_step(opt, sched, w.sum() * float("nan"), grad_clip=1.0, where="here")
+    assert torch.allclose(w.detach(), torch.tensor([-0.6, -0.8])) and sched.last_epoch == 1  # no step on NaN
+
+
+def test_phase_seed_is_seed_times_stride_plus_the_phase_offset(tmp_path):
+    for overrides, phase, expected in [([], "rce", 0 * PHASE_SEED_STRIDE + 2),
+                                       (["seed=3"], "grpo", 3 * PHASE_SEED_STRIDE + 3),
+                                       (["seed=3", "rce.seed_offset=7"], "rce", 37),
+                                       (["sft.seed_offset=5"], "sft", 5)]:
+        cfg = compose_cfg(SMALL + overrides)
+        trainer = Trainer(cfg, torch.zeros(1, 16), [], [], tmp_path, say=lambda s: None)
+        trainer._start_phase(phase)
+        assert torch.initial_seed() == expected
+        assert trainer.generator.initial_seed() == expected
+
+
+def test_rce_seed_offset_changes_the_run_and_its_default_changes_nothing(tmp_path):
+    _, t1 = run(tmp_path / "a", ["rce.epochs=1"])
+    _, t2 = run(tmp_path / "b", ["rce.epochs=1", "rce.seed_offset=2"])
+    _, t3 = run(tmp_path / "c", ["rce.epochs=1", "rce.seed_offset=4"])
+    assert t1.memory.history == t2.memory.history
+    assert t1.memory.series("rce/loss") != t3.memory.series("rce/loss")
+
+
+def test_policy_temperature_fields_drive_the_adaptive_temperature(tmp_path):
+    base = ["rce.epochs=0", "grpo.epochs=1", "grpo.lr=1e-3"]
+    _, fixed = run(tmp_path / "a", base + ["grpo.policy_temperature_init=2.0"])
+    assert fixed.memory.series("grpo/policy_temperature") == [(0, 2.0)]  # adaptive off: stays at init
+    _, default = run(tmp_path / "b", base)
+    assert default.memory.series("grpo/loss") != fixed.memory.series("grpo/loss")  # a softer policy
+    # adaptive on with an unreachable KL band: every step multiplies T by the factor, up to the cap
+    _, capped = run(tmp_path / "c", base + ["grpo.adaptive_temperature=true", "grpo.kl_target_min=-0.0",
+                                            "grpo.kl_target_max=-0.0", "grpo.policy_temperature_factor=1.5",
+                                            "grpo.policy_temperature_max=1.6"])
+    assert capped.memory.series("grpo/policy_temperature") == [(0, 1.6)]
+
+
+def test_member_log_probs_is_the_models_log_prob_on_every_path():
+    cfg = compose_cfg(SMALL)
+    emb, groups = make_groups()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, emb.shape[1]).eval()
+    b = collate(groups[:4], emb)
+    plain = member_log_probs(model, b)
+    assert torch.equal(plain, model.sequence_log_probs(b.query_emb, b.cand_emb, b.labels, b.cand_mask))
+    # the RCE/SFT cross-entropy terms agree with the log-prob without label smoothing
+    assert torch.allclose(member_log_probs(model, b, smoothed=True), plain, atol=1e-5)
+    # the indexed eval path (GRPO old policy) agrees too
+    assert torch.allclose(member_log_probs(model, b, table=model.item_table(emb)), plain, atol=1e-5)
+    hot = member_log_probs(model, b, policy_temperature=2.0)
+    assert torch.equal(hot, model.sequence_log_probs(b.query_emb, b.cand_emb, b.labels, b.cand_mask,
+                                                     policy_temperature=2.0))
+    assert not torch.allclose(hot, plain)
+    with pytest.raises(ValueError):
+        member_log_probs(model, b, smoothed=True, policy_temperature=2.0)
