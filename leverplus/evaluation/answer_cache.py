@@ -396,23 +396,28 @@ class CachedScorer:
                                       field="icd_lists")
         keys = self.keys(split, query_indices, icd_lists)
         found = self.cache.get_many(keys)
-        first_miss: Dict[str, int] = {}
+        first_miss: Dict[str, int] = {}  # missing key -> its first position (insertion order = prompt order)
         for i, k in enumerate(keys):
-            if k not in found and k not in first_miss:
-                first_miss[k] = i
+            if k not in found:
+                first_miss.setdefault(k, i)
         if first_miss:
-            idx = list(first_miss.values())
-            fresh = list(self.scorer.generate(split, [query_indices[i] for i in idx], [icd_lists[i] for i in idx]))
-            if len(fresh) != len(idx):
-                raise LeverPlusInputError(f"the scorer returned {len(fresh)} generations for {len(idx)} prompts",
-                                          field="scorer")
-            self.calls += 1
-            new = dict(zip(first_miss, (str(t) for t in fresh)))
-            self.cache.put_many(new.items())
-            found.update(new)
+            found.update(self._generate_misses(split, query_indices, icd_lists, first_miss))
         self.generated += len(first_miss)
         self.cached += len(keys) - len(first_miss)
         return [found[k] for k in keys]
+
+    def _generate_misses(self, split: str, query_indices: List[int], icd_lists: List[List[int]],
+                         first_miss: Dict[str, int]) -> Dict[str, str]:
+        """One call of the wrapped scorer for the missing prompts; their answers are stored and returned."""
+        idx = list(first_miss.values())
+        fresh = list(self.scorer.generate(split, [query_indices[i] for i in idx], [icd_lists[i] for i in idx]))
+        if len(fresh) != len(idx):
+            raise LeverPlusInputError(f"the scorer returned {len(fresh)} generations for {len(idx)} prompts",
+                                      field="scorer")
+        self.calls += 1
+        new = dict(zip(first_miss, (str(t) for t in fresh)))
+        self.cache.put_many(new.items())
+        return new
 
     def stats(self) -> Dict[str, Any]:
         """``{generated, cached, calls, conflicts, identity_hash}`` of this wrapper (conflicts: its cache's)."""
