@@ -181,7 +181,7 @@ def _chunks(seq: Sequence[Any], n: int = SQL_CHUNK) -> Iterator[Sequence[Any]]:
 
 
 class AnswerCache:
-    """The sqlite store: ``answers(key TEXT PRIMARY KEY, answer TEXT, created_at REAL)`` and
+    """The sqlite store: ``answers(key TEXT PRIMARY KEY, answer TEXT, created_at REAL) WITHOUT ROWID`` and
     ``meta(name TEXT PRIMARY KEY, value TEXT)`` (``schema_version``). One connection per process (reopened
     after a fork); safe for several writer processes on one file (local file systems: sqlite's WAL needs
     shared memory, so not NFS)."""
@@ -226,7 +226,7 @@ class AnswerCache:
         try:
             conn.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
             conn.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, answer TEXT NOT NULL, "
-                         "created_at REAL NOT NULL)")
+                         "created_at REAL NOT NULL) WITHOUT ROWID")
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             (version,) = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
             conn.execute("COMMIT")
@@ -418,6 +418,10 @@ class CachedScorer:
         new = dict(zip(first_miss, (str(t) for t in fresh)))
         self.cache.put_many(new.items())
         return new
+
+    def reset_stats(self) -> None:
+        """Zero ``generated``/``cached``/``calls`` (e.g. between the runs of a sweep sharing one wrapper)."""
+        self.generated = self.cached = self.calls = 0
 
     def stats(self) -> Dict[str, Any]:
         """``{generated, cached, calls, conflicts, identity_hash}`` of this wrapper (conflicts: its cache's)."""

@@ -253,3 +253,21 @@ def test_the_simulated_scorer_is_served_from_the_cache_with_the_same_answers(tmp
     assert (second.generated, second.cached) == (0, 10)
     swapped = [list(reversed(x)) for x in icds]
     assert second.generate("test", qs, swapped) == sim.generate("test", qs, swapped) and second.generated == 10
+
+
+def test_wrapping_the_trainers_sim_lvlm_as_a_cached_sim_scorer_scores_identically(tmp_path):
+    """The wiring docs/answer_cache.md gives for the trainer's sim scorer (a bare SimLVLM, which has no generate):
+    CachedScorer(SimScorer(lvlm)) yields the same per-query rows as the SimLVLM itself, from the cache the 2nd time."""
+    world = World(SimParams(num_train=400, num_anchors=80, num_val=40, num_test=60, candidate_num=16,
+                            embedding_dim=32, shot_nums=[1, 2]))
+    lvlm = SimLVLM(world)
+    qset = type("Q", (), {"split": "val", "query_index": list(range(40))})()
+    sel = [[int(i) for i in world.pool("val", q)[-2:]] for q in range(40)]
+    with pytest.raises(LeverPlusInputError, match="no generate"):
+        CachedScorer(lvlm, AnswerCache(tmp_path / "a.sqlite"), {})
+    sim = SimScorer(lvlm)
+    cs = CachedScorer(sim, AnswerCache(tmp_path / "a.sqlite"), scorer_identity(sim))
+    expected = score_selections(lvlm, qset, sel)
+    assert score_selections(cs, qset, sel) == expected and cs.generated == 40
+    cs.reset_stats()
+    assert score_selections(cs, qset, sel) == expected and (cs.generated, cs.cached, cs.calls) == (0, 40, 0)
