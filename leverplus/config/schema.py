@@ -16,7 +16,6 @@ from typing import Dict, List, Optional
 from leverplus.config.reward_modes import REWARD_MODE_SPECS
 from leverplus.config.sim_params import SimParams
 
-
 #: field metadata of a knob that does not change results (speed, output, logging, the report's statistics): the run
 #: key leaves it out (config/identity.py), so changing it neither re-runs a sweep job nor splits an arm
 COSMETIC = {"cosmetic": True}
