@@ -239,6 +239,7 @@ class TrainConfig:
     seed: int = 0  # 0 is a real seed
     objective: str = field(default="val/downstream_acc", metadata=COSMETIC)  # the float returned to sweepers (val only)
     output_dir: Optional[str] = field(default=None, metadata=COSMETIC)  # checkpoints etc.; default: Hydra's run dir
+    # out of the run key as it always was, although a GPU run can differ from a CPU run in the last bits
     device: str = field(default="cpu", metadata=COSMETIC)
     num_threads: int = field(default=0, metadata=COSMETIC)  # 0 = leave torch's default
     progress: Optional[bool] = field(default=None, metadata=COSMETIC)  # None = only when stdout is a TTY
