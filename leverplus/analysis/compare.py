@@ -29,21 +29,31 @@ import math
 import os
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import mlflow
 import numpy as np
 import pandas as pd
+from scipy.stats import false_discovery_control
 
+from leverplus.analysis.plots import bar_with_ci, heatmap
+from leverplus.config.schema import EvalConfig
+from leverplus.data.formats.io import atomic_write_json
 from leverplus.errors import LeverPlusInputError
 from leverplus.evaluation.stats import Estimate, PairedResult, mean_ci, paired_bootstrap, paired_t_test, verdict
+from leverplus.tracking.store import resolve_tracking_uri, with_retries
+from leverplus.utils import launch_dir
 
+# Runs-table columns of config fields: MLflow params are the resolved config flattened to dotted keys.
 MODE_COL = "params.reward.mode"
 HARD_WEIGHT_COL = "params.reward.hard_weight"
 SOFT_WEIGHT_COL = "params.reward.soft_weight"
 RAW_COL = "params.rce.use_raw_reward"
+#: per-query bootstrap resamples unless told otherwise: the config's eval.bootstrap_samples default (one source)
+DEFAULT_N_BOOT: int = EvalConfig().bootstrap_samples
 WEIGHTS_COL = "weights"  # derived: "hw×sw" from the two weight params
 DEFAULT_FACTORS = (MODE_COL, WEIGHTS_COL, RAW_COL, "shot_num")
 NO_DIFFERENCE = "no significant difference"
@@ -239,7 +249,7 @@ def compare_runs(
     aliases: Optional[Mapping[str, str]] = None,
     better: str = "higher",
     confidence: float = 0.95,
-    n_boot: int = 2000,
+    n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,
 ) -> ComparisonReport:
     """Compare every (arm, shot) with the baseline runs of the same (shot_num, seed). Pure: no MLflow, no files.
@@ -251,14 +261,45 @@ def compare_runs(
     noted). ``aliases``: alias arm label -> canonical label. The bootstrap pools seeds in ascending order and
     queries by ascending query_index, resampled with ``seed`` (deterministic).
     """
+    df = _checked_runs(df, metric)
+    baseline_arm, base_by = _baseline(df, baseline_role)
+    notes = [f"factor {f!r} is not in the runs table: no main effect for it" for f in factors if f not in df.columns]
+    present = [f for f in factors if f in df.columns]
+    level_cols = _level_columns(present, df)
+    aliases = _checked_aliases(aliases, set(df["arm"].astype(str)), notes)
+    ctx = _CellContext(base_by=base_by, per_query=per_query, metric=metric,
+                       objective=objective if objective in df.columns else None, better=better,
+                       confidence=confidence, n_boot=n_boot, seed=seed, notes=notes)
+    order = sorted(df["arm"].astype(str).unique(), key=lambda a: (a != baseline_arm, a))
+    cells = [cell for arm in order for cell in _arm_cells(df, arm, level_cols, aliases, ctx)]
+
+    cells, n_tests, n_sig, n_sig_q = _with_fdr(cells, baseline_arm, confidence)
+    if n_tests > 1:
+        notes.append(f"multiple comparisons: {n_sig} of {n_tests} arm cells have p < {1 - confidence:.2g}; after "
+                     f"Benjamini-Hochberg (FDR {1 - confidence:.2g}) {n_sig_q} remain (column q). With many cells, "
+                     "read a lone 'better'/'worse' with a large q as a likely false discovery.")
+    main_effects = _main_effects([c for c in cells if c.arm != baseline_arm], present)
+    return ComparisonReport(
+        metric=metric, objective=objective, baseline_arm=baseline_arm, cells=cells, main_effects=main_effects,
+        aliases=dict(sorted(aliases.items())), missing_baseline=ctx.missing_baseline, factors=tuple(present),
+        confidence=confidence, n_boot=n_boot, notes=list(dict.fromkeys(notes)),
+    )
+
+
+def _level_columns(present: Sequence[str], df: pd.DataFrame) -> List[str]:
+    """The columns whose values label a cell: the factors present plus the reward mode and weights (not shot_num)."""
+    cols = list(dict.fromkeys(list(present) + [c for c in (MODE_COL, WEIGHTS_COL) if c in df.columns]))
+    return [c for c in cols if c != "shot_num"]
+
+
+def _checked_runs(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """``df`` with the weights column, int shot/seed, after checking the metric is finite and runs are unique."""
     _require_columns(df, ("arm", "role", "shot_num", "seed", metric))
     if df.empty:
         raise LeverPlusInputError("the runs table is empty", fix="check the sweep name / experiment / statuses")
     df = add_weights_column(df).reset_index(drop=True)
     df["shot_num"] = df["shot_num"].astype(int)
     df["seed"] = df["seed"].astype(int)
-    notes: List[str] = []
-
     for _, row in df.iterrows():
         try:
             ok = math.isfinite(float(row[metric]))
@@ -280,6 +321,11 @@ def compare_runs(
             record=_run_name(r), field="arm/shot_num/seed",
             fix="compare one sweep invocation (--parent-run-id ID), or delete the stale runs",
         )
+    return df
+
+
+def _baseline(df: pd.DataFrame, baseline_role: str) -> Tuple[str, Dict[Tuple[int, int], pd.Series]]:
+    """The one baseline arm's label and its runs by (shot_num, seed)."""
     base = df[df["role"] == baseline_role]
     if base.empty:
         raise LeverPlusInputError(
@@ -292,70 +338,61 @@ def compare_runs(
             f"several baseline arms {base_labels}", field="role",
             fix="tag exactly one arm role=baseline, or pass baseline_role matching one arm",
         )
-    baseline_arm = base_labels[0]
-    base_by = {(int(r["shot_num"]), int(r["seed"])): r for _, r in base.iterrows()}
+    return base_labels[0], {(int(r["shot_num"]), int(r["seed"])): r for _, r in base.iterrows()}
 
-    present = [f for f in factors if f in df.columns]
-    for f in factors:
-        if f not in df.columns:
-            notes.append(f"factor {f!r} is not in the runs table: no main effect for it")
-    level_cols = list(dict.fromkeys(present + [c for c in (MODE_COL, WEIGHTS_COL) if c in df.columns]))
-    level_cols = [c for c in level_cols if c != "shot_num"]
-    has_objective = objective in df.columns
 
-    aliases = {str(k): str(v) for k, v in (aliases or {}).items()}
-    arms_run = set(df["arm"].astype(str))
-    for alias, canon in list(aliases.items()):
+def _checked_aliases(aliases: Optional[Mapping[str, str]], arms_run: set, notes: List[str]) -> Dict[str, str]:
+    """The aliases to report: an alias that was run itself is dropped; one whose canonical arm has no runs is noted."""
+    out = {str(k): str(v) for k, v in (aliases or {}).items()}
+    for alias, canon in list(out.items()):
         if alias in arms_run:
             notes.append(f"alias {alias!r} -> {canon!r} was run itself: its own runs are used, the alias is ignored")
-            del aliases[alias]
+            del out[alias]
         elif canon not in arms_run:
             notes.append(f"alias {alias!r} -> {canon!r}: the canonical arm has no runs, so neither has a result")
+    return out
 
-    cells: List[ArmSummary] = []
-    missing_baseline: List[Tuple[str, int, int]] = []
-    order = sorted(df["arm"].astype(str).unique(), key=lambda a: (a != baseline_arm, a))
-    for arm in order:
-        arm_rows = df[df["arm"].astype(str) == arm]
-        roles = sorted(arm_rows["role"].astype(str).unique())
-        if len(roles) > 1:
-            raise LeverPlusInputError(f"arm {arm!r} has runs with roles {roles}", record=arm, field="role",
-                                      fix="give every run of an arm the same role tag")
-        levels: Dict[str, str] = {}
-        for col in level_cols:
-            vals = sorted({_fmt_level(v) for v in arm_rows[col]}, key=_level_key)
-            if len(vals) > 1:
-                notes.append(f"arm {arm!r}: {col} differs between its runs ({vals})")
-            levels[col] = ",".join(vals)
-        for shot in sorted(arm_rows["shot_num"].unique()):
-            rows = arm_rows[arm_rows["shot_num"] == shot].sort_values("seed")
-            cells.append(_summarise_cell(
-                arm, int(shot), roles[0], levels, rows, base_by, baseline_arm, per_query, metric,
-                objective if has_objective else None, better, confidence, n_boot, seed,
-                tuple(sorted(a for a, c in aliases.items() if c == arm)), missing_baseline, notes,
-            ))
 
-    cells, n_tests, n_sig, n_sig_q = _with_fdr(cells, baseline_arm, confidence)
-    if n_tests > 1:
-        notes.append(f"multiple comparisons: {n_sig} of {n_tests} arm cells have p < {1 - confidence:.2g}; after "
-                     f"Benjamini-Hochberg (FDR {1 - confidence:.2g}) {n_sig_q} remain (column q). With many cells, "
-                     "read a lone 'better'/'worse' with a large q as a likely false discovery.")
-    main_effects = _main_effects([c for c in cells if c.arm != baseline_arm], present)
-    return ComparisonReport(
-        metric=metric, objective=objective, baseline_arm=baseline_arm, cells=cells, main_effects=main_effects,
-        aliases=dict(sorted(aliases.items())), missing_baseline=missing_baseline, factors=tuple(present),
-        confidence=confidence, n_boot=n_boot, notes=list(dict.fromkeys(notes)),
-    )
+@dataclass
+class _CellContext:
+    """What every cell's summary shares: the baseline runs, the statistics settings and the report's notes."""
+
+    base_by: Dict[Tuple[int, int], pd.Series]  # baseline run by (shot_num, seed)
+    per_query: Optional[Mapping[str, pd.DataFrame]]
+    metric: str
+    objective: Optional[str]  # None when the runs table has no objective column
+    better: str
+    confidence: float
+    n_boot: int
+    seed: int
+    notes: List[str]  # appended to, in order
+    missing_baseline: List[Tuple[str, int, int]] = field(default_factory=list)  # appended to, in order
+
+
+def _arm_cells(df: pd.DataFrame, arm: str, level_cols: Sequence[str], aliases: Mapping[str, str],
+               ctx: _CellContext) -> List[ArmSummary]:
+    """The cells of one arm, one per shot (ascending); its levels are the values of ``level_cols`` over its runs."""
+    arm_rows = df[df["arm"].astype(str) == arm]
+    roles = sorted(arm_rows["role"].astype(str).unique())
+    if len(roles) > 1:
+        raise LeverPlusInputError(f"arm {arm!r} has runs with roles {roles}", record=arm, field="role",
+                                  fix="give every run of an arm the same role tag")
+    levels: Dict[str, str] = {}
+    for col in level_cols:
+        vals = sorted({_fmt_level(v) for v in arm_rows[col]}, key=_level_key)
+        if len(vals) > 1:
+            ctx.notes.append(f"arm {arm!r}: {col} differs between its runs ({vals})")
+        levels[col] = ",".join(vals)
+    its_aliases = tuple(sorted(a for a, c in aliases.items() if c == arm))
+    return [_summarise_cell(arm, int(shot), roles[0], levels,
+                            arm_rows[arm_rows["shot_num"] == shot].sort_values("seed"), its_aliases, ctx)
+            for shot in sorted(arm_rows["shot_num"].unique())]
 
 
 def _with_fdr(cells: List[ArmSummary], baseline_arm: str, confidence: float):
     """Attach Benjamini-Hochberg q-values (``scipy.stats.false_discovery_control``) to the seed-level tests of the
     arm cells (the baseline and cells without a finite p are left out). Returns (cells, tests, p-significant,
     q-significant)."""
-    from dataclasses import replace
-
-    from scipy.stats import false_discovery_control
-
     idx = [i for i, c in enumerate(cells) if c.arm != baseline_arm and c.delta is not None
            and math.isfinite(c.delta.p_value)]
     if not idx:
@@ -374,60 +411,90 @@ def _finite_estimate(values: np.ndarray, confidence: float) -> Optional[Estimate
     return mean_ci(values, confidence) if values.size else None
 
 
-def _summarise_cell(arm, shot, role, levels, rows, base_by, baseline_arm, per_query, metric, objective, better,
-                    confidence, n_boot, seed, aliases, missing_baseline, notes) -> ArmSummary:
+def _summarise_cell(arm: str, shot: int, role: str, levels: Mapping[str, str], rows: pd.DataFrame,
+                    aliases: Tuple[str, ...], ctx: _CellContext) -> ArmSummary:
+    """One (arm, shot): accuracy and objective over its seeds, and its deltas against the seed-paired baseline."""
+    metric, objective, confidence = ctx.metric, ctx.objective, ctx.confidence
     seeds = tuple(int(s) for s in rows["seed"])
     acc = mean_ci(rows[metric].astype(float).to_numpy(), confidence)
     obj = _finite_estimate(pd.to_numeric(rows[objective], errors="coerce").to_numpy(float), confidence) \
         if objective else None
 
-    paired = [(r, base_by[(shot, int(r["seed"]))]) for _, r in rows.iterrows() if (shot, int(r["seed"])) in base_by]
-    missing_base = tuple(s for s in seeds if (shot, s) not in base_by)
-    missing_arm = tuple(sorted(s for (sh, s) in base_by if sh == shot and s not in seeds))
-    missing_baseline += [(arm, shot, s) for s in missing_base]
+    paired, missing_base, missing_arm = _seed_pairs(rows, shot, seeds, ctx.base_by)
+    ctx.missing_baseline.extend((arm, shot, s) for s in missing_base)
 
-    delta = obj_delta = query_delta = None
-    query_seeds: Tuple[int, ...] = ()
-    unmatched = 0
+    delta = obj_delta = None
+    query: Tuple[Optional[PairedResult], Tuple[int, ...], int] = (None, (), 0)
     if paired:
         delta = paired_t_test([float(a[metric]) for a, _ in paired], [float(b[metric]) for _, b in paired], confidence)
-        if objective:
-            objs = [(float(a[objective]), float(b[objective])) for a, b in paired]
-            objs = [(x, y) for x, y in objs if math.isfinite(x) and math.isfinite(y)]
-            if objs:
-                obj_delta = paired_t_test([x for x, _ in objs], [y for _, y in objs], confidence)
-        if per_query is not None and "run_id" not in rows.columns:
-            notes.append("the runs table has no run_id column: per-query bootstrap skipped")
-        elif per_query is not None:
-            xs, ys, used, lacking = [], [], [], []
-            for a, b in paired:
-                got = _query_pairs(str(a["run_id"]), str(b["run_id"]), shot, per_query)
-                if got is None:
-                    lacking.append(str(int(a["seed"])))
-                    continue
-                x, y, n_un = got
-                unmatched += n_un
-                if x.size:
-                    xs.append(x)
-                    ys.append(y)
-                    used.append(int(a["seed"]))
-            if lacking:
-                notes.append(f"arm {arm!r} shot {shot}: no per-query rows (arm or baseline run) for seed(s) "
-                             f"{', '.join(lacking)}, left out of the per-query bootstrap")
-            if xs:
-                query_delta = paired_bootstrap(np.concatenate(xs), np.concatenate(ys), n_boot=n_boot, seed=seed,
-                                               confidence=confidence)
-                query_seeds = tuple(used)
-            if unmatched:
-                notes.append(f"arm {arm!r} shot {shot}: {unmatched} per-query row(s) without a counterpart "
-                             "in the paired run were left out of the per-query bootstrap")
+        obj_delta = _objective_delta(paired, objective, confidence) if objective else None
+        query = _query_delta_if_possible(arm, shot, paired, "run_id" in rows.columns, ctx)
+    query_delta, query_seeds, unmatched = query
     return ArmSummary(
         arm=arm, shot_num=shot, role=role, levels=dict(levels), seeds=seeds, objective=obj, acc=acc, delta=delta,
         objective_delta=obj_delta, query_delta=query_delta, query_seeds=query_seeds, n_unmatched_queries=unmatched,
-        verdict=verdict(delta, better=better) if delta is not None else NO_PAIR,
-        query_verdict=verdict(query_delta, better=better) if query_delta is not None else None,
+        verdict=verdict(delta, better=ctx.better) if delta is not None else NO_PAIR,
+        query_verdict=verdict(query_delta, better=ctx.better) if query_delta is not None else None,
         missing_baseline_seeds=missing_base, missing_arm_seeds=missing_arm, aliases=aliases,
     )
+
+
+def _seed_pairs(rows: pd.DataFrame, shot: int, seeds: Tuple[int, ...], base_by: Mapping[Tuple[int, int], pd.Series]):
+    """(arm run, baseline run) pairs by seed at ``shot``; the arm's seeds without a baseline run; the baseline's seeds
+    without an arm run."""
+    paired = [(r, base_by[(shot, int(r["seed"]))]) for _, r in rows.iterrows() if (shot, int(r["seed"])) in base_by]
+    missing_base = tuple(s for s in seeds if (shot, s) not in base_by)
+    missing_arm = tuple(sorted(s for (sh, s) in base_by if sh == shot and s not in seeds))
+    return paired, missing_base, missing_arm
+
+
+def _query_delta_if_possible(arm: str, shot: int, paired: Sequence[Tuple[pd.Series, pd.Series]], has_run_ids: bool,
+                             ctx: _CellContext) -> Tuple[Optional[PairedResult], Tuple[int, ...], int]:
+    """:func:`_query_delta` when there are per-query tables and run ids to find them by, else (None, (), 0)."""
+    if ctx.per_query is None:
+        return None, (), 0
+    if not has_run_ids:
+        ctx.notes.append("the runs table has no run_id column: per-query bootstrap skipped")
+        return None, (), 0
+    return _query_delta(arm, shot, paired, ctx)
+
+
+def _objective_delta(paired: Sequence[Tuple[pd.Series, pd.Series]], objective: str,
+                     confidence: float) -> Optional[PairedResult]:
+    """Paired t-test of the objective over the seed pairs where both sides have a finite value (None: no pair)."""
+    objs = [(float(a[objective]), float(b[objective])) for a, b in paired]
+    objs = [(x, y) for x, y in objs if math.isfinite(x) and math.isfinite(y)]
+    return paired_t_test([x for x, _ in objs], [y for _, y in objs], confidence) if objs else None
+
+
+def _query_delta(arm: str, shot: int, paired: Sequence[Tuple[pd.Series, pd.Series]],
+                 ctx: _CellContext) -> Tuple[Optional[PairedResult], Tuple[int, ...], int]:
+    """Paired bootstrap of the per-query accuracies pooled over the seed pairs (ascending seed): (result or None,
+    seeds used, per-query rows without a counterpart). Seeds lacking per-query rows and unmatched rows are noted."""
+    xs, ys, used, lacking = [], [], [], []
+    unmatched = 0
+    for a, b in paired:
+        got = _query_pairs(str(a["run_id"]), str(b["run_id"]), shot, ctx.per_query or {})
+        if got is None:
+            lacking.append(str(int(a["seed"])))
+            continue
+        x, y, n_un = got
+        unmatched += n_un
+        if x.size:
+            xs.append(x)
+            ys.append(y)
+            used.append(int(a["seed"]))
+    if lacking:
+        ctx.notes.append(f"arm {arm!r} shot {shot}: no per-query rows (arm or baseline run) for seed(s) "
+                         f"{', '.join(lacking)}, left out of the per-query bootstrap")
+    result = None
+    if xs:
+        result = paired_bootstrap(np.concatenate(xs), np.concatenate(ys), n_boot=ctx.n_boot, seed=ctx.seed,
+                                  confidence=ctx.confidence)
+    if unmatched:
+        ctx.notes.append(f"arm {arm!r} shot {shot}: {unmatched} per-query row(s) without a counterpart "
+                         "in the paired run were left out of the per-query bootstrap")
+    return result, tuple(used), unmatched
 
 
 def _main_effects(cells: Sequence[ArmSummary], factors: Sequence[str]) -> List[MainEffect]:
@@ -484,31 +551,47 @@ def report_markdown(report: ComparisonReport) -> str:
         "| per-query verdict | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in report.cells:
-        obj = "n/a" if c.objective is None else f"{c.objective.mean:.4f}"
-        acc = f"{_pct(c.acc.mean)} {_ci_pct(c.acc.lo, c.acc.hi, signed=False)}"
-        if c.delta is None:
-            d, p = "n/a", "n/a"
-        else:
-            d, p = f"{100 * c.delta.delta:+.2f} {_ci_pct(c.delta.lo, c.delta.hi)}", _p(c.delta.p_value)
-        q = "n/a" if c.query_delta is None else \
-            f"{100 * c.query_delta.delta:+.2f} {_ci_pct(c.query_delta.lo, c.query_delta.hi)} (n={c.query_delta.n})"
-        note = []
-        if c.arm == report.baseline_arm:
-            note.append("baseline (vs itself)")
-        if c.delta is not None and c.delta.n == 1:
-            note.append("1 seed pair: no CI")
-        if c.missing_baseline_seeds:
-            note.append(f"no baseline for seed(s) {', '.join(map(str, c.missing_baseline_seeds))}")
-        if c.missing_arm_seeds:
-            note.append(f"no run for seed(s) {', '.join(map(str, c.missing_arm_seeds))}")
-        if c.aliases:
-            note.append(f"aliases: {', '.join(c.aliases)}")
-        verdict_text = c.verdict if c.delta is None or c.delta.n > 1 or c.verdict != NO_DIFFERENCE \
-            else f"{NO_DIFFERENCE} (1 seed)"
-        fdr = "n/a" if c.delta_q is None else _p(c.delta_q)
-        lines.append(f"| {_md(c.arm)} | {c.shot_num} | {c.n_seeds} | {obj} | {acc} | {d} | {p} | {fdr} | {verdict_text} | {q} "
-                     f"| {c.query_verdict or 'n/a'} | {_md('; '.join(note))} |")
+    lines += [_markdown_row(c, report.baseline_arm) for c in report.cells]
+    lines += _markdown_sections(report)
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_row(c: ArmSummary, baseline_arm: str) -> str:
+    """The table row of one cell."""
+    obj = "n/a" if c.objective is None else f"{c.objective.mean:.4f}"
+    acc = f"{_pct(c.acc.mean)} {_ci_pct(c.acc.lo, c.acc.hi, signed=False)}"
+    if c.delta is None:
+        d, p = "n/a", "n/a"
+    else:
+        d, p = f"{100 * c.delta.delta:+.2f} {_ci_pct(c.delta.lo, c.delta.hi)}", _p(c.delta.p_value)
+    q = "n/a" if c.query_delta is None else \
+        f"{100 * c.query_delta.delta:+.2f} {_ci_pct(c.query_delta.lo, c.query_delta.hi)} (n={c.query_delta.n})"
+    verdict_text = c.verdict if c.delta is None or c.delta.n > 1 or c.verdict != NO_DIFFERENCE \
+        else f"{NO_DIFFERENCE} (1 seed)"
+    fdr = "n/a" if c.delta_q is None else _p(c.delta_q)
+    return (f"| {_md(c.arm)} | {c.shot_num} | {c.n_seeds} | {obj} | {acc} | {d} | {p} | {fdr} | {verdict_text} | {q} "
+            f"| {c.query_verdict or 'n/a'} | {_md('; '.join(_cell_notes(c, baseline_arm)))} |")
+
+
+def _cell_notes(c: ArmSummary, baseline_arm: str) -> List[str]:
+    """The notes column of one cell: baseline, single seed pair, missing pairs, aliases."""
+    note = []
+    if c.arm == baseline_arm:
+        note.append("baseline (vs itself)")
+    if c.delta is not None and c.delta.n == 1:
+        note.append("1 seed pair: no CI")
+    if c.missing_baseline_seeds:
+        note.append(f"no baseline for seed(s) {', '.join(map(str, c.missing_baseline_seeds))}")
+    if c.missing_arm_seeds:
+        note.append(f"no run for seed(s) {', '.join(map(str, c.missing_arm_seeds))}")
+    if c.aliases:
+        note.append(f"aliases: {', '.join(c.aliases)}")
+    return note
+
+
+def _markdown_sections(report: ComparisonReport) -> List[str]:
+    """The lines after the table: main effects, aliases, missing baseline pairs, notes (each only when any)."""
+    lines: List[str] = []
     if report.main_effects:
         lines += ["", f"### Main effects (mean Δ{report.metric} over the cells at each level, other factors averaged)",
                   "", "| factor | level | mean Δ (pp) | cells |", "|---|---|---|---|"]
@@ -523,7 +606,7 @@ def report_markdown(report: ComparisonReport) -> str:
         lines += [f"- arm {a}, shot {s}, seed {sd}" for a, s, sd in report.missing_baseline]
     if report.notes:
         lines += ["", "### Notes", ""] + [f"- {n}" for n in report.notes]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _heatmap_grid(cells: Sequence[ArmSummary]):
@@ -542,31 +625,10 @@ def _heatmap_grid(cells: Sequence[ArmSummary]):
 def write_report(report: ComparisonReport, out_dir) -> List[Path]:
     """Write comparison.md, comparison.csv, main_effects.csv, comparison.json, delta_heatmap_shot{S}.png (Δacc by
     reward mode × weight pair, one per shot; cells sharing both are averaged) and delta_bars.png (Δacc with CIs)."""
-    from leverplus.analysis.plots import bar_with_ci, heatmap
-    from leverplus.data.formats.io import atomic_write_json
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths: List[Path] = []
     arms = [c for c in report.cells if c.arm != report.baseline_arm and c.delta is not None]
-    if arms and all(MODE_COL in c.levels and WEIGHTS_COL in c.levels for c in arms):
-        for shot in sorted({c.shot_num for c in arms}):
-            m, rows, cols = _heatmap_grid([c for c in arms if c.shot_num == shot])
-            paths.append(heatmap(m, rows, cols, out / f"delta_heatmap_shot{shot}.png",
-                                 title=f"Δ{report.metric} vs {report.baseline_arm}, shot {shot}",
-                                 cbar_label=f"Δ{report.metric} (mean over seeds)"))
-    elif arms:
-        report.notes.append(f"no delta heatmap: the runs lack {MODE_COL} or the weight params")
-    if arms:
-        means = [c.delta.delta for c in arms]
-        # A CI that cannot be estimated (one seed pair) is drawn as a bar without whiskers.
-        los = [c.delta.lo if math.isfinite(c.delta.lo) else c.delta.delta for c in arms]
-        his = [c.delta.hi if math.isfinite(c.delta.hi) else c.delta.delta for c in arms]
-        conf = f"{round(100 * report.confidence)}%"
-        paths.append(bar_with_ci([f"{c.arm} | shot {c.shot_num}" for c in arms], means, los, his,
-                                 out / "delta_bars.png", title=f"Δ{report.metric} vs {report.baseline_arm} ({conf} CI)",
-                                 ylabel=f"Δ{report.metric}"))
-
+    figures = _write_heatmaps(report, arms, out) + _write_bars(report, arms, out)  # may add a note: before the .md
     md = out / "comparison.md"
     md.write_text(report_markdown(report), encoding="utf-8")
     csv = out / "comparison.csv"
@@ -575,7 +637,35 @@ def write_report(report: ComparisonReport, out_dir) -> List[Path]:
     report.main_effects_frame().to_csv(me, index=False)
     js = out / "comparison.json"
     atomic_write_json(js, asdict(report), indent=2, allow_nan=True)
-    return [md, csv, me, js, *paths]
+    return [md, csv, me, js, *figures]
+
+
+def _write_heatmaps(report: ComparisonReport, arms: Sequence[ArmSummary], out: Path) -> List[Path]:
+    """One Δ heatmap (reward mode × weight pair) per shot; a note instead when the runs lack those columns."""
+    if arms and all(MODE_COL in c.levels and WEIGHTS_COL in c.levels for c in arms):
+        paths = []
+        for shot in sorted({c.shot_num for c in arms}):
+            m, rows, cols = _heatmap_grid([c for c in arms if c.shot_num == shot])
+            paths.append(heatmap(m, rows, cols, out / f"delta_heatmap_shot{shot}.png",
+                                 title=f"Δ{report.metric} vs {report.baseline_arm}, shot {shot}",
+                                 cbar_label=f"Δ{report.metric} (mean over seeds)"))
+        return paths
+    if arms:
+        report.notes.append(f"no delta heatmap: the runs lack {MODE_COL} or the weight params")
+    return []
+
+
+def _write_bars(report: ComparisonReport, arms: Sequence[ArmSummary], out: Path) -> List[Path]:
+    """Δ of every measured arm cell with its CI (none when there is no arm cell)."""
+    if not arms:
+        return []
+    means = [c.delta.delta for c in arms]
+    # A CI that cannot be estimated (one seed pair) is drawn as a bar without whiskers.
+    los = [c.delta.lo if math.isfinite(c.delta.lo) else c.delta.delta for c in arms]
+    his = [c.delta.hi if math.isfinite(c.delta.hi) else c.delta.delta for c in arms]
+    conf = f"{round(100 * report.confidence)}%"
+    return [bar_with_ci([f"{c.arm} | shot {c.shot_num}" for c in arms], means, los, his, out / "delta_bars.png",
+                        title=f"Δ{report.metric} vs {report.baseline_arm} ({conf} CI)", ylabel=f"Δ{report.metric}")]
 
 
 # ------------------------------------------------------------------------------------------------ MLflow loading
@@ -596,14 +686,10 @@ def _quiet_downloads() -> Iterator[None]:
 
 
 def _client(tracking_uri: str):
-    import mlflow
-
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
 
 
 def _experiment_ids(client, experiment: Optional[str]) -> List[str]:
-    from leverplus.tracking.store import with_retries
-
     if experiment:
         exp = with_retries(lambda: client.get_experiment_by_name(experiment))
         if exp is None:
@@ -621,8 +707,6 @@ def _experiment_ids(client, experiment: Optional[str]) -> List[str]:
 
 
 def _search(client, exp_ids: List[str], filter_string: str) -> list:
-    from leverplus.tracking.store import with_retries
-
     if not exp_ids:
         return []
     runs, token = [], None
@@ -678,44 +762,63 @@ def load_sweep_runs(
     client = _client(tracking_uri)
     runs = _search(client, _experiment_ids(client, experiment), f"tags.sweep = '{sweep}'")
     wanted = set(statuses)
-    rows, seen_keys = [], set()
+    rows: List[dict] = []
+    seen_keys: set = set()
     for run in runs:  # newest first
-        tags = run.data.tags
-        if tags.get("role") == "parent" or run.info.status not in wanted:
-            continue
-        if parent_run_id and tags.get("mlflow.parentRunId") != parent_run_id:
-            continue
-        key = tags.get("run_key")
-        if key:
-            if key in seen_keys:
-                continue
-            seen_keys.add(key)
-        for tag in ("arm", "role"):
-            if not tags.get(tag):
-                raise LeverPlusInputError(f"tag {tag!r} is missing", record=f"run {run.info.run_id}",
-                                          field=f"tags.{tag}", fix="set tracking.arm / tracking.role for sweep runs")
-        shots = _parse_int_tag(run, "shot_num")
-        seed = _parse_int_tag(run, "seed")[0]
-        metrics = run.data.metrics
-        for shot in shots:
-            name = metric_key if len(shots) == 1 else shot_metric_key.format(shot=shot)
-            rows.append({
-                # a job skipped as already FINISHED is a child run tagged reused_run_id: its numbers (and per-query
-                # artifacts) are those of the run that trained, so that run is the row's run_id
-                "run_id": tags.get("reused_run_id") or run.info.run_id, "tracking_run_id": run.info.run_id,
-                "arm": tags["arm"], "role": tags["role"], "shot_num": shot, "seed": seed,
-                "run_key": key or "", "parent_run_id": tags.get("mlflow.parentRunId", ""),
-                "status": run.info.status, "start_time": run.info.start_time,
-                "objective": metrics.get(objective_key, math.nan), "acc": metrics.get(name, math.nan),
-                **{f"params.{k}": v for k, v in run.data.params.items()},
-            })
-    base_cols = ["run_id", "tracking_run_id", "arm", "role", "shot_num", "seed", "run_key", "parent_run_id", "status",
-                 "start_time", "objective", "acc"]
+        if _wanted_run(run, wanted, parent_run_id, seen_keys):
+            rows += _run_rows(run, metric_key, shot_metric_key, objective_key)
     df = pd.DataFrame(rows)
     if df.empty:
-        return pd.DataFrame(columns=base_cols)
-    params = sorted(c for c in df.columns if c not in base_cols)
-    return df[base_cols + params].reset_index(drop=True)
+        return pd.DataFrame(columns=RUN_COLUMNS)
+    params = sorted(c for c in df.columns if c not in RUN_COLUMNS)
+    return df[RUN_COLUMNS + params].reset_index(drop=True)
+
+
+#: the columns of :func:`load_sweep_runs` before the params
+RUN_COLUMNS = ["run_id", "tracking_run_id", "arm", "role", "shot_num", "seed", "run_key", "parent_run_id", "status",
+               "start_time", "objective", "acc"]
+
+
+def _wanted_run(run, wanted: set, parent_run_id: Optional[str], seen_keys: set) -> bool:
+    """A child run with a wanted status (under ``parent_run_id`` when given) whose run_key was not seen yet (runs come
+    newest first, so the newest of a key wins); records its key in ``seen_keys``."""
+    tags = run.data.tags
+    if tags.get("role") == "parent" or run.info.status not in wanted:
+        return False
+    if parent_run_id and tags.get("mlflow.parentRunId") != parent_run_id:
+        return False
+    key = tags.get("run_key")
+    if key:
+        if key in seen_keys:
+            return False
+        seen_keys.add(key)
+    return True
+
+
+def _run_rows(run, metric_key: str, shot_metric_key: str, objective_key: str) -> List[dict]:
+    """The rows of one run: one per shot it was trained on (see :func:`load_sweep_runs`)."""
+    tags = run.data.tags
+    for tag in ("arm", "role"):
+        if not tags.get(tag):
+            raise LeverPlusInputError(f"tag {tag!r} is missing", record=f"run {run.info.run_id}",
+                                      field=f"tags.{tag}", fix="set tracking.arm / tracking.role for sweep runs")
+    shots = _parse_int_tag(run, "shot_num")
+    seed = _parse_int_tag(run, "seed")[0]
+    metrics = run.data.metrics
+    rows = []
+    for shot in shots:
+        name = metric_key if len(shots) == 1 else shot_metric_key.format(shot=shot)
+        rows.append({
+            # a job skipped as already FINISHED is a child run tagged reused_run_id: its numbers (and per-query
+            # artifacts) are those of the run that trained, so that run is the row's run_id
+            "run_id": tags.get("reused_run_id") or run.info.run_id, "tracking_run_id": run.info.run_id,
+            "arm": tags["arm"], "role": tags["role"], "shot_num": shot, "seed": seed,
+            "run_key": tags.get("run_key") or "", "parent_run_id": tags.get("mlflow.parentRunId", ""),
+            "status": run.info.status, "start_time": run.info.start_time,
+            "objective": metrics.get(objective_key, math.nan), "acc": metrics.get(name, math.nan),
+            **{f"params.{k}": v for k, v in run.data.params.items()},
+        })
+    return rows
 
 
 def _parse_per_query(path: Path, run_id: str, split: str, method: str) -> pd.DataFrame:
@@ -734,16 +837,21 @@ def _parse_per_query(path: Path, run_id: str, split: str, method: str) -> pd.Dat
             if not (isinstance(r, dict) and r.get("kind") == "downstream" and r.get("method") == method
                     and r.get("split") == split):
                 continue
-            for key in ("query_index", "shot_num"):
-                if isinstance(r.get(key), bool) or not isinstance(r.get(key), int):
-                    raise LeverPlusInputError(f"{key} is {r.get(key)!r}, not an integer", file=where,
-                                              record=f"line {lineno}", field=key, fix="regenerate the artifact")
-            acc = r.get("acc")
-            if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not (0.0 <= acc <= 1.0):
-                raise LeverPlusInputError(f"acc is {acc!r}, not a number in [0, 1]", file=where,
-                                          record=f"line {lineno}", field="acc", fix="regenerate the artifact")
-            out.append((r["shot_num"], r["query_index"], float(acc)))
+            out.append(_per_query_row(r, where, lineno))
     return pd.DataFrame(out, columns=["shot_num", "query_index", "acc"])
+
+
+def _per_query_row(r: dict, where: str, lineno: int) -> Tuple[int, int, float]:
+    """(shot_num, query_index, acc) of one downstream row, after checking their types and acc's range."""
+    for key in ("query_index", "shot_num"):
+        if isinstance(r.get(key), bool) or not isinstance(r.get(key), int):
+            raise LeverPlusInputError(f"{key} is {r.get(key)!r}, not an integer", file=where,
+                                      record=f"line {lineno}", field=key, fix="regenerate the artifact")
+    acc = r.get("acc")
+    if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not (0.0 <= acc <= 1.0):
+        raise LeverPlusInputError(f"acc is {acc!r}, not a number in [0, 1]", file=where,
+                                  record=f"line {lineno}", field="acc", fix="regenerate the artifact")
+    return r["shot_num"], r["query_index"], float(acc)
 
 
 def load_per_query(
@@ -754,8 +862,6 @@ def load_per_query(
 
     Runs without the artifact are left out of the dict (the comparison notes them).
     """
-    from leverplus.tracking.store import with_retries
-
     client = _client(tracking_uri)
     out: Dict[str, pd.DataFrame] = {}
     with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():
@@ -776,8 +882,6 @@ def _parent_runs(client, exp_ids: List[str], sweep: str) -> list:
 
 def load_aliases(tracking_uri: str, parent_run_ids: Sequence[str], *, artifact: str = "aliases.json") -> Dict[str, str]:
     """Union of the ``aliases.json`` artifacts of the given parent runs (earlier ids in the list win)."""
-    from leverplus.tracking.store import with_retries
-
     client = _client(tracking_uri)
     merged: Dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():
@@ -802,8 +906,6 @@ def load_aliases(tracking_uri: str, parent_run_ids: Sequence[str], *, artifact: 
 
 
 def _known_sweeps(client, exp_ids: List[str], limit: int = 1000) -> List[str]:
-    from leverplus.tracking.store import with_retries
-
     if not exp_ids:
         return []
     runs = with_retries(lambda: client.search_runs(exp_ids, max_results=limit))
@@ -818,31 +920,21 @@ def compare_sweep(
     out_dir=None,
     log_to_parent: bool = True,
     *,
-    n_boot: int = 2000,
+    n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,
     factors: Sequence[str] = DEFAULT_FACTORS,
 ) -> ComparisonReport:
     """Load the sweep's runs, compare them, write the report (default ``<launch dir>/outputs/compare/<sweep>``), print
     the markdown, and log the files under ``comparison/`` of the parent run (``parent_run_id``, else the newest run
-    tagged sweep=NAME, role=parent). Aliases come from that parent's aliases.json (all parents' when none is given)."""
-    from leverplus.tracking.store import resolve_tracking_uri, with_retries
-    from leverplus.utils import launch_dir
-
+    tagged sweep=NAME, role=parent). Aliases come from that parent's aliases.json (all parents' when none is given).
+    ``n_boot``: per-query bootstrap resamples (the sweep callback passes ``eval.bootstrap_samples``)."""
     _check_name(sweep)
     uri = resolve_tracking_uri(tracking_uri)
     client = _client(uri)
     exp_ids = _experiment_ids(client, experiment)
     df = load_sweep_runs(uri, sweep, experiment=experiment, parent_run_id=parent_run_id)
     if df.empty:
-        known = _known_sweeps(client, exp_ids)
-        raise LeverPlusInputError(
-            f"no FINISHED runs tagged sweep={sweep!r}"
-            + (f" under parent run {parent_run_id}" if parent_run_id else "")
-            + f" in {uri}" + (f", experiment {experiment!r}" if experiment else ""),
-            field="sweep",
-            fix=(f"sweeps found there: {', '.join(known)}" if known else "no sweep runs found there at all")
-            + "; check --sweep / --tracking-uri / --experiment (or MLFLOW_TRACKING_URI)",
-        )
+        raise _no_runs_error(client, exp_ids, sweep, uri, experiment, parent_run_id)
     parents = [parent_run_id] if parent_run_id else [r.info.run_id for r in _parent_runs(client, exp_ids, sweep)]
     aliases = load_aliases(uri, parents)
     per_query = load_per_query(uri, df["run_id"].unique())
@@ -852,14 +944,33 @@ def compare_sweep(
     print(report_markdown(report))
     print(f"[leverplus] comparison written to {out}")
     if log_to_parent:
-        if not parents:
-            print(f"[leverplus] no parent run tagged sweep={sweep!r}, role=parent: files not logged to MLflow",
-                  file=sys.stderr)
-        else:
-            for p in paths:
-                with_retries(partial(client.log_artifact, parents[0], str(p), "comparison"))
-            print(f"[leverplus] logged to MLflow run {parents[0]} (artifacts/comparison)")
+        _log_to_parent(client, parents, paths, sweep)
     return report
+
+
+def _no_runs_error(client, exp_ids: List[str], sweep: str, uri: str, experiment: Optional[str],
+                   parent_run_id: Optional[str]) -> LeverPlusInputError:
+    """The error for a sweep without FINISHED runs, naming the sweeps that are there."""
+    known = _known_sweeps(client, exp_ids)
+    return LeverPlusInputError(
+        f"no FINISHED runs tagged sweep={sweep!r}"
+        + (f" under parent run {parent_run_id}" if parent_run_id else "")
+        + f" in {uri}" + (f", experiment {experiment!r}" if experiment else ""),
+        field="sweep",
+        fix=(f"sweeps found there: {', '.join(known)}" if known else "no sweep runs found there at all")
+        + "; check --sweep / --tracking-uri / --experiment (or MLFLOW_TRACKING_URI)",
+    )
+
+
+def _log_to_parent(client, parents: Sequence[str], paths: Sequence[Path], sweep: str) -> None:
+    """Log the report files under ``comparison/`` of the newest parent run (a warning when there is none)."""
+    if not parents:
+        print(f"[leverplus] no parent run tagged sweep={sweep!r}, role=parent: files not logged to MLflow",
+              file=sys.stderr)
+        return
+    for p in paths:
+        with_retries(partial(client.log_artifact, parents[0], str(p), "comparison"))
+    print(f"[leverplus] logged to MLflow run {parents[0]} (artifacts/comparison)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -871,7 +982,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--parent-run-id", default=None, help="compare only the children of this sweep invocation")
     ap.add_argument("--out", default=None, help="output folder (default: outputs/compare/<sweep>)")
     ap.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
-    ap.add_argument("--n-boot", type=int, default=2000, help="per-query bootstrap resamples")
+    ap.add_argument("--n-boot", type=int, default=DEFAULT_N_BOOT,
+                    help=f"per-query bootstrap resamples (default: eval.bootstrap_samples' default, {DEFAULT_N_BOOT})")
     args = ap.parse_args(argv)
     try:
         compare_sweep(args.sweep, args.tracking_uri, args.experiment, args.parent_run_id, args.out,

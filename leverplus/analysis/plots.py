@@ -9,6 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 CURVE_PANELS = [
     ("loss", ["sft/loss", "rce/loss", "grpo/loss", "val/loss"]),
@@ -22,8 +24,6 @@ def training_curves(history: Iterable[Tuple[int, str, float]], path: str | Path)
     """One figure, four panels (losses, validation ranking metrics, KL/β, PPO statistics) against the epoch.
 
     Built on a bare ``Figure`` (no pyplot state: nothing to close, safe in any thread)."""
-    from matplotlib.figure import Figure
-
     series: Dict[str, List[Tuple[int, float]]] = {}
     for step, name, value in history:
         series.setdefault(name, []).append((step, value))
@@ -67,8 +67,6 @@ def bar_with_ci(labels: Sequence[str], means: Sequence[float], los: Sequence[flo
 
 def heatmap(matrix, row_labels: Sequence[str], col_labels: Sequence[str], path: str | Path, title: str = "",
             cbar_label: str = "") -> Path:
-    import numpy as np
-
     m = np.asarray(matrix, dtype=float)
     fig, ax = plt.subplots(figsize=(max(5, 1.0 * len(col_labels) + 3), max(3, 0.5 * len(row_labels) + 1.5)))
     lim = np.nanmax(np.abs(m)) if np.isfinite(m).any() else 1.0

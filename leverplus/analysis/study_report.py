@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from leverplus.tracking.study import StudyTracker
-from leverplus.tracking.trials import (
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window (before pyplot is imported)
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna.visualization.matplotlib as ovm  # noqa: E402
+import yaml  # noqa: E402
+
+from leverplus.tracking.study import StudyTracker  # noqa: E402
+from leverplus.tracking.trials import (  # noqa: E402
     COUNTED_STATES,
     INTERRUPTED_ATTR,
     OUTPUT_DIR_ATTR,
@@ -49,14 +57,6 @@ def best_trial_test_metrics(trial: Any, test_prefix: str = "test/") -> Dict[str,
 
 
 def _plots(study: Any, out_dir: Path) -> Tuple[List[Path], Dict[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import warnings
-
-    import matplotlib.pyplot as plt
-    import optuna.visualization.matplotlib as ovm
-
     files, errors = [], {}
     for name, fn in (("optimization_history", ovm.plot_optimization_history),
                      ("param_importances", ovm.plot_param_importances)):
@@ -79,21 +79,43 @@ def _plots(study: Any, out_dir: Path) -> Tuple[List[Path], Dict[str, str]]:
 def report_study(study: Any, out_dir: Path, *, n_trials: int, counted_states: Sequence[str] = COUNTED_STATES,
                  tracker: Optional[StudyTracker] = None, test_prefix: str = "test/") -> StudyReport:
     """Best params/value, plots and the best trial's test figures: to ``out_dir`` and to the MLflow parent."""
-    import yaml
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
-    counts = {
+    counts = _counts(trials, counted_states, n_trials)
+    complete = [t for t in trials if _state(t) == "COMPLETE"]
+    best = study.best_trial if complete else None
+    best_test = best_trial_test_metrics(best, test_prefix) if best is not None else {}
+    files = _write_tables(study, out_dir, best, best_test, counts)
+    plot_files, plot_errors = _plots(study, out_dir) if complete else ([], {"plots_error": "no COMPLETE trial"})
+    files += plot_files
+    if best is not None:
+        _log_best(study.study_name, best, best_test)
+    if tracker is not None:
+        step = max((t.number for t in trials), default=0)  # the per-trial series on the parent use the trial number
+        tracker.log_metrics({**_parent_metrics(counts, best, best_test, test_prefix), **tracker.rce_reuse()},
+                            step=step)
+        tracker.set_tags(_parent_tags(plot_errors, best, best_test, test_prefix))
+        for f in files:
+            tracker.log_artifact(f)
+    return StudyReport(best.number if best else None, best.value if best else None,
+                       dict(best.params) if best else {}, best_test, counts, files)
+
+
+def _counts(trials: Sequence[Any], counted_states: Sequence[str], n_trials: int) -> Dict[str, int]:
+    """How many trials count towards ``n_trials``, completed, failed and were interrupted."""
+    return {
         "trials_counted": n_counted(trials, counted_states),
         "trials_complete": sum(_state(t) == "COMPLETE" for t in trials),
         "trials_failed": n_failed(trials),
         "trials_interrupted": sum(bool(t.user_attrs.get(INTERRUPTED_ATTR)) for t in trials),
         "n_trials": int(n_trials),
     }
-    complete = [t for t in trials if _state(t) == "COMPLETE"]
-    best = study.best_trial if complete else None
-    best_test = best_trial_test_metrics(best, test_prefix) if best is not None else {}
+
+
+def _write_tables(study: Any, out_dir: Path, best: Any, best_test: Dict[str, float],
+                  counts: Dict[str, int]) -> List[Path]:
+    """optimization_results.yaml (best trial, params, value, its test figures, counts) and trials.csv."""
     results = {
         "name": "optuna",
         "study_name": study.study_name,
@@ -107,32 +129,36 @@ def report_study(study: Any, out_dir: Path, *, n_trials: int, counted_states: Se
     results_path.write_text(yaml.safe_dump(results, sort_keys=False))
     trials_path = out_dir / "trials.csv"
     study.trials_dataframe().to_csv(trials_path, index=False)
-    plot_files, plot_errors = _plots(study, out_dir) if complete else ([], {"plots_error": "no COMPLETE trial"})
-    files = [results_path, trials_path, *plot_files]
-    if best is not None:
-        log.info(f"[{study.study_name}] best trial {best.number}: value {best.value} params {best.params}")
-        if best_test:
-            accs = {k: round(v, 4) for k, v in best_test.items() if k.endswith("_acc")}
-            log.info(f"[{study.study_name}] best trial's test figures (not used for selection): {accs}")
-    if tracker is not None:
-        step = max((t.number for t in trials), default=0)  # the per-trial series on the parent use the trial number
-        metrics: Dict[str, float] = {k: float(v) for k, v in counts.items()}
-        tags: Dict[str, Any] = dict(plot_errors)
-        if best is not None:
-            metrics["best_value"] = float(best.value)
-            metrics.update({f"best_params/{k}": float(v) for k, v in best.params.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            metrics.update({f"best_trial_test/{k[len(test_prefix):]}": v for k, v in best_test.items()})
-            tags.update({"best_trial": best.number, "best_params": json.dumps(best.params, sort_keys=True),
-                         "best_trial_run_id": best.user_attrs.get(RUN_ID_ATTR)})
-            if not best_test:
-                tags["best_trial_test"] = (f"not evaluated: add {test_prefix.rstrip('/')} to "
-                                           "eval.downstream_splits")
-        metrics.update(tracker.rce_reuse())
-        tracker.log_metrics(metrics, step=step)
-        tracker.set_tags(tags)
-        for f in files:
-            tracker.log_artifact(f)
-    return StudyReport(best.number if best else None, best.value if best else None,
-                       dict(best.params) if best else {}, best_test, counts, files)
+    return [results_path, trials_path]
 
+
+def _log_best(study_name: str, best: Any, best_test: Dict[str, float]) -> None:
+    log.info(f"[{study_name}] best trial {best.number}: value {best.value} params {best.params}")
+    if best_test:
+        accs = {k: round(v, 4) for k, v in best_test.items() if k.endswith("_acc")}
+        log.info(f"[{study_name}] best trial's test figures (not used for selection): {accs}")
+
+
+def _parent_metrics(counts: Dict[str, int], best: Any, best_test: Dict[str, float],
+                    test_prefix: str) -> Dict[str, float]:
+    """The parent run's metrics: the counts, and the best value, numeric params and test figures when there is one."""
+    metrics: Dict[str, float] = {k: float(v) for k, v in counts.items()}
+    if best is not None:
+        metrics["best_value"] = float(best.value)
+        metrics.update({f"best_params/{k}": float(v) for k, v in best.params.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        metrics.update({f"best_trial_test/{k[len(test_prefix):]}": v for k, v in best_test.items()})
+    return metrics
+
+
+def _parent_tags(plot_errors: Dict[str, str], best: Any, best_test: Dict[str, float],
+                 test_prefix: str) -> Dict[str, Any]:
+    """The parent run's tags: plot errors, and the best trial, its params and run id when there is one."""
+    tags: Dict[str, Any] = dict(plot_errors)
+    if best is not None:
+        tags.update({"best_trial": best.number, "best_params": json.dumps(best.params, sort_keys=True),
+                     "best_trial_run_id": best.user_attrs.get(RUN_ID_ATTR)})
+        if not best_test:
+            tags["best_trial_test"] = (f"not evaluated: add {test_prefix.rstrip('/')} to "
+                                       "eval.downstream_splits")
+    return tags

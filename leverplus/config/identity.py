@@ -3,52 +3,59 @@
 Run key: hash of the canonical config (fields that do not change results dropped; weights a reward mode ignores
 dropped; GRPO knobs dropped when GRPO does not run...), the data fingerprint and the code version. Sweeps skip
 keys that already have a FINISHED run, and arms with equal keys are aliases.
+
+Both lists come from their single source: the cosmetic fields are the schema fields marked
+``metadata=COSMETIC`` (config/schema.py), the knobs each reward mode reads are REWARD_MODE_SPECS
+(config/reward_modes.py).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Mapping
+import dataclasses
+from typing import Any, Dict, Mapping, Tuple
 
+from omegaconf import OmegaConf
+
+from leverplus.config.reward_modes import REWARD_KNOBS, fields_read
+from leverplus.config.schema import TrainConfig
 from leverplus.utils import code_version, stable_hash
 
-# Which reward knobs each mode reads (everything else is ignored by that mode and dropped from the run key).
-REWARD_MODE_FIELDS: Dict[str, tuple] = {
-    "hard_plus_soft": ("hard_weight", "soft_weight"),
-    "hard_plus_soft_v2": ("hard_weight", "soft_weight"),
-    "separated": ("hard_weight", "soft_weight"),
-    "hard_only": ("hard_weight",),
-    "soft_only": ("soft_weight",),
-    "hard01_plus_gtprob": ("hard_weight", "soft_weight"),
-    "hard01_plus_gtprob_separated": ("hard_weight", "soft_weight"),
-    "hard_plus_gtprob_plus_rel": ("hard_weight", "soft_weight", "rel_weight"),
-    "legacy": ("reward_alpha", "reward_beta", "correctness_mode", "use_logprob"),
-    "hybrid": ("hard_weight", "soft_weight", "info_weight"),
-}
-REWARD_KNOBS = ("hard_weight", "soft_weight", "rel_weight", "reward_alpha", "reward_beta", "correctness_mode",
-                "use_logprob", "info_weight")
-# Fields that never change results.
-COSMETIC = ("tracking", "progress", "output_dir", "num_threads", "objective", "device", "checkpoint_every_epoch",
-             "plot_curves", "tune_malloc")
+
+def cosmetic_fields(schema: type = TrainConfig, prefix: str = "") -> Tuple[str, ...]:
+    """Dotted paths of the fields marked ``metadata=COSMETIC`` in ``schema`` and its nested dataclasses."""
+    out = []
+    for f in dataclasses.fields(schema):
+        path = f"{prefix}{f.name}"
+        if f.metadata.get("cosmetic"):
+            out.append(path)
+        elif dataclasses.is_dataclass(f.default_factory):  # a nested section (annotations are strings here)
+            out += cosmetic_fields(f.default_factory, f"{path}.")  # type: ignore[arg-type]
+    return tuple(out)
 
 
-def canonical_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
-    """The parts of a resolved config that decide results, with ignored knobs removed (for run keys)."""
-    c = copy.deepcopy(dict(cfg))
-    for key in COSMETIC:
-        c.pop(key, None)
-    reward = dict(c.get("reward", {}))
-    used = REWARD_MODE_FIELDS.get(str(reward.get("mode")), REWARD_KNOBS)
-    for knob in REWARD_KNOBS:
-        if knob not in used:
-            reward.pop(knob, None)
-    c["reward"] = reward
-    if int(c.get("grpo", {}).get("epochs", 0)) <= 0:
-        c["grpo"] = {"epochs": 0}
-    rce = dict(c.get("rce", {}))
-    if not rce.get("use_top1_only", False):
-        rce.pop("top1_compat_index0", None)
-    c["rce"] = rce
+#: fields that never change results, derived from the schema's field metadata
+COSMETIC: Tuple[str, ...] = cosmetic_fields()
+
+
+def _drop_path(c: Dict[str, Any], path: str) -> None:
+    """Remove the dotted ``path`` from the nested dict ``c`` (in place; nothing happens where it is absent)."""
+    *parents, leaf = path.split(".")
+    for key in parents:
+        c = c.get(key)  # type: ignore[assignment]
+        if not isinstance(c, dict):
+            return
+    c.pop(leaf, None)
+
+
+def _reward_knobs_read(reward: Mapping[str, Any]) -> Dict[str, Any]:
+    """``reward`` without the mode knobs its ``mode`` does not read."""
+    used = fields_read(str(reward.get("mode")))
+    return {k: v for k, v in reward.items() if k in used or k not in REWARD_KNOBS}
+
+
+def _canonical_data(c: Dict[str, Any]) -> None:
+    """Keep only the data source in use; drop the SFT settings when an SFT checkpoint replaces SFT."""
     data = dict(c.get("data", {}))
     if data.get("source") == "sim":
         data.pop("files", None)
@@ -57,7 +64,21 @@ def canonical_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
         if (data.get("files") or {}).get("sft_checkpoint"):
             c.pop("sft", None)
     c["data"] = data
-    c.get("eval", {}).pop("bootstrap_samples", None)
+
+
+def canonical_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """The parts of a resolved config that decide results, with ignored knobs removed (for run keys)."""
+    c = copy.deepcopy(dict(cfg))
+    for path in COSMETIC:
+        _drop_path(c, path)
+    c["reward"] = _reward_knobs_read(c.get("reward", {}))
+    if int(c.get("grpo", {}).get("epochs", 0)) <= 0:
+        c["grpo"] = {"epochs": 0}
+    rce = dict(c.get("rce", {}))
+    if not rce.get("use_top1_only", False):
+        rce.pop("top1_compat_index0", None)
+    c["rce"] = rce
+    _canonical_data(c)
     return c
 
 
@@ -67,7 +88,4 @@ def run_key(cfg: Mapping[str, Any], data_fingerprint: str) -> str:
 
 def to_container(cfg: Any) -> Dict[str, Any]:
     """Resolved plain-dict view of a config (enums as their string values)."""
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
-

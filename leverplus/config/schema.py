@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Dict, List, Optional
 
+from leverplus.config.reward_modes import REWARD_MODE_SPECS
 from leverplus.config.sim_params import SimParams
+
+#: field metadata of a knob that does not change results (speed, output, logging, the report's statistics): the run
+#: key leaves it out (config/identity.py), so changing it neither re-runs a sweep job nor splits an arm
+COSMETIC = {"cosmetic": True}
 
 
 class DataSource(str, Enum):
@@ -28,17 +33,9 @@ class NormalizeMethod(str, Enum):
     none = "none"
 
 
-class RewardMode(str, Enum):
-    hard_plus_soft = "hard_plus_soft"
-    hard_plus_soft_v2 = "hard_plus_soft_v2"
-    separated = "separated"
-    hard_only = "hard_only"
-    soft_only = "soft_only"
-    hard01_plus_gtprob = "hard01_plus_gtprob"
-    hard01_plus_gtprob_separated = "hard01_plus_gtprob_separated"
-    hard_plus_gtprob_plus_rel = "hard_plus_gtprob_plus_rel"
-    legacy = "legacy"
-    hybrid = "hybrid"
+#: the reward modes, one member per entry of REWARD_MODE_SPECS (config/reward_modes.py, the single declared list;
+#: the formulas register against it in data/rewards.py), so an unknown mode fails at compose time naming the choices
+RewardMode = Enum("RewardMode", {name: name for name in REWARD_MODE_SPECS}, type=str, module=__name__)
 
 
 class CorrectnessMode(str, Enum):
@@ -219,7 +216,9 @@ class EvalConfig:
     max_queries: Optional[int] = None  # cap on downstream queries per split (None = all)
     select_metric: str = "val/offline/top1_reward"  # picks the best checkpoint across epochs
     select_mode: str = "max"
-    bootstrap_samples: int = 2000
+    # resamples of the per-query paired bootstraps of comparisons (python -m leverplus.compare, the sweep callback);
+    # statistics of a report, not of the trained model
+    bootstrap_samples: int = field(default=2000, metadata=COSMETIC)
 
 
 @dataclass
@@ -247,18 +246,20 @@ class TrainConfig:
     rce: RCEConfig = field(default_factory=RCEConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=COSMETIC)
     seed: int = 0  # 0 is a real seed
-    objective: str = "val/downstream_acc"  # the float returned to sweepers (validation data only)
-    output_dir: Optional[str] = None  # checkpoints etc.; default: Hydra's run dir
-    device: str = "cpu"
-    num_threads: int = 0  # 0 = leave torch's default
-    progress: Optional[bool] = None  # None = only when stdout is a TTY
-    checkpoint_every_epoch: bool = True  # as the reference; sweeps turn it off (best.pt is always written)
+    objective: str = field(default="val/downstream_acc", metadata=COSMETIC)  # the float returned to sweepers (val only)
+    output_dir: Optional[str] = field(default=None, metadata=COSMETIC)  # checkpoints etc.; default: Hydra's run dir
+    # out of the run key as it always was, although a GPU run can differ from a CPU run in the last bits
+    device: str = field(default="cpu", metadata=COSMETIC)
+    num_threads: int = field(default=0, metadata=COSMETIC)  # 0 = leave torch's default
+    progress: Optional[bool] = field(default=None, metadata=COSMETIC)  # None = only when stdout is a TTY
+    # as the reference; sweeps turn it off (best.pt is always written)
+    checkpoint_every_epoch: bool = field(default=True, metadata=COSMETIC)
     # training_curves.png per run (~0.3 s of matplotlib). Sweeps turn it off: MLflow charts the same per-epoch
     # metrics for every run, and the sweep's own figures go to the parent run.
-    plot_curves: bool = True
+    plot_curves: bool = field(default=True, metadata=COSMETIC)
     # keep freed tensor memory in the heap (glibc mallopt; see leverplus.utils.tune_malloc): fewer page faults, ~10%
     # faster training steps on CPU, identical results
-    tune_malloc: bool = True
+    tune_malloc: bool = field(default=True, metadata=COSMETIC)
 

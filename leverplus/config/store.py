@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from leverplus.config.schema import (
     DataConfig,
@@ -55,8 +56,6 @@ def sweeps_dir() -> Path:
 
 def register_sweeps() -> None:
     """Expose every ``sweeps/*.yaml`` as an option of the config group ``sweep`` (package ``_global_``)."""
-    from omegaconf import OmegaConf
-
     cs = ConfigStore.instance()
     for path in sorted(sweeps_dir().glob("*.yaml")):
         cs.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_", replace=True)

@@ -4,45 +4,68 @@ from __future__ import annotations
 
 from typing import Any
 
+from leverplus.errors import LeverPlusInputError
+
+#: the model-free baselines of the downstream evaluation (``eval.baselines``)
+KNOWN_BASELINES = ("zero_shot", "random", "similarity")
+
 
 def validate_config(cfg: Any) -> None:
-    """Range checks the type system cannot express; raises LeverPlusInputError naming the field and the fix."""
-    from leverplus.errors import LeverPlusInputError
+    """Range checks the type system cannot express; raises LeverPlusInputError naming the field and the fix.
 
-    def need(ok: bool, name: str, problem: str, fix: str) -> None:
-        if not ok:
-            raise LeverPlusInputError(problem, field=name, fix=fix)
+    The checks run section by section (training phases, GRPO, data, model, reward, eval); the first failure raises."""
+    _check_phases(cfg)
+    _check_grpo(cfg.grpo)
+    _check_data(cfg.data)
+    _check_model(cfg.model)
+    _check_reward_and_eval(cfg.reward, cfg.eval)
 
+
+def _need(ok: bool, name: str, problem: str, fix: str) -> None:
+    if not ok:
+        raise LeverPlusInputError(problem, field=name, fix=fix)
+
+
+def _check_phases(cfg: Any) -> None:
     for phase in ("sft", "rce", "grpo"):
         c = cfg[phase]
-        need(c.lr > 0, f"{phase}.lr", f"learning rate must be > 0, got {c.lr}", "e.g. 1e-4")
-        need(c.epochs >= 0, f"{phase}.epochs", f"must be >= 0, got {c.epochs}", "0 skips the phase")
-        need(c.weight_decay >= 0, f"{phase}.weight_decay", f"must be >= 0, got {c.weight_decay}", "e.g. 0.01")
-        need(c.grad_clip > 0, f"{phase}.grad_clip", f"must be > 0, got {c.grad_clip}", "e.g. 1.0")
-        need(0 <= c.warmup_ratio < 1, f"{phase}.warmup_ratio", f"must be in [0, 1), got {c.warmup_ratio}", "e.g. 0.1")
-    need(cfg.rce.temp_start > 0 and cfg.rce.temp_end > 0, "rce.temp_start", "RCE temperatures must be > 0", "e.g. 2.0 -> 0.5")
-    g = cfg.grpo
-    need(g.clip_epsilon > 0, "grpo.clip_epsilon", f"must be > 0, got {g.clip_epsilon}", "e.g. 0.2")
-    need(g.kl_beta >= 0, "grpo.kl_beta", f"must be >= 0, got {g.kl_beta}", "e.g. 0.1")
-    need(0 < g.beta_min <= g.beta_max, "grpo.beta_min", "need 0 < beta_min <= beta_max", "e.g. 0.001 and 10")
-    need(g.kl_factor > 1, "grpo.kl_factor", f"must be > 1, got {g.kl_factor}", "e.g. 1.5")
-    need(g.adv_std_floor > 0, "grpo.adv_std_floor", f"must be > 0, got {g.adv_std_floor}", "e.g. 0.1")
-    need(all(len(x) == 2 for x in g.top_k_schedule), "grpo.top_k_schedule", "entries must be [num_epochs, k]",
-         "e.g. [[1,3],[-1,5]]")
-    d = cfg.data
-    need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}", "e.g. 32")
-    need(len(d.shot_nums) > 0 and all(s >= 1 for s in d.shot_nums), "data.shot_nums", "must list shot counts >= 1",
-         "e.g. [2]")
-    need(d.max_pool_size >= 1, "data.max_pool_size", f"must be >= 1, got {d.max_pool_size}", "e.g. 64")
-    m = cfg.model
-    need(m.hidden_dim >= 1 and m.num_heads >= 1 and m.hidden_dim % m.num_heads == 0, "model.num_heads",
-         "hidden_dim must be a positive multiple of num_heads", "e.g. hidden_dim=256 num_heads=1")
-    need(0 <= m.dropout < 1 and 0 <= m.attn_dropout < 1, "model.dropout", "dropouts must be in [0, 1)", "e.g. 0.5")
-    need(m.temperature > 0, "model.temperature", f"must be > 0, got {m.temperature}", "e.g. 0.1")
-    r = cfg.reward
-    need(r.clip > 0, "reward.clip", f"must be > 0, got {r.clip}", "e.g. 5.0")
-    need(0 <= r.info_weight <= 1, "reward.info_weight", f"must be in [0, 1], got {r.info_weight}", "e.g. 0.5")
-    need(cfg.eval.select_mode in ("max", "min"), "eval.select_mode", f"got {cfg.eval.select_mode!r}", "max or min")
-    bad = [b for b in cfg.eval.baselines if b not in ("zero_shot", "random", "similarity")]
-    need(not bad, "eval.baselines", f"unknown baselines {bad}", "choose from zero_shot, random, similarity")
+        _need(c.lr > 0, f"{phase}.lr", f"learning rate must be > 0, got {c.lr}", "e.g. 1e-4")
+        _need(c.epochs >= 0, f"{phase}.epochs", f"must be >= 0, got {c.epochs}", "0 skips the phase")
+        _need(c.weight_decay >= 0, f"{phase}.weight_decay", f"must be >= 0, got {c.weight_decay}", "e.g. 0.01")
+        _need(c.grad_clip > 0, f"{phase}.grad_clip", f"must be > 0, got {c.grad_clip}", "e.g. 1.0")
+        _need(0 <= c.warmup_ratio < 1, f"{phase}.warmup_ratio", f"must be in [0, 1), got {c.warmup_ratio}",
+              "e.g. 0.1")
+    _need(cfg.rce.temp_start > 0 and cfg.rce.temp_end > 0, "rce.temp_start", "RCE temperatures must be > 0",
+          "e.g. 2.0 -> 0.5")
 
+
+def _check_grpo(g: Any) -> None:
+    _need(g.clip_epsilon > 0, "grpo.clip_epsilon", f"must be > 0, got {g.clip_epsilon}", "e.g. 0.2")
+    _need(g.kl_beta >= 0, "grpo.kl_beta", f"must be >= 0, got {g.kl_beta}", "e.g. 0.1")
+    _need(0 < g.beta_min <= g.beta_max, "grpo.beta_min", "need 0 < beta_min <= beta_max", "e.g. 0.001 and 10")
+    _need(g.kl_factor > 1, "grpo.kl_factor", f"must be > 1, got {g.kl_factor}", "e.g. 1.5")
+    _need(g.adv_std_floor > 0, "grpo.adv_std_floor", f"must be > 0, got {g.adv_std_floor}", "e.g. 0.1")
+    _need(all(len(x) == 2 for x in g.top_k_schedule), "grpo.top_k_schedule", "entries must be [num_epochs, k]",
+          "e.g. [[1,3],[-1,5]]")
+
+
+def _check_data(d: Any) -> None:
+    _need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}", "e.g. 32")
+    _need(len(d.shot_nums) > 0 and all(s >= 1 for s in d.shot_nums), "data.shot_nums", "must list shot counts >= 1",
+          "e.g. [2]")
+    _need(d.max_pool_size >= 1, "data.max_pool_size", f"must be >= 1, got {d.max_pool_size}", "e.g. 64")
+
+
+def _check_model(m: Any) -> None:
+    _need(m.hidden_dim >= 1 and m.num_heads >= 1 and m.hidden_dim % m.num_heads == 0, "model.num_heads",
+          "hidden_dim must be a positive multiple of num_heads", "e.g. hidden_dim=256 num_heads=1")
+    _need(0 <= m.dropout < 1 and 0 <= m.attn_dropout < 1, "model.dropout", "dropouts must be in [0, 1)", "e.g. 0.5")
+    _need(m.temperature > 0, "model.temperature", f"must be > 0, got {m.temperature}", "e.g. 0.1")
+
+
+def _check_reward_and_eval(r: Any, e: Any) -> None:
+    _need(r.clip > 0, "reward.clip", f"must be > 0, got {r.clip}", "e.g. 5.0")
+    _need(0 <= r.info_weight <= 1, "reward.info_weight", f"must be in [0, 1], got {r.info_weight}", "e.g. 0.5")
+    _need(e.select_mode in ("max", "min"), "eval.select_mode", f"got {e.select_mode!r}", "max or min")
+    bad = [b for b in e.baselines if b not in KNOWN_BASELINES]
+    _need(not bad, "eval.baselines", f"unknown baselines {bad}", f"choose from {', '.join(KNOWN_BASELINES)}")

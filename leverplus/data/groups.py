@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from leverplus.config.reward_modes import needs_infoscores
 from leverplus.data.formats.beam_json import BeamRecord
 from leverplus.data.formats.rl_json import RLData
 from leverplus.data.rewards import compute_reward, hybrid_info_values, normalize_group, sequence_diversity
@@ -214,7 +215,7 @@ def groups_from_skeletons(
     filter: the second half of :func:`build_groups`."""
     stats = stats if stats is not None else FilterStats()
     groups: List[Group] = []
-    if opts.reward_mode == "hybrid" and not infoscores:
+    if needs_infoscores(opts.reward_mode) and not infoscores:
         # Still works (falls back to beam_score), but say so once.
         import warnings
 
@@ -222,7 +223,7 @@ def groups_from_skeletons(
     for sk in skeletons:
         qid, kept = sk.query_id, sk.kept
         info_vals: List[Optional[float]] = [None] * len(kept)
-        if opts.reward_mode == "hybrid":
+        if needs_infoscores(opts.reward_mode):
             table = (infoscores or {}).get(qid, {})
             scores = [table.get(c.pointer) for c in kept]
             info_vals = list(hybrid_info_values([c.raw for c in kept], scores))

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from leverplus.config.reward_modes import needs_infoscores
 from leverplus.data.eval_queries import EvalQuerySet
 from leverplus.data.formats.beam_json import BeamRecord, read_beam_json
 from leverplus.data.formats.embeddings import read_embeddings
@@ -141,7 +142,7 @@ def prepare_groups(cfg, data: LoadedData, *, with_sft: bool = True) -> PreparedG
     The reward-independent part (filters, pools, labels) is built once per loaded data and filter options and
     reused: the arms of a reward sweep differ only in their rewards."""
     opts = GroupOptions.from_config(cfg.data, cfg.reward)
-    infos = infoscore_lookup(data.beams) if opts.reward_mode == "hybrid" else None
+    infos = infoscore_lookup(data.beams) if needs_infoscores(opts.reward_mode) else None
     train, val, stats, train_ids_all = [], [], {}, set()
     filter_key = (opts.drop_eval_errors, opts.skip_fallback_reward,
                   tuple(opts.filter_gen_methods) if opts.filter_gen_methods is not None else None, opts.max_pool_size)

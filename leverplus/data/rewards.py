@@ -1,8 +1,11 @@
 """Rewards: one candidate dict -> one float, and per-group normalisation.
 
 Every reward mode of reference#reward-modes is a small function in the ``REWARD_MODES`` registry, keyed by the
-``reward_mode`` config string, so a new variant is one decorated function, never a copied file.
-``compute_reward`` looks the mode up, runs it and clips the result to ``[-clip, clip]`` (reference#reward-modes, ``reward_clip``).
+``reward_mode`` config string, so a new variant is one decorated function, never a copied file. What each mode
+reads (its ``reward.*`` knobs and candidate fields) is declared once in ``REWARD_MODE_SPECS``
+(leverplus/config/reward_modes.py: config sits below data, and the config enum and the run key need the list);
+``register_reward`` checks each function against its declaration. ``compute_reward`` looks the mode up, runs it on
+exactly the knobs it declares and clips the result to ``[-clip, clip]`` (reference#reward-modes, ``reward_clip``).
 
 Candidate fields (reference#formats-rl-json), read as ``float(field or 0)`` so a missing or null field counts as 0:
 
@@ -16,6 +19,7 @@ Candidate fields (reference#formats-rl-json), read as ``float(field or 0)`` so a
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Callable, Optional, Sequence
@@ -23,6 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from leverplus.config.reward_modes import REWARD_MODE_SPECS
 from leverplus.errors import LeverPlusInputError
 
 RewardFn = Callable[..., float]
@@ -32,16 +37,36 @@ CORRECTNESS_MODES = ("01", "pm1")
 
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: add ``fn(candidate, **params) -> float`` (unclipped) to ``REWARD_MODES`` under ``name``."""
+    """Decorator: add ``fn(candidate, *, <knobs>) -> float`` (unclipped) to ``REWARD_MODES`` under ``name``.
+
+    ``name`` must be declared in ``REWARD_MODE_SPECS``, and ``fn``'s keyword-only arguments must be exactly the
+    declared ``reads`` (plus ``info`` for a mode that ``needs_infoscores``): what the run key drops as ignored is then
+    what the formula really does not receive.
+    """
 
     def decorator(fn: RewardFn) -> RewardFn:
         if name in REWARD_MODES:
             raise LeverPlusInputError(f"reward mode {name!r} is registered twice", field="reward_mode",
                                       fix="give the new reward function a distinct name")
+        spec = REWARD_MODE_SPECS.get(name)
+        if spec is None:
+            raise LeverPlusInputError(f"reward mode {name!r} is not declared", field="reward_mode",
+                                      fix="add it to REWARD_MODE_SPECS in leverplus/config/reward_modes.py")
+        declared = set(spec.reads) | ({"info"} if spec.needs_infoscores else set())
+        if _keyword_args(fn) != declared:
+            raise LeverPlusInputError(
+                f"reward mode {name!r}: the function takes {sorted(_keyword_args(fn))}, the declaration reads "
+                f"{sorted(declared)}", field="reward_mode",
+                fix="make the keyword-only arguments and REWARD_MODE_SPECS[name].reads agree")
         REWARD_MODES[name] = fn
         return fn
 
     return decorator
+
+
+def _keyword_args(fn: RewardFn) -> set:
+    """Names of ``fn``'s keyword-only parameters."""
+    return {p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -78,60 +103,58 @@ def _optional_field(c: Mapping, name: str) -> Optional[float]:
 
 
 @register_reward("hard_plus_soft")
-def hard_plus_soft(c: Mapping, *, hard_weight: float, soft_weight: float, **_: object) -> float:
+def hard_plus_soft(c: Mapping, *, hard_weight: float, soft_weight: float) -> float:
     """``hw·h + sw·s`` (the default): negatives 0, positives 1 + {.3, .6, .9, 1}."""
     return hard_weight * _field(c, "vqa_correct") + soft_weight * _field(c, "vqa_acc_score")
 
 
 @register_reward("hard_plus_soft_v2")
-def hard_plus_soft_v2(c: Mapping, *, hard_weight: float, soft_weight: float, **_: object) -> float:
+def hard_plus_soft_v2(c: Mapping, *, hard_weight: float, soft_weight: float) -> float:
     """``sw·s + 2·hw·h``: positives 2.3-3.0."""
     return soft_weight * _field(c, "vqa_acc_score") + 2.0 * hard_weight * _field(c, "vqa_correct")
 
 
 @register_reward("separated")
-def separated(c: Mapping, *, hard_weight: float, soft_weight: float, **_: object) -> float:
+def separated(c: Mapping, *, hard_weight: float, soft_weight: float) -> float:
     """``2·hw + sw·s`` if ``h == 1`` else ``sw·s`` (equal to ``hard_plus_soft_v2`` for binary h)."""
     s = _field(c, "vqa_acc_score")
     return 2.0 * hard_weight + soft_weight * s if _field(c, "vqa_correct") == 1.0 else soft_weight * s
 
 
 @register_reward("hard_only")
-def hard_only(c: Mapping, *, hard_weight: float, **_: object) -> float:
+def hard_only(c: Mapping, *, hard_weight: float) -> float:
     """``hw·h``."""
     return hard_weight * _field(c, "vqa_correct")
 
 
 @register_reward("soft_only")
-def soft_only(c: Mapping, *, soft_weight: float, **_: object) -> float:
+def soft_only(c: Mapping, *, soft_weight: float) -> float:
     """``sw·s``."""
     return soft_weight * _field(c, "vqa_acc_score")
 
 
 @register_reward("hard01_plus_gtprob")
-def hard01_plus_gtprob(c: Mapping, *, hard_weight: float, soft_weight: float, **_: object) -> float:
+def hard01_plus_gtprob(c: Mapping, *, hard_weight: float, soft_weight: float) -> float:
     """``hw·h + sw·p``."""
     return hard_weight * _field(c, "vqa_correct") + soft_weight * _field(c, "vqa_gt_prob")
 
 
 @register_reward("hard01_plus_gtprob_separated")
-def hard01_plus_gtprob_separated(c: Mapping, *, hard_weight: float, soft_weight: float, **_: object) -> float:
+def hard01_plus_gtprob_separated(c: Mapping, *, hard_weight: float, soft_weight: float) -> float:
     """``2·hw + sw·p`` if ``h == 1`` else ``sw·p``."""
     p = _field(c, "vqa_gt_prob")
     return 2.0 * hard_weight + soft_weight * p if _field(c, "vqa_correct") == 1.0 else soft_weight * p
 
 
 @register_reward("hard_plus_gtprob_plus_rel")
-def hard_plus_gtprob_plus_rel(c: Mapping, *, hard_weight: float, soft_weight: float, rel_weight: float,
-                              **_: object) -> float:
+def hard_plus_gtprob_plus_rel(c: Mapping, *, hard_weight: float, soft_weight: float, rel_weight: float) -> float:
     """``hw·h + sw·p + rw·(1−h)·ρ``: relevance shapes the negatives only."""
     h, p, rho = _field(c, "vqa_correct"), _field(c, "vqa_gt_prob"), _field(c, "vqa_rel_score")
     return hard_weight * h + soft_weight * p + rel_weight * (1.0 - h) * rho
 
 
 @register_reward("legacy")
-def legacy(c: Mapping, *, reward_alpha: float, reward_beta: float, correctness_mode: str, use_logprob: bool,
-           **_: object) -> float:
+def legacy(c: Mapping, *, reward_alpha: float, reward_beta: float, correctness_mode: str, use_logprob: bool) -> float:
     """``α·quality + β·c`` (the defaults α = β = 0 give reward ≡ 0).
 
     ``c``: x = ``vqa_correct`` if present, else ``vqa_acc_score`` if present; "01" -> x, "pm1" -> 2x − 1;
@@ -156,8 +179,7 @@ def legacy(c: Mapping, *, reward_alpha: float, reward_beta: float, correctness_m
 
 
 @register_reward("hybrid")
-def hybrid(c: Mapping, *, hard_weight: float, soft_weight: float, info: Optional[float], info_weight: float,
-           **_: object) -> float:
+def hybrid(c: Mapping, *, hard_weight: float, soft_weight: float, info: Optional[float], info_weight: float) -> float:
     """``info_weight·info + (1 − info_weight)·corr`` with ``corr`` the ``separated`` reward.
 
     The reference accepts ``hybrid`` on the CLI and then raises; the historical version (commit 78592f6) mixed in
@@ -216,11 +238,14 @@ def compute_reward(
                                   fix=f"use one of: {', '.join(CORRECTNESS_MODES)}")
     if not clip > 0:
         raise LeverPlusInputError(f"clip must be positive, got {clip}", field="clip", fix="use e.g. 5.0")
-    reward = REWARD_MODES[mode](
-        candidate, hard_weight=hard_weight, soft_weight=soft_weight, rel_weight=rel_weight,
-        reward_alpha=reward_alpha, reward_beta=reward_beta, correctness_mode=correctness_mode,
-        use_logprob=use_logprob, info=info, info_weight=info_weight,
-    )
+    knobs = dict(hard_weight=hard_weight, soft_weight=soft_weight, rel_weight=rel_weight, reward_alpha=reward_alpha,
+                 reward_beta=reward_beta, correctness_mode=correctness_mode, use_logprob=use_logprob,
+                 info_weight=info_weight)
+    spec = REWARD_MODE_SPECS[mode]
+    params = {k: knobs[k] for k in spec.reads}
+    if spec.needs_infoscores:
+        params["info"] = info
+    reward = REWARD_MODES[mode](candidate, **params)
     return max(-clip, min(clip, float(reward)))
 
 

@@ -69,7 +69,8 @@ class SweepTrackingCallback(Callback):
 
                 out = Path(config.hydra.sweep.dir) / "comparison"
                 compare_sweep(self.sweep_name, tracking_uri=self.uri, experiment=self.experiment,
-                              parent_run_id=self.parent_id, out_dir=out, log_to_parent=True)
+                              parent_run_id=self.parent_id, out_dir=out, log_to_parent=True,
+                              n_boot=config.eval.bootstrap_samples)
         except Exception as e:  # the jobs' runs are safe in MLflow; the comparison can be re-run by hand
             log.error(f"[{self.sweep_name}] comparison failed: {type(e).__name__}: {e}. "
                       f"Re-run: python -m leverplus.compare --sweep {self.sweep_name}")

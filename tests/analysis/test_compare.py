@@ -12,12 +12,16 @@ import json
 import math
 import re
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.entities import Metric, Param
 from scipy import stats as sps
 
 from leverplus.analysis.compare import (
+    DEFAULT_N_BOOT,
+    _parse_per_query,
     compare_runs,
     compare_sweep,
     load_per_query,
@@ -26,6 +30,7 @@ from leverplus.analysis.compare import (
     report_markdown,
     write_report,
 )
+from leverplus.config.schema import EvalConfig
 from leverplus.errors import LeverPlusInputError
 from leverplus.evaluation.stats import paired_bootstrap
 
@@ -320,8 +325,6 @@ def _per_query_lines(shot: int, accs, method="selector", split="test"):
 def store(tmp_path_factory):
     """sqlite store: sweep s1 (baseline + arm A, shot 2, seeds 0/1; a stale duplicate run_key; a FAILED run; an
     unrelated sweep), sweep multi (runs trained on shots 1 and 2 together)."""
-    import mlflow
-    from mlflow.entities import Metric, Param
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root}/mlflow.db"
@@ -430,11 +433,18 @@ def test_main_writes_report_without_logging(store, tmp_path, capsys):
     assert rc == 0 and (tmp_path / "comparison.md").stat().st_size > 0
     assert "| better |" in capsys.readouterr().out
     assert {f.path for f in store["client"].list_artifacts(store["parent"])} == before  # --no-log
+    assert "paired bootstrap (50 resamples)" in (tmp_path / "comparison.md").read_text()
+
+
+def test_main_resamples_as_many_times_as_the_config_default(store, tmp_path, capsys):
+    """Without --n-boot the CLI uses eval.bootstrap_samples' default (2000, as the reference)."""
+    assert DEFAULT_N_BOOT == EvalConfig().bootstrap_samples == 2000
+    rc = main(["--sweep", "s1", "--tracking-uri", store["uri"], "--parent-run-id", store["parent"],
+               "--out", str(tmp_path), "--no-log"])
+    assert rc == 0 and "paired bootstrap (2000 resamples)" in (tmp_path / "comparison.md").read_text()
 
 
 def test_per_query_artifact_errors_name_run_line_and_field(tmp_path):
-    from leverplus.analysis.compare import _parse_per_query
-
     path = tmp_path / "per_query.jsonl"
     good = {"kind": "downstream", "method": "selector", "split": "test", "query_index": 0, "shot_num": 2, "acc": 1.0}
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "query_index": 1, "acc": 1.5}) + "\n")

@@ -12,6 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from leverplus.config.reward_modes import REWARD_KNOBS, REWARD_MODE_SPECS, RewardModeSpec
+from leverplus.config.schema import RewardMode
 from leverplus.data.rewards import (
     NORMALIZE_METHODS,
     REWARD_MODES,
@@ -58,10 +60,54 @@ def test_every_mode_positive_and_negative(mode, pos_w, neg_w, pos_d, neg_d):
     assert compute_reward(NEG, mode) == pytest.approx(neg_d)
 
 
-def test_registry_holds_all_spec_modes_plus_hybrid():
-    spec = {"hard_plus_soft", "hard_plus_soft_v2", "separated", "hard_only", "soft_only", "hard01_plus_gtprob",
-            "hard01_plus_gtprob_separated", "hard_plus_gtprob_plus_rel", "legacy", "hybrid"}
-    assert spec <= set(REWARD_MODES)
+def test_registry_the_config_enum_and_the_hand_computed_cases_cover_the_same_modes():
+    declared = set(REWARD_MODE_SPECS)
+    assert set(REWARD_MODES) == declared == {m.value for m in RewardMode}
+    # every registered mode has a hand-computed case (hybrid: test_hybrid_reward_on_a_three_candidate_group)
+    assert {case[0] for case in MODE_CASES} | {"hybrid"} == set(REWARD_MODES)
+
+
+# Every knob and candidate field set to a value that moves every formula reading it (clip out of the way).
+KNOBS = dict(hard_weight=2.0, soft_weight=0.5, rel_weight=0.3, reward_alpha=0.7, reward_beta=0.4,
+             correctness_mode="01", use_logprob=False, info_weight=0.3, info=0.5, clip=100.0)
+CHANGED = dict(hard_weight=3.0, soft_weight=0.8, rel_weight=0.6, reward_alpha=1.1, reward_beta=0.9,
+               correctness_mode="pm1", use_logprob=True, info_weight=0.6)
+FULL_POS = {**POS, "logprob_score": -2.0, "beam_score": 0.9}
+FULL_NEG = {**NEG, "logprob_score": -1.0, "beam_score": 0.2}
+NO_CORRECT = {k: v for k, v in FULL_POS.items() if k != "vqa_correct"}  # legacy falls back to vqa_acc_score
+SETTINGS = [KNOBS, {**KNOBS, "use_logprob": True}]  # legacy reads logprob_score only with use_logprob
+
+
+def _moves(mode, cands, settings, change) -> bool:
+    """Whether ``change(candidate, knobs) -> (candidate, knobs)`` alters the reward anywhere."""
+    for c in cands:
+        for k in settings:
+            c2, k2 = change(c, k)
+            if compute_reward(c2, mode, **k2) != compute_reward(c, mode, **k):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("mode", sorted(REWARD_MODE_SPECS))
+def test_each_mode_reads_exactly_its_declared_knobs(mode):
+    for knob in REWARD_KNOBS:
+        moved = _moves(mode, [FULL_POS, FULL_NEG], SETTINGS, lambda c, k: (c, {**k, knob: CHANGED[knob]}))
+        assert moved == (knob in REWARD_MODE_SPECS[mode].reads), (mode, knob)
+
+
+@pytest.mark.parametrize("mode", sorted(REWARD_MODE_SPECS))
+def test_each_mode_reads_exactly_its_declared_candidate_fields(mode):
+    def bump(name):
+        def change(c, k):
+            value = c.get(name)
+            return {**c, name: 1 - value if name == "vqa_correct" and value is not None else (value or 0) + 0.25}, k
+        return change
+
+    every = sorted({f for spec in REWARD_MODE_SPECS.values() for f in spec.candidate_fields})
+    assert {"vqa_correct", "vqa_acc_score", "vqa_gt_prob", "vqa_rel_score", "logprob_score", "beam_score"} == set(every)
+    for name in every:
+        moved = _moves(mode, [FULL_POS, FULL_NEG, NO_CORRECT], SETTINGS, bump(name))
+        assert moved == (name in REWARD_MODE_SPECS[mode].candidate_fields), (mode, name)
 
 
 def test_rel_weight_scales_negative_relevance():
@@ -179,11 +225,12 @@ def test_bad_field_and_option_errors_name_the_field():
         compute_reward([1, 0.6], "hard_plus_soft")
 
 
-def test_register_reward_adds_a_mode_and_rejects_duplicates():
+def test_register_reward_adds_a_declared_mode_and_rejects_duplicates(monkeypatch):
     name = "test_only_triple_acc"
+    monkeypatch.setitem(REWARD_MODE_SPECS, name, RewardModeSpec(("soft_weight",), ("vqa_acc_score",)))
     try:
         @register_reward(name)
-        def triple(c, *, soft_weight, **_):
+        def triple(c, *, soft_weight):
             return 3.0 * soft_weight * float(c.get("vqa_acc_score") or 0)
 
         # 3·1·0.6 = 1.8 ; 3·1·2 = 6 -> clipped to 5
@@ -193,6 +240,16 @@ def test_register_reward_adds_a_mode_and_rejects_duplicates():
             register_reward(name)(triple)
     finally:
         REWARD_MODES.pop(name, None)
+
+
+def test_register_reward_refuses_an_undeclared_mode_and_a_function_that_reads_other_knobs(monkeypatch):
+    with pytest.raises(LeverPlusInputError, match="not declared"):
+        register_reward("test_only_undeclared")(lambda c, *, soft_weight: 0.0)
+    name = "test_only_mismatch"
+    monkeypatch.setitem(REWARD_MODE_SPECS, name, RewardModeSpec(("soft_weight",), ("vqa_acc_score",)))
+    with pytest.raises(LeverPlusInputError, match="hard_weight"):
+        register_reward(name)(lambda c, *, hard_weight, soft_weight: 0.0)
+    assert name not in REWARD_MODES
 
 
 # ---------------------------------------------------------------------------------------------------
