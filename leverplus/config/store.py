@@ -44,14 +44,24 @@ def register_configs() -> None:
     register_sweeps()
 
 
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def _shipped(source_name: str, packaged_name: str) -> Path:
+    """A top-level folder of the source tree (``conf/``, ``sweeps/``), or its copy inside an installed wheel
+    (``leverplus/_conf``, ``leverplus/_sweeps``; see setup.py). The source tree wins, so edits there take effect."""
+    in_source_tree = (_PACKAGE.parent / "pyproject.toml").is_file()
+    return _PACKAGE.parent / source_name if in_source_tree else _PACKAGE / packaged_name
+
+
 def conf_dir() -> Path:
-    """The Hydra config tree (``conf/`` at the top of the source tree)."""
-    return Path(__file__).resolve().parents[2] / "conf"
+    """The Hydra config tree (``conf/``)."""
+    return _shipped("conf", "_conf")
 
 
 def sweeps_dir() -> Path:
-    """The sweep definitions (``sweeps/`` at the top of the source tree), the config group ``sweep``."""
-    return Path(__file__).resolve().parents[2] / "sweeps"
+    """The sweep definitions (``sweeps/``), the config group ``sweep``."""
+    return _shipped("sweeps", "_sweeps")
 
 
 def register_sweeps() -> None:
