@@ -183,7 +183,8 @@ def format_table(summaries: Dict[str, Dict[str, float]], title: Optional[str] = 
     lines = [f"**{title}**", ""] if title else []
     lines += ["| method | VQA acc | 95% CI | n |", "|---|---|---|---|"]
     for method, s in summaries.items():
-        lines.append(f"| {method} | {100 * s['acc']:.2f} | [{100 * s['ci_lo']:.2f}, {100 * s['ci_hi']:.2f}] | {int(s['n'])} |")
+        ci = f"[{100 * s['ci_lo']:.2f}, {100 * s['ci_hi']:.2f}]"
+        lines.append(f"| {method} | {100 * s['acc']:.2f} | {ci} | {int(s['n'])} |")
     return "\n".join(lines)
 
 

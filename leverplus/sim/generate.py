@@ -224,6 +224,23 @@ class EvalQueries:
         return len(self.query_index)
 
 
+def _eval_pools(records: list, *, split: str, path: str, num_train: int, K: int) -> list[list[int]]:
+    """Each record's ``candidate_pool_ids`` (``K`` distinct train ids); query ids must be positions."""
+    pools = []
+    for i, rec in enumerate(records):
+        where = f"{split} query {i}"
+        if rec.get("query_id") != i:
+            raise LeverPlusInputError(f"query_id is {rec.get('query_id')!r}, expected its position {i}", file=path,
+                                      record=where, field="query_id", fix="regenerate the simulated world")
+        pool = rec.get("candidate_pool_ids")
+        if (not isinstance(pool, list) or len(pool) != K or len(set(pool)) != K
+                or not all(isinstance(x, int) and 0 <= x < num_train for x in pool)):
+            raise LeverPlusInputError(f"must hold {K} distinct train ids in [0, {num_train})", file=path,
+                                      record=where, field="candidate_pool_ids", fix="regenerate the simulated world")
+        pools.append(list(pool))
+    return pools
+
+
 def load_eval_queries(paths: SimDataPaths, split: str) -> EvalQueries:
     """Read and check one split of the eval-query JSON and its embeddings."""
     if split not in ("val", "test"):
@@ -240,19 +257,7 @@ def load_eval_queries(paths: SimDataPaths, split: str) -> EvalQueries:
                                   fix="regenerate the simulated world")
     records = block["queries"]
     emb = read_embeddings(Path(path).parent / block["embeddings"], expected_rows=len(records))
-    num_train, K = meta["num_train"], meta["candidate_num"]
-    pools = []
-    for i, rec in enumerate(records):
-        where = f"{split} query {i}"
-        if rec.get("query_id") != i:
-            raise LeverPlusInputError(f"query_id is {rec.get('query_id')!r}, expected its position {i}", file=path,
-                                      record=where, field="query_id", fix="regenerate the simulated world")
-        pool = rec.get("candidate_pool_ids")
-        if (not isinstance(pool, list) or len(pool) != K or len(set(pool)) != K
-                or not all(isinstance(x, int) and 0 <= x < num_train for x in pool)):
-            raise LeverPlusInputError(f"must hold {K} distinct train ids in [0, {num_train})", file=path,
-                                      record=where, field="candidate_pool_ids", fix="regenerate the simulated world")
-        pools.append(list(pool))
+    pools = _eval_pools(records, split=split, path=path, num_train=meta["num_train"], K=meta["candidate_num"])
     return EvalQueries(split=split, query_index=list(range(len(records))), embeddings=emb, pools=pools,
                        records=records)
 
