@@ -4,10 +4,18 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from leverplus.config.schema import EvalConfig
 from leverplus.data.eval_queries import EvalQuerySet
 from leverplus.data.groups import Group
-from leverplus.evaluation.downstream import downstream_eval, paired_comparison, select_icds
+from leverplus.evaluation.downstream import (
+    DEFAULT_BOOTSTRAP_SAMPLES,
+    downstream_eval,
+    evaluate_splits,
+    paired_comparison,
+    select_icds,
+)
 from leverplus.evaluation.ranking import _ndcg, _spearman, offline_metrics
 
 
@@ -201,11 +209,6 @@ def test_vqa_normalization_is_a_config_enum_and_part_of_the_run_key():
 
 
 def test_evaluate_splits_paired_comparisons_use_eval_bootstrap_samples():
-    from omegaconf import OmegaConf
-
-    from leverplus.config.schema import EvalConfig
-    from leverplus.evaluation.downstream import DEFAULT_BOOTSTRAP_SAMPLES, evaluate_splits
-
     assert EvalConfig().bootstrap_samples == DEFAULT_BOOTSTRAP_SAMPLES  # the hard-coded value it replaces
     qs, emb = qset(n=120), torch.randn(50, 4)
     cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), {"downstream_splits": ["test"], "baselines": ["random"],
