@@ -26,6 +26,20 @@ GENERATOR_VERSION = "2"
 #: Answer types the world knows (their vocabularies live in ``leverplus.sim.world.VOCABULARY``).
 KNOWN_ANSWER_TYPES = ("yes/no", "number", "color", "object", "other")
 
+#: parameters checked by ``SimParams.validate``, by kind (the check order follows these tuples)
+POSITIVE_INTS = ("num_train", "num_anchors", "num_val", "num_test", "candidate_num", "embedding_dim", "latent_dim",
+                 "nuisance_dim", "num_topics", "num_annotators", "beam_size", "beam_max_shot", "num_beams")
+NON_NEGATIVE_INTS = ("seed", "num_samples_per_temp", "num_retrieval", "num_random")
+UNIT_INTERVAL = ("gt_variant_prob", "pred_variant_prob", "raw_junk_prob", "fallback_fraction", "fallback_noise",
+                 "recency", "redundancy_weight", "distractor_alt_weight", "distractor_copy_weight")
+POSITIVE_FLOATS = ("saturation", "answer_temperature", "proposal_temperature")
+NON_NEGATIVE_FLOATS = ("base_sd", "topic_spread", "embed_noise", "proposal_noise", "latent_weight")
+
+
+def _bad(name: str, problem: str, fix: str) -> None:
+    """Raise the error of one inconsistent parameter ``data.sim.<name>``."""
+    raise LeverPlusInputError(problem, field=f"data.sim.{name}", fix=fix)
+
 
 @dataclass
 class SimParams:
@@ -126,74 +140,82 @@ class SimParams:
 
     def validate(self) -> None:
         """Raise LeverPlusInputError naming the first inconsistent parameter."""
+        self._validate_counts()
+        self._validate_sizes()
+        self._validate_answers()
+        self._validate_ranges()
+        self._validate_generation()
 
-        def bad(name: str, problem: str, fix: str) -> None:
-            raise LeverPlusInputError(problem, field=f"data.sim.{name}", fix=fix)
-
-        for name in ("num_train", "num_anchors", "num_val", "num_test", "candidate_num", "embedding_dim",
-                     "latent_dim", "nuisance_dim", "num_topics", "num_annotators", "beam_size", "beam_max_shot",
-                     "num_beams"):
+    def _validate_counts(self) -> None:
+        for name in POSITIVE_INTS:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                bad(name, f"must be a positive integer, got {v!r}", "set a positive integer")
-        for name in ("seed", "num_samples_per_temp", "num_retrieval", "num_random"):
+                _bad(name, f"must be a positive integer, got {v!r}", "set a positive integer")
+        for name in NON_NEGATIVE_INTS:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                bad(name, f"must be a non-negative integer, got {v!r}", "set 0 or more")
+                _bad(name, f"must be a non-negative integer, got {v!r}", "set 0 or more")
+
+    def _validate_sizes(self) -> None:
         if self.num_anchors > self.num_train:
-            bad("num_anchors", f"{self.num_anchors} anchors cannot be drawn from {self.num_train} train items",
-                "lower num_anchors or raise num_train")
+            _bad("num_anchors", f"{self.num_anchors} anchors cannot be drawn from {self.num_train} train items",
+                 "lower num_anchors or raise num_train")
         if self.candidate_num > self.num_train - 1:
-            bad("candidate_num", f"a pool of {self.candidate_num} needs more than {self.num_train} train items",
-                "lower candidate_num or raise num_train")
+            _bad("candidate_num", f"a pool of {self.candidate_num} needs more than {self.num_train} train items",
+                 "lower candidate_num or raise num_train")
         needed = self.latent_dim + self.nuisance_dim + len(self.answer_types)
         if self.embedding_dim < needed:
-            bad("embedding_dim", f"{self.embedding_dim} < latent_dim + nuisance_dim + #answer types = {needed}",
-                "raise embedding_dim (the three parts live in orthogonal subspaces)")
+            _bad("embedding_dim", f"{self.embedding_dim} < latent_dim + nuisance_dim + #answer types = {needed}",
+                 "raise embedding_dim (the three parts live in orthogonal subspaces)")
+
+    def _validate_answers(self) -> None:
         unknown = [t for t in self.answer_types if t not in KNOWN_ANSWER_TYPES]
         if unknown or not self.answer_types or len(set(self.answer_types)) != len(self.answer_types):
-            bad("answer_types", f"must be distinct names from {KNOWN_ANSWER_TYPES}, got {self.answer_types}",
-                "pick a subset of the known types")
+            _bad("answer_types", f"must be distinct names from {KNOWN_ANSWER_TYPES}, got {self.answer_types}",
+                 "pick a subset of the known types")
         for name, probs, n in (("answer_type_probs", self.answer_type_probs, len(self.answer_types)),
                                ("alt_annotator_probs", self.alt_annotator_probs, None)):
             if (n is not None and len(probs) != n) or not probs or any(p < 0 for p in probs) \
                     or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
-                bad(name, f"must be {n or 'some'} non-negative probabilities summing to 1, got {probs}",
-                    "fix the list")
+                _bad(name, f"must be {n or 'some'} non-negative probabilities summing to 1, got {probs}",
+                     "fix the list")
         if len(self.alt_annotator_probs) > self.num_annotators // 2:
-            bad("alt_annotator_probs", "an alternative answer must stay a minority of the annotators",
-                f"use at most {self.num_annotators // 2} entries (k_alt = 0..len-1)")
-        for name in ("gt_variant_prob", "pred_variant_prob", "raw_junk_prob", "fallback_fraction",
-                     "fallback_noise", "recency", "redundancy_weight", "distractor_alt_weight",
-                     "distractor_copy_weight"):
+            _bad("alt_annotator_probs", "an alternative answer must stay a minority of the annotators",
+                 f"use at most {self.num_annotators // 2} entries (k_alt = 0..len-1)")
+
+    def _validate_ranges(self) -> None:
+        for name in UNIT_INTERVAL:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
-                bad(name, f"must lie in [0, 1], got {v}", "use a probability / fraction")
+                _bad(name, f"must lie in [0, 1], got {v}", "use a probability / fraction")
         if self.distractor_alt_weight + self.distractor_copy_weight > 1.0:
-            bad("distractor_copy_weight", "distractor_alt_weight + distractor_copy_weight exceeds 1",
-                "lower one of them")
+            _bad("distractor_copy_weight", "distractor_alt_weight + distractor_copy_weight exceeds 1",
+                 "lower one of them")
         if self.vqa_normalization not in NORMALIZATION_MODES:
-            bad("vqa_normalization", f"must be one of {NORMALIZATION_MODES}, got {self.vqa_normalization!r}",
-                "use official or lever_plus")
+            _bad("vqa_normalization", f"must be one of {NORMALIZATION_MODES}, got {self.vqa_normalization!r}",
+                 "use official or lever_plus")
         if self.fallback_noise_kind not in ("coin", "flip"):
-            bad("fallback_noise_kind", f"must be 'coin' or 'flip', got {self.fallback_noise_kind!r}", "use coin or flip")
+            _bad("fallback_noise_kind", f"must be 'coin' or 'flip', got {self.fallback_noise_kind!r}",
+                 "use coin or flip")
         if not -1.0 <= self.redundancy_threshold < 1.0:
-            bad("redundancy_threshold", f"must lie in [-1, 1), got {self.redundancy_threshold}", "use a cosine")
-        for name in ("saturation", "answer_temperature", "proposal_temperature"):
+            _bad("redundancy_threshold", f"must lie in [-1, 1), got {self.redundancy_threshold}", "use a cosine")
+        for name in POSITIVE_FLOATS:
             if not getattr(self, name) > 0:
-                bad(name, f"must be > 0, got {getattr(self, name)}", "use a positive value")
-        for name in ("base_sd", "topic_spread", "embed_noise", "proposal_noise", "latent_weight"):
+                _bad(name, f"must be > 0, got {getattr(self, name)}", "use a positive value")
+        for name in NON_NEGATIVE_FLOATS:
             if getattr(self, name) < 0:
-                bad(name, f"must be >= 0, got {getattr(self, name)}", "use a non-negative value")
+                _bad(name, f"must be >= 0, got {getattr(self, name)}", "use a non-negative value")
+
+    def _validate_generation(self) -> None:
         if not self.shot_nums or any((not isinstance(s, int) or s < 1 or s > self.candidate_num)
                                      for s in self.shot_nums) or len(set(self.shot_nums)) != len(self.shot_nums):
-            bad("shot_nums", f"must be distinct shot counts in [1, {self.candidate_num}], got {self.shot_nums}",
-                "e.g. [1, 2, 3, 4]")
+            _bad("shot_nums", f"must be distinct shot counts in [1, {self.candidate_num}], got {self.shot_nums}",
+                 "e.g. [1, 2, 3, 4]")
         if self.beam_max_shot > self.candidate_num:
-            bad("beam_max_shot", f"{self.beam_max_shot} ICDs cannot come from a pool of {self.candidate_num}",
-                "lower beam_max_shot")
+            _bad("beam_max_shot", f"{self.beam_max_shot} ICDs cannot come from a pool of {self.candidate_num}",
+                 "lower beam_max_shot")
         if not self.temps or any(t <= 0 for t in self.temps):
-            bad("temps", f"must be positive sampling temperatures, got {self.temps}", "e.g. [1.0, 1.3]")
+            _bad("temps", f"must be positive sampling temperatures, got {self.temps}", "e.g. [1.0, 1.3]")
 
 
 def params_dict(p: SimParams) -> dict:

@@ -5,6 +5,7 @@ group-normalised) and masks; the filters that drop candidates or queries; the tr
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -136,6 +137,63 @@ class GroupSkeleton:
     acc: torch.Tensor  # [G]
 
 
+def _drop_reason(raw: Mapping[str, Any], opts: GroupOptions) -> Optional[str]:
+    """The filter that drops one candidate (its ``FilterStats`` key), or None when it is kept."""
+    mode = raw.get("vqa_eval_mode")
+    if opts.drop_eval_errors and (raw.get("eval_failed") or mode == "error"):
+        return "eval_error"
+    if opts.skip_fallback_reward and mode == "fallback":
+        return "fallback"
+    if opts.filter_gen_methods is not None and raw.get("gen_method") not in opts.filter_gen_methods:
+        return "gen_method"
+    return None
+
+
+def _kept_candidates(q: Any, opts: GroupOptions, stats: FilterStats) -> List[Any]:
+    """The query's candidates that pass every filter, in file order (drops counted in ``stats``)."""
+    kept = []
+    for cand in q.candidates:
+        stats.candidates_in += 1
+        reason = _drop_reason(cand.raw, opts)
+        if reason is not None:
+            stats.drop(reason)
+            continue
+        kept.append(cand)
+    return kept
+
+
+def _query_pool(qid: int, q: Any, kept: Sequence[Any], opts: GroupOptions,
+                fallback_pools: Optional[Mapping[int, Sequence[int]]]) -> List[int]:
+    """The file's ``candidate_pool_ids``, else the data source's pool, else the sorted union of the surviving
+    pointers (the reference); truncated to ``max_pool_size``."""
+    if q.candidate_pool_ids is not None:
+        pool = list(q.candidate_pool_ids)
+    elif fallback_pools is not None and qid in fallback_pools:
+        pool = list(fallback_pools[qid])
+    else:
+        pool = sorted({i for c in kept for i in c.pointer})
+    return pool[: opts.max_pool_size]
+
+
+def _local_labels(rl: RLData, qid: int, kept: Sequence[Any], pool: List[int], opts: GroupOptions) -> List[List[int]]:
+    """Each pointer as positions into ``pool``; an id outside it is an error (the reference's KeyError)."""
+    pos = {gid: j for j, gid in enumerate(pool)}
+    labels = []
+    for c in kept:
+        missing = [g for g in c.pointer if g not in pos]
+        if missing:
+            raise LeverPlusInputError(
+                f"pointer ids {missing} are not in the query's pool (size {len(pool)} after truncation to "
+                f"data.max_pool_size={opts.max_pool_size})",
+                file=rl.path,
+                record=f"query {qid}, candidate {c.index}",
+                field="pointer",
+                fix="raise data.max_pool_size or repair candidate_pool_ids",
+            )
+        labels.append([pos[g] for g in c.pointer])
+    return labels
+
+
 def group_skeletons(
     rl: RLData,
     opts: GroupOptions,
@@ -153,45 +211,12 @@ def group_skeletons(
         if wanted is not None and qid not in wanted:
             continue
         stats.queries_in += 1
-        kept = []
-        for cand in q.candidates:
-            stats.candidates_in += 1
-            raw = cand.raw
-            mode = raw.get("vqa_eval_mode")
-            if opts.drop_eval_errors and (raw.get("eval_failed") or mode == "error"):
-                stats.drop("eval_error")
-                continue
-            if opts.skip_fallback_reward and mode == "fallback":
-                stats.drop("fallback")
-                continue
-            if opts.filter_gen_methods is not None and raw.get("gen_method") not in opts.filter_gen_methods:
-                stats.drop("gen_method")
-                continue
-            kept.append(cand)
+        kept = _kept_candidates(q, opts, stats)
         if not kept:
             stats.drop("empty_query")
             continue
-        if q.candidate_pool_ids is not None:
-            pool = list(q.candidate_pool_ids)
-        elif fallback_pools is not None and qid in fallback_pools:
-            pool = list(fallback_pools[qid])
-        else:
-            pool = sorted({i for c in kept for i in c.pointer})
-        pool = pool[: opts.max_pool_size]
-        pos = {gid: j for j, gid in enumerate(pool)}
-        labels = []
-        for c in kept:
-            missing = [g for g in c.pointer if g not in pos]
-            if missing:
-                raise LeverPlusInputError(
-                    f"pointer ids {missing} are not in the query's pool (size {len(pool)} after truncation to "
-                    f"data.max_pool_size={opts.max_pool_size})",
-                    file=rl.path,
-                    record=f"query {qid}, candidate {c.index}",
-                    field="pointer",
-                    fix="raise data.max_pool_size or repair candidate_pool_ids",
-                )
-            labels.append([pos[g] for g in c.pointer])
+        pool = _query_pool(qid, q, kept, opts, fallback_pools)
+        labels = _local_labels(rl, qid, kept, pool, opts)
         out.append(GroupSkeleton(
             query_id=qid,
             kept=kept,
@@ -200,6 +225,45 @@ def group_skeletons(
             acc=torch.tensor([float(c.raw.get("vqa_acc_score") or 0.0) for c in kept], dtype=torch.float32),
         ))
     return out
+
+
+def _candidate_reward(rl: RLData, qid: int, c: Any, info: Optional[float], opts: GroupOptions,
+                      embeddings: Optional[torch.Tensor]) -> float:
+    """One candidate's clipped reward (plus the optional diversity bonus, clipped again); a reward error names
+    the candidate."""
+    try:
+        r = compute_reward(
+            c.raw,
+            opts.reward_mode,
+            opts.hard_weight,
+            opts.soft_weight,
+            opts.rel_weight,
+            reward_alpha=opts.reward_alpha,
+            reward_beta=opts.reward_beta,
+            correctness_mode=opts.correctness_mode,
+            use_logprob=opts.use_logprob,
+            info=info,
+            info_weight=opts.info_weight,
+            clip=opts.reward_clip,
+        )
+    except LeverPlusInputError as e:
+        raise LeverPlusInputError(
+            e.problem, file=rl.path, record=f"query {qid}, candidate {c.index}", field=e.field, fix=e.fix
+        ) from e
+    if opts.diversity_weight and embeddings is not None:
+        r = r + opts.diversity_weight * sequence_diversity(embeddings[list(c.pointer)])
+        r = max(-opts.reward_clip, min(opts.reward_clip, r))
+    return float(r)
+
+
+def _info_values(sk: GroupSkeleton, opts: GroupOptions,
+                 infoscores: Optional[Mapping[int, Mapping[Tuple[int, ...], float]]]) -> List[Optional[float]]:
+    """The hybrid reward's info term per kept candidate (None for every other reward mode)."""
+    if not needs_infoscores(opts.reward_mode):
+        return [None] * len(sk.kept)
+    table = (infoscores or {}).get(sk.query_id, {})
+    scores = [table.get(c.pointer) for c in sk.kept]
+    return list(hybrid_info_values([c.raw for c in sk.kept], scores))
 
 
 def groups_from_skeletons(
@@ -217,41 +281,11 @@ def groups_from_skeletons(
     groups: List[Group] = []
     if needs_infoscores(opts.reward_mode) and not infoscores:
         # Still works (falls back to beam_score), but say so once.
-        import warnings
-
         warnings.warn("reward.mode=hybrid without a beam JSON: info falls back to each candidate's beam_score")
     for sk in skeletons:
         qid, kept = sk.query_id, sk.kept
-        info_vals: List[Optional[float]] = [None] * len(kept)
-        if needs_infoscores(opts.reward_mode):
-            table = (infoscores or {}).get(qid, {})
-            scores = [table.get(c.pointer) for c in kept]
-            info_vals = list(hybrid_info_values([c.raw for c in kept], scores))
-        rewards = []
-        for c, info in zip(kept, info_vals):
-            try:
-                r = compute_reward(
-                    c.raw,
-                    opts.reward_mode,
-                    opts.hard_weight,
-                    opts.soft_weight,
-                    opts.rel_weight,
-                    reward_alpha=opts.reward_alpha,
-                    reward_beta=opts.reward_beta,
-                    correctness_mode=opts.correctness_mode,
-                    use_logprob=opts.use_logprob,
-                    info=info,
-                    info_weight=opts.info_weight,
-                    clip=opts.reward_clip,
-                )
-            except LeverPlusInputError as e:
-                raise LeverPlusInputError(
-                    e.problem, file=rl.path, record=f"query {qid}, candidate {c.index}", field=e.field, fix=e.fix
-                ) from e
-            if opts.diversity_weight and embeddings is not None:
-                r = r + opts.diversity_weight * sequence_diversity(embeddings[list(c.pointer)])
-                r = max(-opts.reward_clip, min(opts.reward_clip, r))
-            rewards.append(float(r))
+        info_vals = _info_values(sk, opts, infoscores)
+        rewards = [_candidate_reward(rl, qid, c, info, opts, embeddings) for c, info in zip(kept, info_vals)]
         if opts.require_positive_query and not any(r >= opts.positive_reward_threshold for r in rewards):
             stats.drop("no_positive")
             continue

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -21,6 +21,7 @@ from leverplus.data.groups import (
     FilterStats,
     Group,
     GroupOptions,
+    GroupSkeleton,
     beam_groups,
     group_skeletons,
     groups_from_skeletons,
@@ -136,6 +137,26 @@ class PreparedGroups:
     stats: Dict[int, FilterStats]
 
 
+def _cached_skeletons(data: LoadedData, rl: RLData, opts: GroupOptions, key: tuple,
+                      ids: List[int]) -> Tuple[List[GroupSkeleton], FilterStats]:
+    """The skeletons of ``ids`` (and their filter stats), built once per ``key`` in ``data.group_cache``."""
+    if key not in data.group_cache:
+        sk_stats = FilterStats()
+        sks = group_skeletons(rl, opts, fallback_pools=data.pools or None, query_ids=ids, stats=sk_stats)
+        data.group_cache[key] = (sks, sk_stats)
+    return data.group_cache[key]
+
+
+def _sft_groups(cfg, data: LoadedData, val: List[Group]) -> List[Group]:
+    """The SFT beam groups of every beam query outside the RL validation split (cached per ids and pool size)."""
+    val_ids = {g.query_id for g in val}
+    ids = [q for q in data.beams if q not in val_ids]
+    key = ("sft", tuple(ids), cfg.data.max_pool_size)
+    if key not in data.group_cache:
+        data.group_cache[key] = beam_groups(data.beams, data.pools, ids, max_pool_size=cfg.data.max_pool_size)
+    return list(data.group_cache[key])
+
+
 def prepare_groups(cfg, data: LoadedData, *, with_sft: bool = True) -> PreparedGroups:
     """RL train/val groups (filtered, rewards computed) and, when ``with_sft``, the SFT beam groups.
 
@@ -143,20 +164,14 @@ def prepare_groups(cfg, data: LoadedData, *, with_sft: bool = True) -> PreparedG
     reused: the arms of a reward sweep differ only in their rewards."""
     opts = GroupOptions.from_config(cfg.data, cfg.reward)
     infos = infoscore_lookup(data.beams) if needs_infoscores(opts.reward_mode) else None
-    train, val, stats, train_ids_all = [], [], {}, set()
+    train, val, stats = [], [], {}
     filter_key = (opts.drop_eval_errors, opts.skip_fallback_reward,
                   tuple(opts.filter_gen_methods) if opts.filter_gen_methods is not None else None, opts.max_pool_size)
     for shot, rl in sorted(data.rl.items()):
         train_ids, val_ids = split_query_ids(list(rl.queries), cfg.data.train_fraction, cfg.data.split_file)
-        train_ids_all.update(train_ids)
         st = FilterStats()
         for split, ids, out in (("train", train_ids, train), ("val", val_ids, val)):
-            key = (shot, split, tuple(ids)) + filter_key
-            if key not in data.group_cache:
-                sk_stats = FilterStats()
-                sks = group_skeletons(rl, opts, fallback_pools=data.pools or None, query_ids=ids, stats=sk_stats)
-                data.group_cache[key] = (sks, sk_stats)
-            sks, sk_stats = data.group_cache[key]
+            sks, sk_stats = _cached_skeletons(data, rl, opts, (shot, split, tuple(ids)) + filter_key, ids)
             st.add(sk_stats)
             out += groups_from_skeletons(rl, sks, opts, embeddings=data.embeddings, infoscores=infos, stats=st)
         stats[shot] = st
@@ -168,11 +183,5 @@ def prepare_groups(cfg, data: LoadedData, *, with_sft: bool = True) -> PreparedG
         )
     sft_train: List[Group] = []
     if with_sft and data.beams is not None and data.sft_checkpoint is None:
-        val_ids = {g.query_id for g in val}
-        ids = [q for q in data.beams if q not in val_ids]
-        key = ("sft", tuple(ids), cfg.data.max_pool_size)
-        if key not in data.group_cache:
-            data.group_cache[key] = beam_groups(data.beams, data.pools, ids, max_pool_size=cfg.data.max_pool_size)
-        sft_train = list(data.group_cache[key])
+        sft_train = _sft_groups(cfg, data, val)
     return PreparedGroups(train=train, val=val, sft_train=sft_train, stats=stats)
-

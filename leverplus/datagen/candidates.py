@@ -218,11 +218,84 @@ def candidate_record(cand: dict, pool_ids: Sequence[int], *, local_pool: bool, r
 _ZERO_REL = {"vqa_rel_token_f1": 0.0, "vqa_rel_edit_sim": 0.0, "vqa_rel_score": 0.0}
 
 
+@dataclass
+class _Scoring:
+    """What scoring one batch of queries shares: the scorer, the evaluation settings, the memo tables and the
+    counters."""
+
+    scorer: "Scorer"
+    split: str
+    strict_eval: bool
+    normalization: str
+    acc_cache: dict
+    rel_cache: dict
+    counts: ScoreCounts
+
+    def official_accuracy(self, q: int, pred: str, answers: Sequence[str]) -> float:
+        # keyed by the answer itself: under "official", "Yes" and "yes" score differently when all
+        # GTs are identical, so the normal form is not a valid key
+        key = (self.split, q, pred, self.normalization)
+        if key not in self.acc_cache:
+            self.acc_cache[key] = vqa_accuracy(pred, answers, normalization=self.normalization)
+        return self.acc_cache[key]
+
+    def relevance(self, q: int, pred: str, query: dict) -> dict:
+        if (self.split, q, pred) not in self.rel_cache:
+            # relevance is a max over GTs, so duplicates can be dropped (order kept for determinism)
+            gts = list(dict.fromkeys(query["gt_answers_norm"]))
+            self.rel_cache[(self.split, q, pred)] = answer_relevance(pred, gts)
+        return self.rel_cache[(self.split, q, pred)]
+
+    def score(self, q: int, icds: list[int], pred: str, gt_prob: float, official: Optional[tuple],
+              query: dict) -> Optional[tuple]:
+        """(correct, acc, gt_prob, rel, mode, split_used, failed) of one answer, or None when strict evaluation
+        drops it (counted in ``counts.dropped``)."""
+        try:
+            if official is not None:
+                answers, split_used = official
+                acc = self.official_accuracy(q, pred, answers)
+                correct, mode = vqa_correct(acc), "vqaEval"
+            elif self.strict_eval:
+                self.counts.dropped["no_official_annotation"] += 1
+                return None
+            else:
+                correct, acc = self.scorer.fallback_score(self.split, q, icds, pred, query["gt_answers_raw"])
+                mode, split_used = "fallback", "fallback"
+            rel = self.relevance(q, pred, query)
+            return correct, acc, gt_prob, rel, mode, split_used, False
+        except LeverPlusInputError:
+            if self.strict_eval:
+                self.counts.dropped["eval_error"] += 1
+                return None
+            return 0, 0.0, 0.0, dict(_ZERO_REL), "error", None, True
+
+
+def _flat_prompts(jobs: Sequence[QueryJob]) -> tuple[list[int], list[list[int]]]:
+    """(query id, global ICD ids) of every candidate of ``jobs``, in order: one scorer batch."""
+    flat_q: list[int] = []
+    flat_icds: list[list[int]] = []
+    for job in jobs:
+        for c in job.candidates:
+            flat_q.append(int(job.query_id))
+            flat_icds.append([int(job.pool_ids[i]) for i in c["pointer"]])
+    return flat_q, flat_icds
+
+
+def _query_record(job: QueryJob, query: dict, out: list[dict]) -> dict:
+    """The on-disk record of one query: its ``query`` block, its pool (K=64 variant) and its candidates."""
+    rec: dict[str, Any] = {"query": dict(query)}
+    if job.local_pool:
+        rec["candidate_pool_ids"] = [int(i) for i in job.pool_ids]
+    rec["pointer_candidates"] = out
+    return rec
+
+
 def score_queries(scorer: "Scorer", split: str, jobs: Sequence[QueryJob], *, strict_eval: bool,
                   save_prompts: bool = False, cache: Optional[dict] = None,
                   normalization: str = "official") -> tuple[dict[int, Optional[dict]], ScoreCounts]:
-    """Answer and score every candidate of ``jobs`` (one scorer batch over all their prompts), reference#rldata-driver order:
-    generate, score (reference#correctness), ``vqa_gt_prob`` (reference#gt-prob), relevance (reference#relevance), then reference#formats-rl-json fields.
+    """Answer and score every candidate of ``jobs`` (one scorer batch over all their prompts), reference#rldata-driver
+    order: generate, score (reference#correctness), ``vqa_gt_prob`` (reference#gt-prob), relevance
+    (reference#relevance), then reference#formats-rl-json fields.
 
     Correctness: the official VQA metric (``vqa_eval_mode="vqaEval"``) when ``scorer.official_answers`` has the
     query's annotations; otherwise strict evaluation drops the candidate (reference default) and non-strict uses
@@ -235,17 +308,12 @@ def score_queries(scorer: "Scorer", split: str, jobs: Sequence[QueryJob], *, str
     """
     cache = {} if cache is None else cache
     acc_cache, rel_cache, query_cache = (cache.setdefault(k, {}) for k in ("acc", "rel", "query"))
-    flat_q: list[int] = []
-    flat_icds: list[list[int]] = []
-    for job in jobs:
-        for c in job.candidates:
-            flat_q.append(int(job.query_id))
-            flat_icds.append([int(job.pool_ids[i]) for i in c["pointer"]])
+    flat_q, flat_icds = _flat_prompts(jobs)
     if flat_q:
         raws = scorer.generate(split, flat_q, flat_icds)
         gt_probs = scorer.vqa_gt_prob_batch(split, flat_q, flat_icds)
         prompts = scorer.prompts(split, flat_q, flat_icds) if save_prompts else None
-    counts = ScoreCounts()
+    ctx = _Scoring(scorer, split, strict_eval, normalization, acc_cache, rel_cache, ScoreCounts())
     records: dict[int, Optional[dict]] = {}
     k = 0
     for job in jobs:
@@ -260,46 +328,18 @@ def score_queries(scorer: "Scorer", split: str, jobs: Sequence[QueryJob], *, str
             prompt = prompts[k] if prompts is not None else None
             k += 1
             pred = vqa_postprocess(raw)
-            try:
-                if official is not None:
-                    answers, split_used = official
-                    # keyed by the answer itself: under "official", "Yes" and "yes" score differently when all
-                    # GTs are identical, so the normal form is not a valid key
-                    key = (split, q, pred, normalization)
-                    if key not in acc_cache:
-                        acc_cache[key] = vqa_accuracy(pred, answers, normalization=normalization)
-                    acc = acc_cache[key]
-                    correct, mode = vqa_correct(acc), "vqaEval"
-                elif strict_eval:
-                    counts.dropped["no_official_annotation"] += 1
-                    continue
-                else:
-                    correct, acc = scorer.fallback_score(split, q, icds, pred, query["gt_answers_raw"])
-                    mode, split_used = "fallback", "fallback"
-                if (split, q, pred) not in rel_cache:
-                    # relevance is a max over GTs, so duplicates can be dropped (order kept for determinism)
-                    rel_cache[(split, q, pred)] = answer_relevance(pred, list(dict.fromkeys(query["gt_answers_norm"])))
-                rel = rel_cache[(split, q, pred)]
-                failed = False
-            except LeverPlusInputError:
-                if strict_eval:
-                    counts.dropped["eval_error"] += 1
-                    continue
-                correct, acc, gt_prob, rel, mode, split_used, failed = 0, 0.0, 0.0, dict(_ZERO_REL), "error", None, True
-            counts.modes[mode] += 1
+            scored = ctx.score(q, icds, pred, gt_prob, official, query)
+            if scored is None:
+                continue
+            correct, acc, gt_prob, rel, mode, split_used, failed = scored
+            ctx.counts.modes[mode] += 1
             out.append(candidate_record(c, job.pool_ids, local_pool=job.local_pool, raw=raw, pred=pred,
                                         correct=correct, acc=acc, gt_prob=gt_prob, rel=rel, mode=mode,
                                         split_used=split_used, failed=failed, prompt=prompt))
         if not out:
-            counts.empty_queries.append(q)
-            records[q] = None
-            continue
-        rec: dict[str, Any] = {"query": dict(query)}
-        if job.local_pool:
-            rec["candidate_pool_ids"] = [int(i) for i in job.pool_ids]
-        rec["pointer_candidates"] = out
-        records[q] = rec
-    return records, counts
+            ctx.counts.empty_queries.append(q)
+        records[q] = _query_record(job, query, out) if out else None
+    return records, ctx.counts
 
 
 __all__ = ["CandidateSettings", "DROP_REASONS", "EVAL_MODES", "GEN_PRIORITY", "QueryJob", "ScoreCounts",

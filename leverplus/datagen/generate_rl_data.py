@@ -38,6 +38,7 @@ from leverplus.data.formats.embeddings import read_embeddings
 from leverplus.data.formats.io import file_fingerprint
 from leverplus.data.formats.rl_json import write_rl_json
 from leverplus.datagen.candidates import (
+    EVAL_MODES,
     CandidateSettings,
     QueryJob,
     build_candidates,
@@ -58,6 +59,7 @@ from leverplus.datagen.generation import (
 from leverplus.datagen.scorers.base import Scorer, build_scorer
 from leverplus.datagen.scorers.config import ScorerConfig
 from leverplus.errors import LeverPlusInputError, printed_input_errors
+from leverplus.model.checkpoint import load_pointer_checkpoint
 from leverplus.utils import enum_value
 
 LABEL = "generate_rl_data"
@@ -203,8 +205,7 @@ def make_pool_fn(cfg, scorer: Scorer, num_items: int,
 
 
 def load_selector(cfg, d_model: int):
-    from leverplus.model.checkpoint import load_pointer_checkpoint
-
+    """The pointer selector that proposes candidates (any reference#checkpoints format), in eval mode."""
     if not cfg.selector.checkpoint:
         raise LeverPlusInputError("no selector checkpoint", field="selector.checkpoint",
                                   fix="pass selector.checkpoint=/path/sft.ckpt (SFT or RL; any reference#checkpoints format)")
@@ -243,8 +244,6 @@ def query_job(q: int, pool: list[int], local: bool, embeddings: torch.Tensor, mo
 
 def recount(records: Dict[int, dict]) -> dict:
     """The record-derived ``_meta`` fields: count and percentage of each eval mode among written candidates."""
-    from leverplus.datagen.candidates import EVAL_MODES
-
     counts = {m: 0 for m in EVAL_MODES}
     for rec in records.values():
         for c in rec["pointer_candidates"]:
@@ -271,18 +270,21 @@ def summary(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig, say: Callable[[str], None] = print, scorer: Optional[Scorer] = None) -> dict:
-    """Generate (or resume, or confirm complete) one RL file; returns its ``_meta``."""
+def _check_run_cfg(cfg: DictConfig) -> None:
     if not cfg.output:
         raise LeverPlusInputError("no output file", field="output", fix="pass output=/path/rl_data_shot2.json")
     if cfg.shot_num < 1 or cfg.save_interval < 1:
         raise LeverPlusInputError("shot_num and save_interval must be >= 1", field="shot_num")
-    if cfg.num_threads:
-        torch.set_num_threads(int(cfg.num_threads))
-    settings = CandidateSettings(num_beams=cfg.candidates.num_beams, temps=tuple(cfg.candidates.temps),
-                                 num_samples_per_temp=cfg.candidates.num_samples_per_temp,
-                                 num_retrieval=cfg.candidates.num_retrieval, num_random=cfg.candidates.num_random)
-    scorer = build_scorer(cfg.scorer) if scorer is None else scorer  # a library caller may pass its own
+
+
+def _candidate_settings(cfg: DictConfig) -> CandidateSettings:
+    c = cfg.candidates
+    return CandidateSettings(num_beams=c.num_beams, temps=tuple(c.temps), num_samples_per_temp=c.num_samples_per_temp,
+                             num_retrieval=c.num_retrieval, num_random=c.num_random)
+
+
+def _load_embeddings(cfg: DictConfig, scorer: Scorer) -> tuple[torch.Tensor, str]:
+    """The train embeddings (``cfg.embeddings`` or the scorer's own file), one row per scorer train item."""
     emb_path = cfg.embeddings or scorer.embeddings_path()
     if emb_path is None:
         raise LeverPlusInputError("no embedding file", field="embeddings", fix="pass embeddings=/path/emb.pt")
@@ -291,13 +293,13 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, scorer: Optional[Sc
     if scorer.num_items("train") != n:
         raise LeverPlusInputError(f"has {n} rows but the scorer's train split has {scorer.num_items('train')} items",
                                   file=str(emb_path), fix="use the embeddings exported for this dataset")
-    all_ids, query_desc = resolve_query_ids(cfg, scorer, n)
-    ids, shard = shard_range(all_ids, int(cfg.queries.start), cfg.queries.end)
-    pool_fn, local, pool_desc = make_pool_fn(cfg, scorer, n, all_ids[0])
-    model = load_selector(cfg, embeddings.shape[1])
-    described = scorer.describe()
-    norm = enum_value(cfg.vqa_normalization)
-    generation = {
+    return embeddings, emb_path
+
+
+def _generation_block(cfg: DictConfig, *, query_desc: dict, pool_desc: dict, settings: CandidateSettings, model,
+                      emb_path: str, described: dict, norm: str) -> dict:
+    """``_meta.generation``: every setting the file depends on (shards of one run must agree on it)."""
+    return {
         "generator": f"leverplus.{LABEL}", "shot_num": int(cfg.shot_num), "seed": int(cfg.seed),
         "strict_eval": bool(cfg.strict_eval), "save_prompts": bool(cfg.save_prompts), "queries": query_desc,
         "vqa_normalization": norm,
@@ -309,6 +311,40 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, scorer: Optional[Sc
         "embeddings": {"file": Path(emb_path).name, "fingerprint": file_fingerprint(emb_path)},
         "scorer": described,
     }
+
+
+def _generate_pending(cfg: DictConfig, out: ResumableOutput, ids: list[int], pending: list[int], make_job,
+                      scorer: Scorer, norm: str, say: Callable[[str], None]) -> None:
+    """Score the ``pending`` queries in blocks of ``save_interval``, saving the partial file after each block."""
+    cache: dict = {}
+    finished = len(ids) - len(pending)
+    for block in chunks(pending, int(cfg.save_interval)):
+        for q in block:
+            records, counts = score_queries(scorer, "train", [make_job(q)], strict_eval=bool(cfg.strict_eval),
+                                            save_prompts=bool(cfg.save_prompts), cache=cache, normalization=norm)
+            out.add(q, records[q], {k: v for k, v in counts.dropped_counts().items() if v})
+        out.save_partial()
+        finished += len(block)
+        say(f"[{LABEL}] shot {cfg.shot_num}: {finished}/{len(ids)} queries")
+
+
+def run(cfg: DictConfig, say: Callable[[str], None] = print, scorer: Optional[Scorer] = None) -> dict:
+    """Generate (or resume, or confirm complete) one RL file; returns its ``_meta``."""
+    _check_run_cfg(cfg)
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    settings = _candidate_settings(cfg)
+    scorer = build_scorer(cfg.scorer) if scorer is None else scorer  # a library caller may pass its own
+    embeddings, emb_path = _load_embeddings(cfg, scorer)
+    n = embeddings.shape[0]
+    all_ids, query_desc = resolve_query_ids(cfg, scorer, n)
+    ids, shard = shard_range(all_ids, int(cfg.queries.start), cfg.queries.end)
+    pool_fn, local, pool_desc = make_pool_fn(cfg, scorer, n, all_ids[0])
+    model = load_selector(cfg, embeddings.shape[1])
+    described = scorer.describe()
+    norm = enum_value(cfg.vqa_normalization)
+    generation = _generation_block(cfg, query_desc=query_desc, pool_desc=pool_desc, settings=settings, model=model,
+                                   emb_path=emb_path, described=described, norm=norm)
     out = ResumableOutput(cfg.output, generation, shard, write_final, resume=cfg.resume, created_at=cfg.created_at)
     if out.complete:
         say(f"[{LABEL}] {cfg.output} is already complete ({len(out.records)} queries).")
@@ -318,17 +354,11 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, scorer: Optional[Sc
     pending = [q for q in ids if q not in done]
     if done:
         say(f"[{LABEL}] resuming {cfg.output}: {len(ids) - len(pending)} of {len(ids)} queries done.")
-    cache: dict = {}
-    finished = len(ids) - len(pending)
-    for block in chunks(pending, int(cfg.save_interval)):
-        for q in block:
-            job = query_job(q, list(pool_fn(q)), local, embeddings, model, cfg, settings)
-            records, counts = score_queries(scorer, "train", [job], strict_eval=bool(cfg.strict_eval),
-                                            save_prompts=bool(cfg.save_prompts), cache=cache, normalization=norm)
-            out.add(q, records[q], {k: v for k, v in counts.dropped_counts().items() if v})
-        out.save_partial()
-        finished += len(block)
-        say(f"[{LABEL}] shot {cfg.shot_num}: {finished}/{len(ids)} queries")
+
+    def make_job(q: int) -> QueryJob:
+        return query_job(q, list(pool_fn(q)), local, embeddings, model, cfg, settings)
+
+    _generate_pending(cfg, out, ids, pending, make_job, scorer, norm, say)
     meta = {"vqa_model": described["vqa_model"], "task_gen_args": described["task_gen_args"],
             "eval": described["eval"], "strict_eval": bool(cfg.strict_eval), "save_prompts": bool(cfg.save_prompts),
             "notes": cfg.notes or f"leverplus {LABEL}, shot_num={cfg.shot_num}", **recount(out.records)}

@@ -11,9 +11,11 @@ byte-identical files to an uninterrupted one — provided ``created_at`` is fixe
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
@@ -141,6 +143,53 @@ class ResumableOutput:
         return full
 
 
+def _read_shard(p: PathLike, first_meta: Optional[dict], records: Dict[int, dict]) -> dict:
+    """One finished shard: its records added to ``records`` (disjoint from the others'); returns its ``_meta``."""
+    obj = load_json(p)
+    meta = obj.get("_meta") if isinstance(obj, dict) else None
+    if not isinstance(meta, dict) or "generation" not in meta:
+        what = "an unfinished shard (_partial)" if isinstance(obj, dict) and "_partial" in obj else \
+            "not a generator output"
+        raise LeverPlusInputError(f"is {what}", file=str(p), fix="finish (resume) the shard before merging")
+    if first_meta is not None and meta["generation"] != first_meta["generation"]:
+        raise LeverPlusInputError("was generated with other settings than the first shard", file=str(p),
+                                  record="_meta", field="generation", fix="merge shards of one run only")
+    for k, v in obj.items():
+        if k.startswith("_"):
+            continue
+        if int(k) in records:
+            raise LeverPlusInputError(f"query {k} is also in another shard", file=str(p), record=f"query {k}",
+                                      fix="shards must cover disjoint index ranges")
+        records[int(k)] = v
+    return meta
+
+
+def _check_coverage(covered: List[tuple], total: int) -> None:
+    """The shards' [start, end) ranges tile [0, total) without a gap."""
+    pos = 0
+    for start, end, _ in sorted(covered, key=lambda c: c[0]):
+        if start != pos:
+            raise LeverPlusInputError(f"the shards leave queries [{pos}, {start}) of {total} uncovered",
+                                      fix="generate and pass the missing shard (or --allow-gaps)")
+        pos = end
+    if pos != total:
+        raise LeverPlusInputError(f"the shards leave queries [{pos}, {total}) uncovered",
+                                  fix="generate and pass the missing shard (or --allow-gaps)")
+
+
+def _merged_meta(metas: List[dict]) -> dict:
+    """The first shard's ``_meta`` without ``shard``; earliest ``created_at``; drop counters summed."""
+    dropped: Dict[str, int] = {}
+    for m in metas:
+        for k, v in m.get("dropped_candidates", {}).items():
+            dropped[k] = dropped.get(k, 0) + int(v)
+    meta = {k: v for k, v in metas[0].items() if k != "shard"}
+    meta["created_at"] = min(m["created_at"] for m in metas)
+    meta["dropped_candidates"] = dict(sorted(dropped.items()))
+    meta["empty_queries"] = sorted(q for m in metas for q in m.get("empty_queries", []))
+    return meta
+
+
 def merge_outputs(output: PathLike, inputs: Sequence[PathLike], *,
                   final_writer: Callable[[str, Dict[int, dict], dict], None],
                   recount: Callable[[Dict[int, dict]], Dict[str, Any]], allow_gaps: bool = False) -> dict:
@@ -152,46 +201,18 @@ def merge_outputs(output: PathLike, inputs: Sequence[PathLike], *,
     """
     if not inputs:
         raise LeverPlusInputError("no shard files given", fix="pass the shard files to merge")
-    metas, records, covered = [], {}, []
+    metas: List[dict] = []
+    records: Dict[int, dict] = {}
+    covered = []
     for p in inputs:
-        obj = load_json(p)
-        meta = obj.get("_meta") if isinstance(obj, dict) else None
-        if not isinstance(meta, dict) or "generation" not in meta:
-            what = "an unfinished shard (_partial)" if isinstance(obj, dict) and "_partial" in obj else \
-                "not a generator output"
-            raise LeverPlusInputError(f"is {what}", file=str(p), fix="finish (resume) the shard before merging")
-        if metas and meta["generation"] != metas[0]["generation"]:
-            raise LeverPlusInputError("was generated with other settings than the first shard", file=str(p),
-                                      record="_meta", field="generation", fix="merge shards of one run only")
-        for k, v in obj.items():
-            if k.startswith("_"):
-                continue
-            if int(k) in records:
-                raise LeverPlusInputError(f"query {k} is also in another shard", file=str(p), record=f"query {k}",
-                                          fix="shards must cover disjoint index ranges")
-            records[int(k)] = v
+        meta = _read_shard(p, metas[0] if metas else None, records)
         shard = meta.get("shard") or {"start": 0, "end": None}
         covered.append((shard.get("start", 0), shard.get("end"), str(p)))
         metas.append(meta)
     total = next((m["shard"]["num_queries_total"] for m in metas if m.get("shard")), None)
     if total is not None and not allow_gaps:
-        pos = 0
-        for start, end, p in sorted(covered, key=lambda c: c[0]):
-            if start != pos:
-                raise LeverPlusInputError(f"the shards leave queries [{pos}, {start}) of {total} uncovered",
-                                          fix="generate and pass the missing shard (or --allow-gaps)")
-            pos = end
-        if pos != total:
-            raise LeverPlusInputError(f"the shards leave queries [{pos}, {total}) uncovered",
-                                      fix="generate and pass the missing shard (or --allow-gaps)")
-    dropped: Dict[str, int] = {}
-    for m in metas:
-        for k, v in m.get("dropped_candidates", {}).items():
-            dropped[k] = dropped.get(k, 0) + int(v)
-    meta = {k: v for k, v in metas[0].items() if k != "shard"}
-    meta["created_at"] = min(m["created_at"] for m in metas)
-    meta["dropped_candidates"] = dict(sorted(dropped.items()))
-    meta["empty_queries"] = sorted(q for m in metas for q in m.get("empty_queries", []))
+        _check_coverage(covered, total)
+    meta = _merged_meta(metas)
     meta.update(recount(records))
     final_writer(str(output), records, meta)
     return meta
@@ -221,15 +242,8 @@ def chunks(items: Sequence[int], size: int) -> Iterable[list[int]]:
         yield list(items[start:start + size])
 
 
-__all__ = ["FIXED_CREATED_AT", "ResumableOutput", "chunks", "ids_fingerprint", "merge_outputs",
-           "read_pool_file", "resolve_created_at", "shard_range"]
-
-
-
 def merge_cli(label: str, what: str, merge_fn, argv) -> None:
     """``python -m leverplus.<label> merge OUT SHARD... [--allow-gaps]``."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog=f"python -m leverplus.{label} merge",
                                      description=f"Merge finished {what} shards into one file.")
     parser.add_argument("output")
@@ -241,10 +255,6 @@ def merge_cli(label: str, what: str, merge_fn, argv) -> None:
 
 def dispatch_cli(merge_main, hydra_main) -> None:
     """``merge ...`` as the first argument merges shards (clear error, exit 1, on bad shards); else run the app."""
-    import sys
-
-    from leverplus.errors import LeverPlusInputError
-
     if len(sys.argv) > 1 and sys.argv[1] == "merge":
         try:
             merge_main(sys.argv[2:])
@@ -253,3 +263,7 @@ def dispatch_cli(merge_main, hydra_main) -> None:
             sys.exit(1)
     else:
         hydra_main()
+
+
+__all__ = ["FIXED_CREATED_AT", "ResumableOutput", "chunks", "dispatch_cli", "ids_fingerprint", "merge_cli",
+           "merge_outputs", "read_pool_file", "resolve_created_at", "shard_range"]

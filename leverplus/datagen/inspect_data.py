@@ -15,7 +15,7 @@ import statistics
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from leverplus.data.formats.rl_json import RLData, read_rl_json
 from leverplus.data.rewards import compute_reward
@@ -94,25 +94,10 @@ def _peek_partial(path: str) -> bool:
     return b'"_partial"' in head
 
 
-def inspect_rl(path: str, *, shot_num: Optional[int] = None, modes: Sequence[str] = DEFAULT_MODES,
-               ndigits: int = 4, max_levels: int = 12, zero_variance_warn: float = 0.5,
-               max_pool_size: int = 64) -> FileReport:
-    """Statistics and problems of one RL file (validated by ``read_rl_json`` first)."""
-    data: RLData = read_rl_json(path, shot_num=shot_num)
-    problems: List[str] = []
-    sizes = [len(q.candidates) for q in data.queries.values()]
-    cands = [c.raw for q in data.queries.values() for c in q.candidates]
-    gen = Counter(c.get("gen_method") or "missing" for c in cands)
-    modes_count = Counter(c.get("vqa_eval_mode") or "missing" for c in cands)
-    n = len(cands)
-    share = {m: round(100.0 * k / n, 2) for m, k in sorted(modes_count.items())}
-    positives = [_is_positive(c) for c in cands]
-    all_pos = sum(all(_is_positive(c.raw) for c in q.candidates) for q in data.queries.values())
-    all_neg = sum(not any(_is_positive(c.raw) for c in q.candidates) for q in data.queries.values())
-
+def _reward_stats(kept_groups: List[List[dict]], modes: Sequence[str], ndigits: int,
+                  max_levels: int) -> Dict[str, RewardStats]:
+    """Per reward mode: the histogram of the (rounded) rewards of the training view and its zero-variance share."""
     rewards: Dict[str, RewardStats] = {}
-    kept_groups = [[c.raw for c in q.candidates if _trainable(c.raw)] for q in data.queries.values()]
-    kept_groups = [g for g in kept_groups if g]
     for mode in modes:
         values: List[float] = []
         flat = 0
@@ -124,11 +109,12 @@ def inspect_rl(path: str, *, shot_num: Optional[int] = None, modes: Sequence[str
         rewards[mode] = RewardStats(histogram=hist, binned=binned, distinct_levels=len(set(values)),
                                     zero_variance_share=round(flat / len(kept_groups), 4) if kept_groups else 0.0,
                                     groups=len(kept_groups))
+    return rewards
 
-    finished = bool(data.meta)
-    if not finished:
-        problems.append("unfinished generator output (_partial): resume the run before training on it"
-                        if _peek_partial(path) else "no _meta: an interim save or a hand-made file")
+
+def _mode_problems(cands: List[dict], modes_count: Counter, share: Dict[str, float]) -> List[str]:
+    """Candidates without an eval mode, scored by the fallback, or failed."""
+    problems = []
     if modes_count.get("missing"):
         problems.append(f"{modes_count['missing']} candidates have no vqa_eval_mode (balanced variant?): "
                         "fallback-scored candidates cannot be told apart")
@@ -138,6 +124,13 @@ def inspect_rl(path: str, *, shot_num: Optional[int] = None, modes: Sequence[str
     errors = sum(1 for c in cands if c.get("eval_failed") or c.get("vqa_eval_mode") == "error")
     if errors:
         problems.append(f"{errors} candidates failed evaluation (eval_failed / error); training drops them")
+    return problems
+
+
+def _group_problems(data: RLData, kept_groups: List[List[dict]], rewards: Dict[str, RewardStats],
+                    zero_variance_warn: float) -> List[str]:
+    """Queries the training view loses, groups of one, and groups without reward variance."""
+    problems = []
     lost = len(data.queries) - len(kept_groups)
     if lost:
         problems.append(f"{lost} queries keep no candidate under the default training filters")
@@ -147,9 +140,33 @@ def inspect_rl(path: str, *, shot_num: Optional[int] = None, modes: Sequence[str
     if PRIMARY_MODE in rewards and rewards[PRIMARY_MODE].zero_variance_share >= zero_variance_warn:
         problems.append(f"{100 * rewards[PRIMARY_MODE].zero_variance_share:.1f}% of groups have zero reward "
                         f"variance under {PRIMARY_MODE} (threshold {100 * zero_variance_warn:.0f}%)")
-    bad_correct = sum(1 for c in cands if c.get("vqa_correct") is not None and c.get("vqa_acc_score") is not None
-                      and int(bool(c["vqa_correct"])) != int(c["vqa_acc_score"] > 0)
-                      and c.get("vqa_eval_mode") == "vqaEval")
+    return problems
+
+
+def _inconsistent_correct(c: dict) -> bool:
+    """A vqaEval candidate whose ``vqa_correct`` disagrees with ``vqa_acc_score > 0``."""
+    return (c.get("vqa_correct") is not None and c.get("vqa_acc_score") is not None
+            and int(bool(c["vqa_correct"])) != int(c["vqa_acc_score"] > 0) and c.get("vqa_eval_mode") == "vqaEval")
+
+
+def _training_view(data: RLData) -> List[List[dict]]:
+    """The candidates (raw dicts) the default training filters keep, per query that keeps any."""
+    kept_groups = [[c.raw for c in q.candidates if _trainable(c.raw)] for q in data.queries.values()]
+    return [g for g in kept_groups if g]
+
+
+def _one_sided_queries(data: RLData) -> Tuple[int, int]:
+    """(queries whose candidates are all positive, queries with no positive candidate)."""
+    all_pos = sum(all(_is_positive(c.raw) for c in q.candidates) for q in data.queries.values())
+    all_neg = sum(not any(_is_positive(c.raw) for c in q.candidates) for q in data.queries.values())
+    return all_pos, all_neg
+
+
+def _content_problems(data: RLData, cands: List[dict], positives: List[bool], max_pool_size: int) -> List[str]:
+    """Inconsistent correctness, repeated ICD sets, no reward contrast, oversized pools."""
+    problems = []
+    n = len(cands)
+    bad_correct = sum(1 for c in cands if _inconsistent_correct(c))
     if bad_correct:
         problems.append(f"{bad_correct} vqaEval candidates have vqa_correct != (vqa_acc_score > 0)")
     dups = sum(len(q.candidates) - len({tuple(sorted(c.pointer)) for c in q.candidates})
@@ -161,21 +178,55 @@ def inspect_rl(path: str, *, shot_num: Optional[int] = None, modes: Sequence[str
     big = sum(1 for q in data.queries.values() if q.candidate_pool_ids and len(q.candidate_pool_ids) > max_pool_size)
     if big:
         problems.append(f"{big} candidate pools exceed {max_pool_size} ids (the trainer truncates them)")
+    return problems
+
+
+def _meta_problems(data: RLData, path: str, modes_count: Counter) -> Tuple[List[str], List[str]]:
+    """(problems to list first: an unfinished file; problems to list last: ``_meta`` counts that disagree)."""
+    first, last = [], []
+    if not data.meta:
+        first.append("unfinished generator output (_partial): resume the run before training on it"
+                     if _peek_partial(path) else "no _meta: an interim save or a hand-made file")
     stored = data.meta.get("eval_mode_counts") if data.meta else None
     if isinstance(stored, dict):
         ours = {m: k for m, k in modes_count.items() if m != "missing"}
         if {m: k for m, k in stored.items() if k} != ours:
-            problems.append(f"_meta.eval_mode_counts {stored} disagree with the candidates {ours}")
+            last.append(f"_meta.eval_mode_counts {stored} disagree with the candidates {ours}")
+    return first, last
 
+
+def _size_summary(sizes: List[int]) -> Dict[str, float]:
+    return {"min": min(sizes), "mean": round(statistics.fmean(sizes), 3), "median": float(statistics.median(sizes)),
+            "max": max(sizes)}
+
+
+def inspect_rl(path: str, *, shot_num: Optional[int] = None, modes: Sequence[str] = DEFAULT_MODES,
+               ndigits: int = 4, max_levels: int = 12, zero_variance_warn: float = 0.5,
+               max_pool_size: int = 64) -> FileReport:
+    """Statistics and problems of one RL file (validated by ``read_rl_json`` first)."""
+    data: RLData = read_rl_json(path, shot_num=shot_num)
+    sizes = [len(q.candidates) for q in data.queries.values()]
+    cands = [c.raw for q in data.queries.values() for c in q.candidates]
+    gen = Counter(c.get("gen_method") or "missing" for c in cands)
+    modes_count = Counter(c.get("vqa_eval_mode") or "missing" for c in cands)
+    n = len(cands)
+    share = {m: round(100.0 * k / n, 2) for m, k in sorted(modes_count.items())}
+    positives = [_is_positive(c) for c in cands]
+    all_pos, all_neg = _one_sided_queries(data)
+    kept_groups = _training_view(data)
+    rewards = _reward_stats(kept_groups, modes, ndigits, max_levels)
+    first, last = _meta_problems(data, path, modes_count)
+    problems = (first + _mode_problems(cands, modes_count, share)
+                + _group_problems(data, kept_groups, rewards, zero_variance_warn)
+                + _content_problems(data, cands, positives, max_pool_size) + last)
     return FileReport(
         path=path, shot_num=data.shot_num, queries=len(data.queries), candidates=n,
-        candidates_per_query={"min": min(sizes), "mean": round(statistics.fmean(sizes), 3),
-                              "median": float(statistics.median(sizes)), "max": max(sizes)},
+        candidates_per_query=_size_summary(sizes),
         gen_methods=dict(sorted(gen.items())), eval_modes=dict(sorted(modes_count.items())), eval_mode_share=share,
         positive_ratio=round(sum(positives) / n, 4) if n else 0.0, queries_all_positive=all_pos,
         queries_all_negative=all_neg,
         training_view={"queries": len(kept_groups), "candidates": sum(len(g) for g in kept_groups)},
-        rewards=rewards, finished=finished, problems=problems)
+        rewards=rewards, finished=bool(data.meta), problems=problems)
 
 
 def format_report(r: FileReport) -> str:

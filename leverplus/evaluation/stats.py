@@ -816,39 +816,8 @@ def next_allocation(
     margin = _check_margin(margin)
     _check_better(better)
     budget = _check_pos_int(budget, "budget", "give the total number of arm seed-runs allowed", minimum=0)
-    k = len(schedule)
-    alpha_look = alpha / k
-    plan_text = f"alpha {alpha_look:.3g} per look"
-
-    states: list[tuple[str, int, str, int | None, MarginVerdict | None]] = []
-    for arm, res in arm_results.items():
-        if isinstance(res, MarginVerdict):
-            v: MarginVerdict | None = res
-            n = int(res.n)
-            if res.alpha > alpha_look * (1 + 1e-9):
-                raise LeverPlusInputError(
-                    f"arm {arm!r}: the verdict was read at alpha {res.alpha:g}, above the {alpha_look:g} per look of "
-                    f"a {k}-look design", record=str(arm), field="alpha",
-                    fix=f"read it with paired_verdict(..., alpha={alpha_look:g}) or pass the differences")
-            if not math.isclose(res.margin, margin, rel_tol=1e-9):
-                raise LeverPlusInputError(f"arm {arm!r}: the verdict used margin {res.margin:g}, not {margin:g}",
-                                          record=str(arm), field="margin", fix="use one margin for the sweep")
-            if res.verdict not in VERDICTS:
-                raise LeverPlusInputError(f"arm {arm!r}: unknown verdict {res.verdict!r}", record=str(arm),
-                                          field="verdict", fix=f"use one of {VERDICTS}")
-        else:
-            n = len(res)
-            v = None
-        if n > max_seeds:
-            raise LeverPlusInputError(f"arm {arm!r} has {n} seeds, more than max_seeds={max_seeds}", record=str(arm),
-                                      field="max_seeds", fix="raise max_seeds to the planned maximum")
-        if n in schedule:
-            if v is None:
-                v = paired_verdict(res, margin, alpha=alpha_look, better=better)  # type: ignore[arg-type]
-            states.append((arm, n, v.verdict, schedule.index(n) + 1, v))
-        else:
-            states.append((arm, n, "pending", None, None))
-
+    design = _Design(schedule, alpha / len(schedule), margin, max_seeds, better, scale, unit)
+    states = [design.arm_state(arm, res) for arm, res in arm_results.items()]
     left = budget - sum(n for _, n, *_ in states)
     out: dict[str, ArmAllocation] = {}
     wants: list[tuple[int, int, str, int]] = []  # (n, input order, arm, seeds to the next look)
@@ -857,28 +826,91 @@ def next_allocation(
             nxt = next(s for s in schedule if s > n)
             wants.append((n, i, arm, nxt - n))
         else:
-            text = v.describe(scale=scale, unit=unit) if v is not None else ""
-            tail = f"at the maximum of {max_seeds} seeds, stop" if verdict_ == "inconclusive" else "stop"
-            out[arm] = ArmAllocation(arm, n, 0, verdict_, look, f"{text}; {tail} (look {look} of {k}, {plan_text})", v)
+            out[arm] = design.stopped(arm, n, verdict_, look, v)
     for n, i, arm, need in sorted(wants):
-        _, _, verdict_, look, v = states[i]
+        out[arm] = design.topped_up(states[i], need, left)
+        if need <= left:
+            left -= need
+    ordered = {arm: out[arm] for arm, *_ in states}
+    return AllocationPlan(ordered, schedule, float(alpha), design.alpha_look, budget, max(left, 0))
+
+
+_ArmState = tuple  # (arm, n seeds, verdict or "pending", look number or None, MarginVerdict or None)
+
+
+@dataclass(frozen=True)
+class _Design:
+    """The sequential design of one :func:`next_allocation` call: looks, per-look alpha, margin, reporting."""
+
+    schedule: tuple
+    alpha_look: float
+    margin: float
+    max_seeds: int
+    better: str
+    scale: float
+    unit: str
+
+    @property
+    def plan_text(self) -> str:
+        return f"alpha {self.alpha_look:.3g} per look"
+
+    def check_verdict(self, arm: str, res: MarginVerdict) -> None:
+        """A verdict passed in must be read at (at most) the per-look alpha, with the sweep's margin."""
+        k = len(self.schedule)
+        if res.alpha > self.alpha_look * (1 + 1e-9):
+            raise LeverPlusInputError(
+                f"arm {arm!r}: the verdict was read at alpha {res.alpha:g}, above the {self.alpha_look:g} per look "
+                f"of a {k}-look design", record=str(arm), field="alpha",
+                fix=f"read it with paired_verdict(..., alpha={self.alpha_look:g}) or pass the differences")
+        if not math.isclose(res.margin, self.margin, rel_tol=1e-9):
+            raise LeverPlusInputError(f"arm {arm!r}: the verdict used margin {res.margin:g}, not {self.margin:g}",
+                                      record=str(arm), field="margin", fix="use one margin for the sweep")
+        if res.verdict not in VERDICTS:
+            raise LeverPlusInputError(f"arm {arm!r}: unknown verdict {res.verdict!r}", record=str(arm),
+                                      field="verdict", fix=f"use one of {VERDICTS}")
+
+    def arm_state(self, arm: str, res: Sequence[float] | MarginVerdict) -> _ArmState:
+        """The arm's seeds so far and, at a planned look, its verdict (read here from the differences if needed)."""
+        if isinstance(res, MarginVerdict):
+            v: MarginVerdict | None = res
+            n = int(res.n)
+            self.check_verdict(arm, res)
+        else:
+            n = len(res)
+            v = None
+        if n > self.max_seeds:
+            raise LeverPlusInputError(f"arm {arm!r} has {n} seeds, more than max_seeds={self.max_seeds}",
+                                      record=str(arm), field="max_seeds", fix="raise max_seeds to the planned maximum")
+        if n not in self.schedule:
+            return (arm, n, "pending", None, None)
+        if v is None:
+            v = paired_verdict(res, self.margin, alpha=self.alpha_look, better=self.better)  # type: ignore[arg-type]
+        return (arm, n, v.verdict, self.schedule.index(n) + 1, v)
+
+    def stopped(self, arm: str, n: int, verdict_: str, look: int | None, v: MarginVerdict | None) -> ArmAllocation:
+        """An arm that gets no more seeds: decided, or inconclusive at the maximum."""
+        k = len(self.schedule)
+        text = v.describe(scale=self.scale, unit=self.unit) if v is not None else ""
+        tail = f"at the maximum of {self.max_seeds} seeds, stop" if verdict_ == "inconclusive" else "stop"
+        return ArmAllocation(arm, n, 0, verdict_, look, f"{text}; {tail} (look {look} of {k}, {self.plan_text})", v)
+
+    def topped_up(self, state: _ArmState, need: int, left: int) -> ArmAllocation:
+        """An arm that wants ``need`` seeds to reach its next look: granted when ``left`` covers them all."""
+        arm, n, verdict_, look, v = state
+        schedule, k = self.schedule, len(self.schedule)
         if verdict_ == "pending":
             head = (f"not started: first look at {schedule[0]} seeds" if n == 0 else
                     f"{n} seed{'s' if n != 1 else ''} is not a planned look {schedule}: no verdict read")
             where = f"to reach {n + need}"
         else:
             assert v is not None
-            head = v.describe(scale=scale, unit=unit) + f" (look {look} of {k}, {plan_text})"
+            head = v.describe(scale=self.scale, unit=self.unit) + f" (look {look} of {k}, {self.plan_text})"
             where = f"for look {schedule.index(n + need) + 1}"
         if need <= left:
-            left -= need
-            out[arm] = ArmAllocation(arm, n, need, verdict_, look, f"{head}; +{need} seed{'s' if need != 1 else ''} "
-                                                                   f"{where}", v)
-        else:
-            out[arm] = ArmAllocation(arm, n, 0, verdict_, look, f"{head}; needs +{need} {where} but the budget has "
-                                                                f"{max(left, 0)} seed run(s) left", v)
-    ordered = {arm: out[arm] for arm, *_ in states}
-    return AllocationPlan(ordered, schedule, float(alpha), alpha_look, budget, max(left, 0))
+            return ArmAllocation(arm, n, need, verdict_, look, f"{head}; +{need} seed{'s' if need != 1 else ''} "
+                                                               f"{where}", v)
+        return ArmAllocation(arm, n, 0, verdict_, look, f"{head}; needs +{need} {where} but the budget has "
+                                                        f"{max(left, 0)} seed run(s) left", v)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -28,69 +28,40 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 from filelock import FileLock
+from omegaconf import OmegaConf
 
 from leverplus.config.sim_params import GENERATOR_VERSION, SimParams, params_dict, params_hash
 from leverplus.data.formats.beam_json import write_beam_json
 from leverplus.data.formats.embeddings import read_embeddings, save_embeddings
 from leverplus.data.formats.io import atomic_write_json, load_json
 from leverplus.data.formats.rl_json import write_rl_json
-from leverplus.datagen.candidates import CandidateSettings, QueryJob, build_candidates, query_generators
+from leverplus.datagen.candidates import (
+    CandidateSettings,
+    QueryJob,
+    build_candidates,
+    query_generators,
+    score_queries,
+)
+from leverplus.datagen.scorers.infoscore import infoscore_beam_search as shared_infoscore_beam_search
 from leverplus.env import CACHE_VAR
 from leverplus.errors import LeverPlusInputError
-from leverplus.evaluation.vqa_metric import fallback_match, vqa_postprocess
-from leverplus.sim.lvlm import STREAM_FALLBACK_COIN, STREAM_FALLBACK_NOISE, SimLVLM, hash_uniform
+from leverplus.evaluation.vqa_metric import vqa_postprocess
+from leverplus.sim.fallback import fallback_anchor_set, score_fallback
+from leverplus.sim.files import (
+    CREATED_AT,
+    EMBEDDINGS_FILE,
+    EVAL_FORMAT,
+    EVAL_QUERIES_FILE,
+    MANIFEST_FILE,
+    VQA_MODEL_NAME,
+    PathLike,
+    SimDataPaths,
+    beam_json_name,
+    sim_data_paths,
+)
+from leverplus.sim.lvlm import SimLVLM
+from leverplus.sim.scorer import SimScorer
 from leverplus.sim.world import World
-
-PathLike = Union[str, Path]
-
-VQA_MODEL_NAME = "sim-lvlm"
-#: Fixed, so files are byte-identical per parameters (the reference stamps the wall clock here).
-CREATED_AT = "2000-01-01 00:00:00"
-EVAL_FORMAT = "leverplus-sim-eval-queries/1"
-
-EMBEDDINGS_FILE = "train_embeddings.pt"
-EVAL_QUERIES_FILE = "eval_queries.json"
-MANIFEST_FILE = "manifest.json"
-
-
-@dataclass(frozen=True)
-class SimDataPaths:
-    """Where one generated world lives."""
-
-    root: Path
-    embeddings: Path  # [num_train, d] train embeddings (query and candidate table)
-    beam_json: Path  # InfoScore beam JSON (reference#formats-beam-json)
-    rl_json: dict  # shot_num -> RL JSON path (reference#formats-rl-json)
-    eval_queries: Path  # our eval-query JSON (val/test questions, answers, pools)
-    eval_embeddings: dict  # "val"/"test" -> [n, d] embeddings of the eval queries
-    manifest: Path
-
-    def all_files(self) -> list[Path]:
-        """Every data file, in a fixed order (manifest last)."""
-        return ([self.embeddings, self.beam_json] + [self.rl_json[s] for s in sorted(self.rl_json)]
-                + [self.eval_queries] + [self.eval_embeddings[s] for s in sorted(self.eval_embeddings)]
-                + [self.manifest])
-
-
-def beam_json_name(p: SimParams) -> str:
-    """The reference's beam-file name (``generate_data.py:L319-324``) for the simulated dataset and model."""
-    return (f"vqa-sim-{VQA_MODEL_NAME.replace('-', '_')}-RandSampler-scorer:infoscore-construct_order:left-"
-            f"beam_size:{p.beam_size}-max_shot:{p.beam_max_shot}-candidate_num:{p.candidate_num}-"
-            f"sample_num:{p.num_anchors}.json")
-
-
-def sim_data_paths(root: PathLike, p: SimParams) -> SimDataPaths:
-    """The file layout of a world folder (files need not exist yet)."""
-    root = Path(root)
-    return SimDataPaths(
-        root=root,
-        embeddings=root / EMBEDDINGS_FILE,
-        beam_json=root / beam_json_name(p),
-        rl_json={s: root / f"rl_data_RandSampler_{VQA_MODEL_NAME}_shot{s}.json" for s in sorted(p.shot_nums)},
-        eval_queries=root / EVAL_QUERIES_FILE,
-        eval_embeddings={s: root / f"{s}_embeddings.pt" for s in ("val", "test")},
-        manifest=root / MANIFEST_FILE,
-    )
 
 
 def _tensor_hash(x: np.ndarray) -> str:
@@ -109,11 +80,10 @@ def _file_hash(path: Path) -> str:
 def infoscore_beam_search(lvlm: SimLVLM, anchors: np.ndarray, pools: np.ndarray, beam_size: int,
                           max_shot: int) -> dict[int, dict]:
     """InfoScore beam search (reference#formats-beam-json) with the simulated LVLM, vectorised over all anchors: the shared
-    :func:`leverplus.scorers.infoscore.infoscore_beam_search` with ``P(y | prompt)`` = ``p_correct`` (the
+    :func:`leverplus.datagen.scorers.infoscore.infoscore_beam_search` with ``P(y | prompt)`` = ``p_correct`` (the
     teacher-forced probability of the anchor's canonical answer, ``answer_prob``)."""
-    from leverplus.datagen.scorers.infoscore import infoscore_beam_search as shared
-
-    return shared(lambda q, icds: lvlm.p_correct_batch("train", q, icds), anchors, pools, beam_size, max_shot)
+    return shared_infoscore_beam_search(lambda q, icds: lvlm.p_correct_batch("train", q, icds), anchors, pools,
+                                        beam_size, max_shot)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -164,33 +134,6 @@ def pointer_candidates(world: World, qidx: int, shot_num: int) -> list[dict]:
                             random_rng=random_rng)
 
 
-def fallback_anchor_set(world: World) -> set[int]:
-    """Anchors scored by the string-match fallback: ``round(fallback_fraction · num_anchors)`` of them, drawn
-    with a seeded permutation (the same anchors in every shot file, as a question missing from the annotation
-    files would be)."""
-    p = world.params
-    n = int(round(p.fallback_fraction * len(world.anchors)))
-    perm = np.random.default_rng([p.seed, 3003]).permutation(len(world.anchors))
-    return {int(world.anchors[i]) for i in perm[:n]}
-
-
-def score_fallback(world: World, qidx: int, pointer_global: Sequence[int], prediction: str,
-                   gt_answers: Sequence[str]) -> tuple[int, float]:
-    """Noisy fallback scoring: ``fallback_match``, then with prob ``fallback_noise`` the correctness is
-    replaced by a fair coin flip unrelated to the answer (``fallback_noise_kind="coin"``) or inverted ("flip");
-    score 1.0 if correct else 0.0. Hash-seeded."""
-    p = world.params
-    correct, score = fallback_match(prediction, gt_answers)
-    q, icds = np.asarray([qidx]), np.asarray([list(pointer_global)])
-    if hash_uniform(p.seed, STREAM_FALLBACK_NOISE, 1, q, icds)[0] < p.fallback_noise:
-        if p.fallback_noise_kind == "flip":
-            correct = 1 - int(correct)
-        else:
-            correct = int(hash_uniform(p.seed, STREAM_FALLBACK_COIN, 1, q, icds)[0] < 0.5)
-        score = 1.0 if correct else 0.0
-    return correct, float(score)
-
-
 def _query_block(world: World, split: str, qidx: int) -> dict:
     """The reference#formats-rl-json ``query`` object of one query."""
     items = world.items(split)
@@ -209,9 +152,6 @@ def rl_records(world: World, lvlm: SimLVLM, shot_num: int, fallback_anchors: set
     :func:`leverplus.datagen.candidates.score_queries` with the ``sim`` scorer, in one vectorised batch over all anchors.
     ``cache`` (shared across shot counts) memoises the VQA accuracy and relevance of (anchor, prediction).
     """
-    from leverplus.datagen.candidates import score_queries
-    from leverplus.sim.scorer import SimScorer
-
     scorer = SimScorer(lvlm, fallback_queries=fallback_anchors)
     jobs = [QueryJob(int(a), [int(i) for i in world.pool("train", int(a))], pointer_candidates(world, int(a), shot_num))
             for a in world.anchors]
@@ -284,6 +224,23 @@ class EvalQueries:
         return len(self.query_index)
 
 
+def _eval_pools(records: list, *, split: str, path: str, num_train: int, K: int) -> list[list[int]]:
+    """Each record's ``candidate_pool_ids`` (``K`` distinct train ids); query ids must be positions."""
+    pools = []
+    for i, rec in enumerate(records):
+        where = f"{split} query {i}"
+        if rec.get("query_id") != i:
+            raise LeverPlusInputError(f"query_id is {rec.get('query_id')!r}, expected its position {i}", file=path,
+                                      record=where, field="query_id", fix="regenerate the simulated world")
+        pool = rec.get("candidate_pool_ids")
+        if (not isinstance(pool, list) or len(pool) != K or len(set(pool)) != K
+                or not all(isinstance(x, int) and 0 <= x < num_train for x in pool)):
+            raise LeverPlusInputError(f"must hold {K} distinct train ids in [0, {num_train})", file=path,
+                                      record=where, field="candidate_pool_ids", fix="regenerate the simulated world")
+        pools.append(list(pool))
+    return pools
+
+
 def load_eval_queries(paths: SimDataPaths, split: str) -> EvalQueries:
     """Read and check one split of the eval-query JSON and its embeddings."""
     if split not in ("val", "test"):
@@ -300,19 +257,7 @@ def load_eval_queries(paths: SimDataPaths, split: str) -> EvalQueries:
                                   fix="regenerate the simulated world")
     records = block["queries"]
     emb = read_embeddings(Path(path).parent / block["embeddings"], expected_rows=len(records))
-    num_train, K = meta["num_train"], meta["candidate_num"]
-    pools = []
-    for i, rec in enumerate(records):
-        where = f"{split} query {i}"
-        if rec.get("query_id") != i:
-            raise LeverPlusInputError(f"query_id is {rec.get('query_id')!r}, expected its position {i}", file=path,
-                                      record=where, field="query_id", fix="regenerate the simulated world")
-        pool = rec.get("candidate_pool_ids")
-        if (not isinstance(pool, list) or len(pool) != K or len(set(pool)) != K
-                or not all(isinstance(x, int) and 0 <= x < num_train for x in pool)):
-            raise LeverPlusInputError(f"must hold {K} distinct train ids in [0, {num_train})", file=path,
-                                      record=where, field="candidate_pool_ids", fix="regenerate the simulated world")
-        pools.append(list(pool))
+    pools = _eval_pools(records, split=split, path=path, num_train=meta["num_train"], K=meta["candidate_num"])
     return EvalQueries(split=split, query_index=list(range(len(records))), embeddings=emb, pools=pools,
                        records=records)
 
@@ -448,3 +393,38 @@ def load_world(source: Union[SimParams, SimDataPaths, PathLike]) -> World:
 def load_lvlm(source: Union[SimParams, SimDataPaths, PathLike]) -> SimLVLM:
     """The simulated LVLM (= downstream scorer) of a generated folder or of parameters."""
     return SimLVLM(load_world(source))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The world as a scorer (``build_scorer`` factories of ``scorer.name=sim``)
+# ------------------------------------------------------------------------------------------------------
+
+
+def from_world_dir(root: PathLike, *, noisy_fallback: bool = True) -> SimScorer:
+    """The scorer of a generated world folder (its manifest is checked, see :func:`load_world`)."""
+    return SimScorer(load_lvlm(Path(root)), noisy_fallback=noisy_fallback, root=Path(root))
+
+
+def world_paths(cfg: Any) -> SimDataPaths:
+    """The world folder of a ``scorer.sim`` config (generated and cached on first use)."""
+    params = cfg.params
+    if not isinstance(params, SimParams):
+        params = SimParams.from_mapping(OmegaConf.to_container(params, resolve=True) if OmegaConf.is_config(params)
+                                        else dict(params))
+    # the same layout as the trainer's data.cache_dir: <cache_dir>/sim/<params_hash>/
+    root = Path(cfg.cache_dir).expanduser() / "sim" if cfg.cache_dir else default_cache_root()
+    return load_or_generate(params, root)
+
+
+def from_config(cfg: Any) -> SimScorer:
+    """``build_scorer`` factory: the world of ``cfg.sim`` (generated/cached), as a scorer."""
+    paths = world_paths(cfg.sim)
+    return from_world_dir(paths.root, noisy_fallback=bool(cfg.sim.noisy_fallback))
+
+
+__all__ = ["CREATED_AT", "EMBEDDINGS_FILE", "EVAL_FORMAT", "EVAL_QUERIES_FILE", "MANIFEST_FILE", "VQA_MODEL_NAME",
+           "EvalQueries", "SimDataPaths", "beam_json_name", "candidate_settings", "default_cache_root",
+           "eval_queries_payload", "fallback_anchor_set", "from_config", "from_world_dir", "generate_world_data",
+           "infoscore_beam_search", "load_eval_queries", "load_lvlm", "load_or_generate", "load_world",
+           "pointer_candidates", "proposal_logits", "rl_meta", "rl_records", "score_fallback", "sim_data_paths",
+           "world_paths"]

@@ -1,5 +1,7 @@
-"""The ``sim`` scorer: the simulated LVLM of :mod:`leverplus.sim` behind the :class:`~leverplus.scorers.Scorer`
-interface, so the generic generators produce the same kind of files on the embedded world as on real data.
+"""The ``sim`` scorer: the simulated LVLM of :mod:`leverplus.sim` behind the
+:class:`~leverplus.datagen.scorers.base.Scorer` interface, so the generic generators produce the same kind of files on the embedded world as on real data.
+Its ``build_scorer`` factories (``from_config``, ``from_world_dir``) live next to the world cache in
+:mod:`leverplus.sim.generate`.
 
 Correctness follows the simulator's own files (docs/sim.md): the anchors of ``fallback_anchor_set`` have no
 official annotations (→ fallback, with the world's coin-flip noise unless ``noisy_fallback=False``); every other
@@ -9,13 +11,16 @@ query is scored by the official metric against its annotators' answers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
+from leverplus.config.sim_params import params_hash
 from leverplus.datagen.scorers.base import Scorer
 from leverplus.errors import LeverPlusInputError
 from leverplus.evaluation.vqa_metric import fallback_match, normalize_answer
+from leverplus.sim.fallback import fallback_anchor_set, score_fallback
+from leverplus.sim.files import EMBEDDINGS_FILE, VQA_MODEL_NAME
 from leverplus.sim.lvlm import SimLVLM
 
 
@@ -23,14 +28,12 @@ class SimScorer(Scorer):
     """:class:`~leverplus.sim.lvlm.SimLVLM` as a scorer.
 
     fallback_queries: train query ids scored by the fallback (default: the world's ``fallback_anchor_set``).
-    noisy_fallback: apply the world's fallback noise (``sim.generate.score_fallback``) instead of plain
+    noisy_fallback: apply the world's fallback noise (``sim.fallback.score_fallback``) instead of plain
         ``fallback_match``.
     """
 
     def __init__(self, lvlm: SimLVLM, *, fallback_queries: Optional[Set[int]] = None, noisy_fallback: bool = True,
                  root: Optional[Path] = None) -> None:
-        from leverplus.sim.generate import VQA_MODEL_NAME, fallback_anchor_set
-
         self.lvlm = lvlm
         self.world = lvlm.world
         self.name = VQA_MODEL_NAME
@@ -61,8 +64,6 @@ class SimScorer(Scorer):
         return [int(i) for i in self.world.pool(split, query_index)]
 
     def embeddings_path(self) -> Optional[str]:
-        from leverplus.sim.generate import EMBEDDINGS_FILE
-
         return str(self.root / EMBEDDINGS_FILE) if self.root is not None else None
 
     def query_ids(self, split: str) -> Optional[List[int]]:
@@ -72,8 +73,6 @@ class SimScorer(Scorer):
                        gt_answers: Sequence[str]) -> Tuple[int, float]:
         if not self.noisy_fallback:
             return fallback_match(prediction, gt_answers)
-        from leverplus.sim.generate import score_fallback
-
         return score_fallback(self.world, int(query_index), list(icd_ids), prediction, gt_answers)
 
     # ---------------------------------------------------------------------------------- model
@@ -119,8 +118,6 @@ class SimScorer(Scorer):
         return self.lvlm.vqa_gt_prob_batch(split, q, icds) if len(q) else np.zeros(0)
 
     def describe(self) -> Dict[str, Any]:
-        from leverplus.config.sim_params import params_hash
-
         h = params_hash(self.world.params)
         return {"vqa_model": self.name,
                 "task_gen_args": {"answer_decoding": "hash of (seed, query, ICD tuple); see docs/sim.md",
@@ -130,33 +127,4 @@ class SimScorer(Scorer):
                          "val_ques_path": f"sim://{h}/val/questions", "val_ann_path": f"sim://{h}/val/annotations"}}
 
 
-def from_world_dir(root: Union[str, Path], *, noisy_fallback: bool = True) -> SimScorer:
-    """The scorer of a generated world folder (its manifest is checked, see ``sim.generate.load_world``)."""
-    from leverplus.sim.generate import load_lvlm
-
-    return SimScorer(load_lvlm(Path(root)), noisy_fallback=noisy_fallback, root=Path(root))
-
-
-def world_paths(cfg: Any):
-    """The world folder of a ``scorer.sim`` config (generated and cached on first use)."""
-    from omegaconf import OmegaConf
-
-    from leverplus.config.sim_params import SimParams
-    from leverplus.sim.generate import default_cache_root, load_or_generate
-
-    params = cfg.params
-    if not isinstance(params, SimParams):
-        params = SimParams.from_mapping(OmegaConf.to_container(params, resolve=True) if OmegaConf.is_config(params)
-                                        else dict(params))
-    # the same layout as the trainer's data.cache_dir: <cache_dir>/sim/<params_hash>/
-    root = Path(cfg.cache_dir).expanduser() / "sim" if cfg.cache_dir else default_cache_root()
-    return load_or_generate(params, root)
-
-
-def from_config(cfg: Any) -> SimScorer:
-    """``build_scorer`` factory: the world of ``cfg.sim`` (generated/cached), as a scorer."""
-    paths = world_paths(cfg.sim)
-    return from_world_dir(paths.root, noisy_fallback=bool(cfg.sim.noisy_fallback))
-
-
-__all__ = ["SimScorer", "from_config", "from_world_dir", "world_paths"]
+__all__ = ["SimScorer"]

@@ -5,10 +5,17 @@ import json
 import pytest
 import torch
 
-from leverplus.data.batching import collate, iterate_batches, num_batches
+from leverplus.data.batching import _length_mask, collate, iterate_batches, num_batches
 from leverplus.data.formats.beam_json import BeamRecord
 from leverplus.data.formats.rl_json import read_rl_json, write_rl_json
-from leverplus.data.groups import FilterStats, GroupOptions, beam_groups, build_groups, split_query_ids
+from leverplus.data.groups import (
+    FilterStats,
+    GroupOptions,
+    _drop_reason,
+    beam_groups,
+    build_groups,
+    split_query_ids,
+)
 from leverplus.errors import LeverPlusInputError
 
 
@@ -165,3 +172,13 @@ def test_prepare_groups_reuses_skeletons_across_reward_configs_and_equals_build_
                     for f in ("labels", "rewards_raw", "rewards", "acc"):
                         assert torch.equal(getattr(a, f), getattr(b, f)), f
     assert len(data.group_cache) == 2 * 2 * 2  # (shot 1, 2) x (train, val) x (skip_fallback true, false)
+
+
+def test_drop_reason_follows_the_filter_order_and_length_mask():
+    opts = GroupOptions(drop_eval_errors=True, skip_fallback_reward=True, filter_gen_methods=["beam"])
+    assert _drop_reason({"vqa_eval_mode": "error", "gen_method": "random"}, opts) == "eval_error"
+    assert _drop_reason({"vqa_eval_mode": "fallback", "gen_method": "random"}, opts) == "fallback"
+    assert _drop_reason({"vqa_eval_mode": "vqaEval", "gen_method": "random"}, opts) == "gen_method"
+    assert _drop_reason({"vqa_eval_mode": "vqaEval", "gen_method": "beam"}, opts) is None
+    assert _drop_reason({"eval_failed": True}, GroupOptions(drop_eval_errors=False, filter_gen_methods=None)) is None
+    assert _length_mask([2, 0, 3]).tolist() == [[True, True, False], [False, False, False], [True, True, True]]

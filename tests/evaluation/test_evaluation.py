@@ -4,10 +4,18 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from leverplus.config.schema import EvalConfig
 from leverplus.data.eval_queries import EvalQuerySet
 from leverplus.data.groups import Group
-from leverplus.evaluation.downstream import downstream_eval, paired_comparison, select_icds
+from leverplus.evaluation.downstream import (
+    DEFAULT_BOOTSTRAP_SAMPLES,
+    downstream_eval,
+    evaluate_splits,
+    paired_comparison,
+    select_icds,
+)
 from leverplus.evaluation.ranking import _ndcg, _spearman, offline_metrics
 
 
@@ -198,3 +206,17 @@ def test_vqa_normalization_is_a_config_enum_and_part_of_the_run_key():
     assert len(keys) == 3  # each option changes the run key
     with pytest.raises(ConfigCompositionException):
         compose_cfg(["eval.vqa_normalization=lavis"])
+
+
+def test_evaluate_splits_paired_comparisons_use_eval_bootstrap_samples():
+    assert EvalConfig().bootstrap_samples == DEFAULT_BOOTSTRAP_SAMPLES  # the hard-coded value it replaces
+    qs, emb = qset(n=120), torch.randn(50, 4)
+    cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), {"downstream_splits": ["test"], "baselines": ["random"],
+                                                             "bootstrap_samples": 37})
+    out = evaluate_splits(RandomPolicy(), FixedScorer(), {"test": qs}, emb, [2], cfg, seed=3, data_key="t")
+    res = out.comparisons["test/shot2/selector_vs_random"]
+    _, rows = downstream_eval(FixedScorer(), qs, emb, 2, ["selector", "random"], model=RandomPolicy(), seed=3)
+    assert res == paired_comparison(rows["selector"], rows["random"], n_boot=37, seed=3)
+    assert res != paired_comparison(rows["selector"], rows["random"], seed=3)  # 2000 resamples: another CI
+    assert set(out.comparisons) == {"test/shot2/selector_vs_random"}
+    assert out.metrics["test/downstream_acc"] == out.metrics["test/downstream/shot2/selector_acc"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import math
 import threading
@@ -17,6 +19,7 @@ from leverplus.config.sim_params import GENERATOR_VERSION, SimParams, params_has
 from leverplus.data.formats.beam_json import read_beam_json
 from leverplus.data.formats.embeddings import read_embeddings
 from leverplus.data.formats.rl_json import read_rl_json
+from leverplus.datagen.scorers.base import SCORERS
 from leverplus.errors import LeverPlusInputError
 from leverplus.evaluation.vqa_metric import (
     fallback_match,
@@ -26,6 +29,7 @@ from leverplus.evaluation.vqa_metric import (
     vqa_postprocess,
 )
 from leverplus.sim import generate as gen
+from leverplus.sim import scorer as sim_scorer
 from leverplus.sim.lvlm import SimLVLM, hash_uniform
 from leverplus.sim.world import VOCABULARY, World, surface_variants
 
@@ -507,3 +511,25 @@ def test_default_cache_root_honours_the_environment(monkeypatch, tmp_path):
     assert gen.default_cache_root() == tmp_path / "sim"
     monkeypatch.delenv("LEVERPLUS_CACHE")
     assert gen.default_cache_root() == Path.home() / ".cache" / "leverplus" / "sim"
+
+
+# ------------------------------------------------------------------------------------------------ module layout
+
+
+def test_sim_scorer_factory_is_registered_next_to_the_world_cache(small_data, small_params):
+    """``scorer.name=sim`` resolves to ``generate.from_config``; the scorer built from a world folder answers like
+    the world's LVLM and scores its fallback anchors with the world's noisy fallback."""
+    assert SCORERS["sim"] == "leverplus.sim.generate:from_config"
+    imported = {n.module for n in ast.walk(ast.parse(inspect.getsource(sim_scorer))) if isinstance(n, ast.ImportFrom)}
+    assert "leverplus.sim.generate" not in imported  # the cycle generate <-> scorer stays broken
+    sc = gen.from_world_dir(small_data.root)
+    assert sc.name == gen.VQA_MODEL_NAME and sc.embeddings_path() == str(small_data.root / gen.EMBEDDINGS_FILE)
+    world, lvlm = sc.world, gen.load_lvlm(small_data)
+    assert sc.fallback_queries == gen.fallback_anchor_set(world) and sc.fallback_queries
+    a = int(sorted(sc.fallback_queries)[0])
+    assert sc.official_answers("train", a) is None
+    icds = [int(i) for i in world.pool("train", a)[:2]]
+    assert sc.answer("train", a, icds) == lvlm.answer("train", a, icds)
+    assert sc.fallback_score("train", a, icds, "yes", ["no"] * 10) == gen.score_fallback(world, a, icds, "yes",
+                                                                                          ["no"] * 10)
+    assert sc.describe()["eval"]["train_ques_path"] == f"sim://{params_hash(small_params)}/train/questions"

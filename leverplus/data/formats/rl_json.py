@@ -122,7 +122,19 @@ def _shot_fix(expected: int, got: int, given: bool) -> str:
             "candidate); regenerate the file or drop the inconsistent candidates")
 
 
+def _check_vqa_correct(cand: dict, *, path: str, record: str) -> None:
+    if "vqa_correct" in cand:
+        v = cand["vqa_correct"]
+        if not (v is None or isinstance(v, bool) or (_is_int(v) and v in (0, 1))):
+            raise LeverPlusInputError(
+                f"is {v!r}; it must be 0, 1, true, false or null",
+                file=path, record=record, field="vqa_correct",
+                fix="set vqa_correct = 1 if vqa_acc_score > 0 else 0",
+            )
+
+
 def _check_rl_candidate_fields(cand: dict, *, path: str, record: str) -> None:
+    """The optional score fields: finite numbers, accuracy in [0, 1], a 0/1 correctness, strings or null."""
     for name in RL_NUMERIC_FIELDS:
         v = cand.get(name)
         if v is not None:
@@ -134,14 +146,7 @@ def _check_rl_candidate_fields(cand: dict, *, path: str, record: str) -> None:
             file=path, record=record, field="vqa_acc_score",
             fix="store accuracy as a fraction (official VQA accuracy / 100)",
         )
-    if "vqa_correct" in cand:
-        v = cand["vqa_correct"]
-        if not (v is None or isinstance(v, bool) or (_is_int(v) and v in (0, 1))):
-            raise LeverPlusInputError(
-                f"is {v!r}; it must be 0, 1, true, false or null",
-                file=path, record=record, field="vqa_correct",
-                fix="set vqa_correct = 1 if vqa_acc_score > 0 else 0",
-            )
+    _check_vqa_correct(cand, path=path, record=record)
     for name in RL_STRING_FIELDS:
         v = cand.get(name)
         if v is not None and not isinstance(v, str):
@@ -172,6 +177,40 @@ def _rl_pool(entry: dict, query: dict, *, qid: int, path: str, num_items: Option
     return pool
 
 
+def _local_pointer(cand: dict, glob: list[int], pool: Optional[list[int]], *, path: str, record: str) -> None:
+    """With ``pointer_global``, ``pointer`` holds local positions into the pool: ``pool[pointer[j]] == glob[j]``."""
+    if pool is None:
+        raise LeverPlusInputError(
+            "has pointer_global (so 'pointer' is local) but the query has no candidate_pool_ids",
+            file=path, record=record, field="pointer_global",
+            fix="add candidate_pool_ids to the query entry, or drop pointer_global and store global ids in pointer",
+        )
+    if "pointer" not in cand:
+        raise LeverPlusInputError(
+            "has pointer_global but no local 'pointer'", file=path, record=record, field="pointer",
+            fix="store pointer[i] = candidate_pool_ids.index(pointer_global[i])",
+        )
+    local = cand["pointer"]
+    if not isinstance(local, list) or not all(_is_int(v) for v in local) or len(local) != len(glob):
+        raise LeverPlusInputError(
+            f"local pointer {local!r} must be a list of {len(glob)} integers (one per pointer_global entry)",
+            file=path, record=record, field="pointer",
+        )
+    for j, (lo, gl) in enumerate(zip(local, glob)):
+        if not 0 <= lo < len(pool):
+            raise LeverPlusInputError(
+                f"local index {lo} (entry {j}) is outside the pool [0, {len(pool)})",
+                file=path, record=record, field="pointer",
+                fix="re-run the K=64 pool fix for this query",
+            )
+        if pool[lo] != gl:
+            raise LeverPlusInputError(
+                f"candidate_pool_ids[{lo}] = {pool[lo]} but pointer_global[{j}] = {gl}",
+                file=path, record=record, field="pointer",
+                fix="re-run the K=64 pool fix for this query (pool[local] must equal the global id)",
+            )
+
+
 def _rl_pointer(
     cand: dict,
     *,
@@ -181,40 +220,12 @@ def _rl_pointer(
     record: str,
     num_items: Optional[int],
 ) -> tuple[list[int], bool]:
-    """Pick the pointer field (reference#formats-rl-json "Legacy formats"), validate it and return (global ids, stored_local)."""
+    """Pick the pointer field (reference#formats-rl-json "Legacy formats"), validate it and return
+    (global ids, stored_local)."""
     if "pointer_global" in cand:
         glob = _int_list(cand["pointer_global"], path=path, record=record, field_name="pointer_global",
                          num_items=num_items)
-        if pool is None:
-            raise LeverPlusInputError(
-                "has pointer_global (so 'pointer' is local) but the query has no candidate_pool_ids",
-                file=path, record=record, field="pointer_global",
-                fix="add candidate_pool_ids to the query entry, or drop pointer_global and store global ids in pointer",
-            )
-        if "pointer" not in cand:
-            raise LeverPlusInputError(
-                "has pointer_global but no local 'pointer'", file=path, record=record, field="pointer",
-                fix="store pointer[i] = candidate_pool_ids.index(pointer_global[i])",
-            )
-        local = cand["pointer"]
-        if not isinstance(local, list) or not all(_is_int(v) for v in local) or len(local) != len(glob):
-            raise LeverPlusInputError(
-                f"local pointer {local!r} must be a list of {len(glob)} integers (one per pointer_global entry)",
-                file=path, record=record, field="pointer",
-            )
-        for j, (lo, gl) in enumerate(zip(local, glob)):
-            if not 0 <= lo < len(pool):
-                raise LeverPlusInputError(
-                    f"local index {lo} (entry {j}) is outside the pool [0, {len(pool)})",
-                    file=path, record=record, field="pointer",
-                    fix="re-run the K=64 pool fix for this query",
-                )
-            if pool[lo] != gl:
-                raise LeverPlusInputError(
-                    f"candidate_pool_ids[{lo}] = {pool[lo]} but pointer_global[{j}] = {gl}",
-                    file=path, record=record, field="pointer",
-                    fix="re-run the K=64 pool fix for this query (pool[local] must equal the global id)",
-                )
+        _local_pointer(cand, glob, pool, path=path, record=record)
         ids, name, local_flag = glob, "pointer_global", True
     elif "pointer" in cand:
         ids, name, local_flag = cand["pointer"], "pointer", False
@@ -232,6 +243,95 @@ def _rl_pointer(
             file=path, record=record, field=name, fix="drop this candidate (a query cannot be its own ICD)",
         )
     return ids, local_flag
+
+
+def _rl_query_object(entry: dict, *, qid: int, path: str) -> dict:
+    """The entry's ``query`` object (or, in the legacy flat shape, its non-entry keys); its id must be ``qid``."""
+    qrec = f"query {qid}"
+    if "query" in entry:
+        query = entry["query"]
+        if not isinstance(query, dict):
+            raise LeverPlusInputError(f"must be an object, got {_type_name(query)}", file=path, record=qrec,
+                                      field="query")
+    else:  # legacy flat shape: query fields sit next to pointer_candidates
+        query = {k: v for k, v in entry.items() if k not in _RL_ENTRY_KEYS}
+    if "query_id" in query and str(query["query_id"]) != str(qid):
+        raise LeverPlusInputError(
+            f"is {query['query_id']!r} but the record key says {qid}", file=path, record=qrec,
+            field="query_id", fix="the key and query.query_id must both be the train-row index",
+        )
+    return query
+
+
+def _rl_candidates(cands: Any, *, qid: int, pool: Optional[list[int]], path: str, shot_num: Optional[int],
+                   given: bool, num_items: Optional[int]) -> tuple[list[RLCandidate], Optional[bool], int]:
+    """``pointer_candidates`` of one query: a non-empty list, one pointer kind, ``shot_num`` ids each (inferred
+    from the first candidate when None). Returns (candidates, stored_local, shot_num)."""
+    qrec = f"query {qid}"
+    if not isinstance(cands, list):
+        raise LeverPlusInputError(
+            f"must be a list of candidate objects, got {_type_name(cands)}",
+            file=path, record=qrec, field="pointer_candidates",
+        )
+    if not cands:
+        raise LeverPlusInputError(
+            "is empty (empty group: nothing to learn from)", file=path, record=qrec,
+            field="pointer_candidates", fix="drop this query from the file or regenerate its candidates",
+        )
+    candidates: list[RLCandidate] = []
+    first_local: Optional[bool] = None
+    for i, cand in enumerate(cands):
+        rec = f"query {qid}, candidate {i}"
+        if not isinstance(cand, dict):
+            raise LeverPlusInputError(f"must be an object, got {_type_name(cand)}", file=path, record=rec,
+                                      field="pointer_candidates")
+        ids, local = _rl_pointer(cand, qid=qid, pool=pool, path=path, record=rec, num_items=num_items)
+        if first_local is None:
+            first_local = local
+        elif local != first_local:
+            raise LeverPlusInputError(
+                "candidates of one query mix local pointers (with pointer_global) and global pointers",
+                file=path, record=rec, field="pointer_global",
+                fix="re-run the K=64 pool fix on this query so every candidate has pointer_global",
+            )
+        if shot_num is None:
+            shot_num = len(ids)
+        if len(ids) != shot_num:
+            raise LeverPlusInputError(
+                f"has {len(ids)} ids {ids} but shot_num is {shot_num}", file=path, record=rec,
+                field="pointer_global" if local else "pointer", fix=_shot_fix(shot_num, len(ids), given),
+            )
+        _check_rl_candidate_fields(cand, path=path, record=rec)
+        candidates.append(RLCandidate(index=i, pointer=tuple(ids), raw=cand))
+    return candidates, first_local, shot_num
+
+
+def _parse_rl_entry(qid: int, entry: Any, *, path: str, shot_num: Optional[int], given: bool,
+                    num_items: Optional[int]) -> tuple[RLQuery, int]:
+    """One query's record; returns it with the (possibly inferred) shot count."""
+    qrec = f"query {qid}"
+    if num_items is not None and qid >= num_items:
+        raise LeverPlusInputError(
+            f"query id {qid} is outside [0, {num_items})", file=path, record=qrec, field="query_id",
+            fix="the file does not match the dataset; use the matching dataset or regenerate the file",
+        )
+    if not isinstance(entry, dict):
+        raise LeverPlusInputError(f"must be an object, got {_type_name(entry)}", file=path, record=qrec)
+    query = _rl_query_object(entry, qid=qid, path=path)
+    pool = _rl_pool(entry, query, qid=qid, path=path, num_items=num_items)
+    candidates, first_local, shot_num = _rl_candidates(entry.get("pointer_candidates"), qid=qid, pool=pool,
+                                                       path=path, shot_num=shot_num, given=given,
+                                                       num_items=num_items)
+    fix_error = entry.get("_fix_error")
+    return RLQuery(
+        query_id=qid,
+        query=query,
+        candidates=candidates,
+        candidate_pool_ids=pool,
+        fix_failed=entry.get("_fix_failed") is True,
+        fix_error=None if fix_error is None else str(fix_error),
+        local_pointers=bool(first_local),
+    ), shot_num
 
 
 def _parse_rl_obj(obj: Any, *, path: str, shot_num: Optional[int], num_items: Optional[int]) -> RLData:
@@ -252,76 +352,11 @@ def _parse_rl_obj(obj: Any, *, path: str, shot_num: Optional[int], num_items: Op
         if isinstance(key, str) and key.startswith("_"):
             continue
         qid = _parse_key(key, path, "RL-data")
-        qrec = f"query {qid}"
         if qid in queries:
-            raise LeverPlusInputError(f"query id {qid} appears twice (key {key!r})", file=path, record=qrec,
-                                      fix="merge or drop the duplicate")
-        if num_items is not None and qid >= num_items:
-            raise LeverPlusInputError(
-                f"query id {qid} is outside [0, {num_items})", file=path, record=qrec, field="query_id",
-                fix="the file does not match the dataset; use the matching dataset or regenerate the file",
-            )
-        if not isinstance(entry, dict):
-            raise LeverPlusInputError(f"must be an object, got {_type_name(entry)}", file=path, record=qrec)
-        if "query" in entry:
-            query = entry["query"]
-            if not isinstance(query, dict):
-                raise LeverPlusInputError(f"must be an object, got {_type_name(query)}", file=path, record=qrec,
-                                          field="query")
-        else:  # legacy flat shape: query fields sit next to pointer_candidates
-            query = {k: v for k, v in entry.items() if k not in _RL_ENTRY_KEYS}
-        if "query_id" in query and str(query["query_id"]) != str(qid):
-            raise LeverPlusInputError(
-                f"is {query['query_id']!r} but the record key says {qid}", file=path, record=qrec,
-                field="query_id", fix="the key and query.query_id must both be the train-row index",
-            )
-        pool = _rl_pool(entry, query, qid=qid, path=path, num_items=num_items)
-        cands = entry.get("pointer_candidates")
-        if not isinstance(cands, list):
-            raise LeverPlusInputError(
-                f"must be a list of candidate objects, got {_type_name(cands)}",
-                file=path, record=qrec, field="pointer_candidates",
-            )
-        if not cands:
-            raise LeverPlusInputError(
-                "is empty (empty group: nothing to learn from)", file=path, record=qrec,
-                field="pointer_candidates", fix="drop this query from the file or regenerate its candidates",
-            )
-        candidates: list[RLCandidate] = []
-        first_local: Optional[bool] = None
-        for i, cand in enumerate(cands):
-            rec = f"query {qid}, candidate {i}"
-            if not isinstance(cand, dict):
-                raise LeverPlusInputError(f"must be an object, got {_type_name(cand)}", file=path, record=rec,
-                                          field="pointer_candidates")
-            ids, local = _rl_pointer(cand, qid=qid, pool=pool, path=path, record=rec, num_items=num_items)
-            if first_local is None:
-                first_local = local
-            elif local != first_local:
-                raise LeverPlusInputError(
-                    "candidates of one query mix local pointers (with pointer_global) and global pointers",
-                    file=path, record=rec, field="pointer_global",
-                    fix="re-run the K=64 pool fix on this query so every candidate has pointer_global",
-                )
-            if shot_num is None:
-                shot_num = len(ids)
-            if len(ids) != shot_num:
-                raise LeverPlusInputError(
-                    f"has {len(ids)} ids {ids} but shot_num is {shot_num}", file=path, record=rec,
-                    field="pointer_global" if local else "pointer", fix=_shot_fix(shot_num, len(ids), given),
-                )
-            _check_rl_candidate_fields(cand, path=path, record=rec)
-            candidates.append(RLCandidate(index=i, pointer=tuple(ids), raw=cand))
-        fix_error = entry.get("_fix_error")
-        queries[qid] = RLQuery(
-            query_id=qid,
-            query=query,
-            candidates=candidates,
-            candidate_pool_ids=pool,
-            fix_failed=entry.get("_fix_failed") is True,
-            fix_error=None if fix_error is None else str(fix_error),
-            local_pointers=bool(first_local),
-        )
+            raise LeverPlusInputError(f"query id {qid} appears twice (key {key!r})", file=path,
+                                      record=f"query {qid}", fix="merge or drop the duplicate")
+        queries[qid], shot_num = _parse_rl_entry(qid, entry, path=path, shot_num=shot_num, given=given,
+                                                 num_items=num_items)
     if not queries:
         raise LeverPlusInputError("holds no query records", file=path,
                                   fix="pass a non-empty RL-data file (only '_meta' was found)")

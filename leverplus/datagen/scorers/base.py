@@ -19,9 +19,10 @@ primitive                               meaning
 split ("train" for RL/beam anchors). Same arguments -> same outputs.
 
 Registered scorers (``build_scorer(cfg)``, keyed by ``cfg.name``): ``sim`` (the embedded simulated world,
-:mod:`leverplus.scorers.sim`) and ``hf`` (a transformers Qwen2-VL-family model, :mod:`leverplus.scorers.hf`,
-optional extra ``pip install -e .[lvlm]``). Modules are imported lazily, so ``transformers`` is never needed for
-``sim``."""
+:mod:`leverplus.sim.scorer`, built by ``leverplus.sim.generate:from_config``) and ``hf`` (a transformers
+Qwen2-VL-family model, :mod:`leverplus.datagen.scorers.hf`, optional extra ``pip install -e .[lvlm]``). The registry
+names modules by string and ``build_scorer`` imports the chosen one on demand: this module never imports the
+simulator (a higher layer), and ``transformers`` is never needed for ``sim``."""
 
 from __future__ import annotations
 
@@ -144,7 +145,8 @@ class Scorer(ABC):
 
 
 #: scorer name -> "module:factory"; factories take the ScorerConfig and return a Scorer.
-SCORERS: Dict[str, str] = {"sim": "leverplus.sim.scorer:from_config", "hf": "leverplus.datagen.scorers.hf:from_config"}
+SCORERS: Dict[str, str] = {"sim": "leverplus.sim.generate:from_config",
+                           "hf": "leverplus.datagen.scorers.hf:from_config"}
 
 
 def build_scorer(cfg: Any) -> Scorer:

@@ -53,6 +53,7 @@ GEN_ARG_NAMES = ("max_new_tokens", "num_beams", "length_penalty", "min_new_token
 
 def _require_transformers():
     try:
+        # lazy: transformers is the optional 'lvlm' extra, and importing it costs seconds (sim never needs it)
         import transformers  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise LeverPlusInputError("the hf scorer needs the optional 'lvlm' extra (transformers, pillow)",
@@ -73,6 +74,7 @@ def resolve_model_dir(model: Optional[str]) -> Path:
         raise LeverPlusInputError("is a file, not a model folder", file=str(path), field="scorer.hf.model",
                                   fix="pass the folder that holds config.json and the weights")
     try:
+        # lazy: huggingface_hub comes with the optional 'lvlm' extra and only the hf scorer needs it
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(model, local_files_only=True))
@@ -101,8 +103,77 @@ def _chat_template(model_dir: Path, tokenizer: Any) -> str:
                               fix="use an instruct checkpoint that ships chat_template.json or a tokenizer template")
 
 
+def _check_scorer_args(items: Dict[str, VQAItems], prompt_template: str, answer_placement: str,
+                       batch_size: int) -> None:
+    """The constructor arguments that need no model: a train split, a known placement, a usable template."""
+    if "train" not in items:
+        raise LeverPlusInputError("no train items file", field="scorer.hf.data",
+                                  fix="pass scorer.hf.data={train: /path/train_items.json}")
+    if answer_placement not in ANSWER_PLACEMENTS:
+        raise LeverPlusInputError(f"unknown answer_placement {answer_placement!r}",
+                                  field="scorer.hf.answer_placement", fix=f"use one of {ANSWER_PLACEMENTS}")
+    if prompt_template.count("<Q>") != 1 or prompt_template.count("<A>") != 1 or \
+            prompt_template.index("<Q>") > prompt_template.index("<A>"):
+        raise LeverPlusInputError(f"{prompt_template!r} must hold <Q> once, then <A> once",
+                                  field="scorer.hf.prompt_template", fix="e.g. 'Question:<Q> Short answer:<A>'")
+    if batch_size < 1:
+        raise LeverPlusInputError(f"must be >= 1, got {batch_size}", field="scorer.hf.batch_size")
+
+
+def _resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU."""
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                        else ("cpu" if device == "auto" else device))
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA, float32 on CPU."""
+    out = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+           "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
+    if out is None:
+        raise LeverPlusInputError(f"unknown dtype {dtype!r}", field="scorer.hf.dtype",
+                                  fix="auto, bfloat16, float16 or float32")
+    return out
+
+
+def _resolve_attn(attn_implementation: str, device: torch.device) -> str:
+    """``auto``: flash_attention_2 when flash_attn is installed and the model runs on CUDA, else sdpa."""
+    if attn_implementation != "auto":
+        return attn_implementation
+    try:
+        # lazy: flash_attn is an optional CUDA extra; its presence is what ``auto`` asks about
+        import flash_attn  # noqa: F401
+
+        return "flash_attention_2" if device.type == "cuda" else "sdpa"
+    except ImportError:
+        return "sdpa"
+
+
+def _load_tokenizer(transformers: Any, model_dir: Path, local: Dict[str, Any]) -> Any:
+    """The model's fast tokenizer, left-padded (generation continues every row at the same position, reference)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, **local)
+    if not getattr(tokenizer, "is_fast", False):
+        raise LeverPlusInputError("the tokenizer is not a fast tokenizer (no token offsets)",
+                                  file=str(model_dir),
+                                  fix="install `tokenizers` and use a checkpoint with tokenizer.json")
+    tokenizer.padding_side = "left"  # generation continues every row at the same position (reference)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_model(transformers: Any, model_dir: Path, attn_implementation: str, dtype: torch.dtype,
+                local: Dict[str, Any], device: torch.device) -> Any:
+    """The image-text-to-text model on ``device``, in eval mode."""
+    auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
+    version = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if version >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
+    return auto.from_pretrained(model_dir, attn_implementation=attn_implementation,
+                                **{dtype_kw: dtype}, **local).to(device).eval()
+
+
 class HFScorer(Scorer):
-    """A Qwen2-VL-family transformers model as a :class:`~leverplus.scorers.Scorer` (see the module docstring).
+    """A Qwen2-VL-family transformers model as a :class:`~leverplus.datagen.scorers.base.Scorer` (module docstring).
 
     items: split -> :class:`VQAItems` (``"train"`` required: queries and ICDs are train rows).
     annotations: official annotation files (``vqaEval``); queries they miss go to the fallback.
@@ -116,18 +187,7 @@ class HFScorer(Scorer):
                  min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
                  image_cache_size: int = 1000) -> None:
         transformers = _require_transformers()
-        if "train" not in items:
-            raise LeverPlusInputError("no train items file", field="scorer.hf.data",
-                                      fix="pass scorer.hf.data={train: /path/train_items.json}")
-        if answer_placement not in ANSWER_PLACEMENTS:
-            raise LeverPlusInputError(f"unknown answer_placement {answer_placement!r}",
-                                      field="scorer.hf.answer_placement", fix=f"use one of {ANSWER_PLACEMENTS}")
-        if prompt_template.count("<Q>") != 1 or prompt_template.count("<A>") != 1 or \
-                prompt_template.index("<Q>") > prompt_template.index("<A>"):
-            raise LeverPlusInputError(f"{prompt_template!r} must hold <Q> once, then <A> once",
-                                      field="scorer.hf.prompt_template", fix="e.g. 'Question:<Q> Short answer:<A>'")
-        if batch_size < 1:
-            raise LeverPlusInputError(f"must be >= 1, got {batch_size}", field="scorer.hf.batch_size")
+        _check_scorer_args(items, prompt_template, answer_placement, batch_size)
         self.items, self.annotations = items, annotations
         self.system_prompt = REFERENCE_SYSTEM_PROMPT if system_prompt is None else system_prompt
         self.prompt_template, self.answer_placement = prompt_template, answer_placement
@@ -135,40 +195,16 @@ class HFScorer(Scorer):
         self.gen_args = dict(gen_args)
         self.model_dir = resolve_model_dir(model)
         self.name = Path(model).name if Path(model).expanduser().is_dir() else str(model)
-
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                                   else ("cpu" if device == "auto" else device))
-        self.dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
-                      "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
-        if self.dtype is None:
-            raise LeverPlusInputError(f"unknown dtype {dtype!r}", field="scorer.hf.dtype",
-                                      fix="auto, bfloat16, float16 or float32")
-        if attn_implementation == "auto":
-            try:
-                import flash_attn  # noqa: F401
-
-                attn_implementation = "flash_attention_2" if self.device.type == "cuda" else "sdpa"
-            except ImportError:
-                attn_implementation = "sdpa"
-        self.attn_implementation = attn_implementation
-
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self.attn_implementation = _resolve_attn(attn_implementation, self.device)
         local = dict(local_files_only=True)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_dir, **local)
-        if not getattr(self.tokenizer, "is_fast", False):
-            raise LeverPlusInputError("the tokenizer is not a fast tokenizer (no token offsets)",
-                                      file=str(self.model_dir),
-                                      fix="install `tokenizers` and use a checkpoint with tokenizer.json")
-        self.tokenizer.padding_side = "left"  # generation continues every row at the same position (reference)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = _load_tokenizer(transformers, self.model_dir, local)
         pix = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         self.image_processor = transformers.AutoImageProcessor.from_pretrained(self.model_dir, **local, **pix)
         self.chat_template = _chat_template(self.model_dir, self.tokenizer)
-        auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
-        version = tuple(int(x) for x in transformers.__version__.split(".")[:2])
-        dtype_kw = "dtype" if version >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
-        self.model = auto.from_pretrained(self.model_dir, attn_implementation=self.attn_implementation,
-                                          **{dtype_kw: self.dtype}, **local).to(self.device).eval()
+        self.model = _load_model(transformers, self.model_dir, self.attn_implementation, self.dtype, local,
+                                 self.device)
         cfg = self.model.config
         self.image_token_id = int(cfg.image_token_id)
         self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
@@ -203,6 +239,7 @@ class HFScorer(Scorer):
         if key in self._images:
             self._images.move_to_end(key)
             return self._images[key]
+        # lazy: PIL comes with the optional 'lvlm' extra and only the hf scorer opens images
         from PIL import Image
 
         path = self._split_items(split)[index].image

@@ -22,6 +22,37 @@ def _topk_desc(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, axis=-1, kind="stable")[..., :k]
 
 
+def _check_search(anchors: np.ndarray, pools: np.ndarray, beam_size: int, max_shot: int) -> None:
+    if pools.ndim != 2 or pools.shape[0] != len(anchors):
+        raise LeverPlusInputError(f"pools must have shape [{len(anchors)}, K], got {pools.shape}", field="pools")
+    K = pools.shape[1]
+    if beam_size < 1 or max_shot < 1:
+        raise LeverPlusInputError(f"beam_size and max_shot must be >= 1, got {beam_size} and {max_shot}",
+                                  field="beam_size")
+    if K < max_shot + beam_size - 1:
+        raise LeverPlusInputError(f"a pool of {K} cannot feed {beam_size} beams of {max_shot} ICDs",
+                                  field="candidate_num", fix="raise candidate_num or lower beam_size")
+    if (pools == anchors[:, None]).any():
+        raise LeverPlusInputError("an anchor is in its own candidate pool", field="pools",
+                                  fix="exclude each query from its pool")
+
+
+def _beam_records(anchors: np.ndarray, chosen: np.ndarray, history: np.ndarray, max_shot: int) -> dict[int, dict]:
+    """Beam-JSON records from the final beams ``chosen`` [A, nb, S] and their per-step scores ``history``."""
+    records: dict[int, dict] = {}
+    for a in range(len(anchors)):
+        qid = int(anchors[a])
+        id_list = [[int(x) for x in chosen[a, b]] + [qid] for b in range(chosen.shape[1])]
+        shot_scores = [[float(s) for s in history[a, b]] for b in range(chosen.shape[1])]
+        score_list = [row[-1] for row in shot_scores]
+        beams = [{"shots": [{"id": i, "score": s} for i, s in zip(reversed(ids[:-1]), scores)],
+                  "final_score": final, "full_sequence": ids}
+                 for ids, scores, final in zip(id_list, shot_scores, score_list)]
+        records[qid] = {"id_list": id_list, "score_list": score_list, "shot_scores": shot_scores,
+                        "beams": beams, "few_shot_num": max_shot}
+    return records
+
+
 def infoscore_beam_search(prob_fn: ProbFn, anchors: np.ndarray, pools: np.ndarray, beam_size: int,
                           max_shot: int, *, per_beam_largest: bool = True) -> dict[int, dict]:
     """InfoScore beam search over each anchor's pool, vectorised over anchors, beams and candidates.
@@ -38,18 +69,8 @@ def infoscore_beam_search(prob_fn: ProbFn, anchors: np.ndarray, pools: np.ndarra
     """
     anchors = np.asarray(anchors, dtype=np.int64)
     pools = np.asarray(pools, dtype=np.int64)
-    if pools.ndim != 2 or pools.shape[0] != len(anchors):
-        raise LeverPlusInputError(f"pools must have shape [{len(anchors)}, K], got {pools.shape}", field="pools")
+    _check_search(anchors, pools, beam_size, max_shot)
     A, K = pools.shape
-    if beam_size < 1 or max_shot < 1:
-        raise LeverPlusInputError(f"beam_size and max_shot must be >= 1, got {beam_size} and {max_shot}",
-                                  field="beam_size")
-    if K < max_shot + beam_size - 1:
-        raise LeverPlusInputError(f"a pool of {K} cannot feed {beam_size} beams of {max_shot} ICDs",
-                                  field="candidate_num", fix="raise candidate_num or lower beam_size")
-    if (pools == anchors[:, None]).any():
-        raise LeverPlusInputError("an anchor is in its own candidate pool", field="pools",
-                                  fix="exclude each query from its pool")
     rows = np.arange(A)[:, None]
     chosen = np.zeros((A, 1, 0), dtype=np.int64)  # [A, nb, t], prompt order
     history = np.zeros((A, 1, 0))  # [A, nb, t], per-step InfoScore in selection order
@@ -75,19 +96,7 @@ def infoscore_beam_search(prob_fn: ProbFn, anchors: np.ndarray, pools: np.ndarra
         history = np.concatenate([history[rows, parent], np.take_along_axis(flat, keep, axis=1)[:, :, None]],
                                  axis=2)
         p_cur = p_new[rows, parent, pos]
-
-    records: dict[int, dict] = {}
-    for a in range(A):
-        qid = int(anchors[a])
-        id_list = [[int(x) for x in chosen[a, b]] + [qid] for b in range(chosen.shape[1])]
-        shot_scores = [[float(s) for s in history[a, b]] for b in range(chosen.shape[1])]
-        score_list = [row[-1] for row in shot_scores]
-        beams = [{"shots": [{"id": i, "score": s} for i, s in zip(reversed(ids[:-1]), scores)],
-                  "final_score": final, "full_sequence": ids}
-                 for ids, scores, final in zip(id_list, shot_scores, score_list)]
-        records[qid] = {"id_list": id_list, "score_list": score_list, "shot_scores": shot_scores,
-                        "beams": beams, "few_shot_num": max_shot}
-    return records
+    return _beam_records(anchors, chosen, history, max_shot)
 
 
 __all__ = ["ProbFn", "infoscore_beam_search"]
