@@ -1,30 +1,37 @@
 """One training run end to end: inputs -> (SFT) -> RCE -> (GRPO) -> evaluation.
 
 This is the one interface the apps and the sweepers use: :func:`load_data` reads and validates every input
-before anything is trained, :func:`train_and_evaluate` runs the stages and returns metrics. The real-file path and
-the simulated path differ only in where the files come from; everything after the readers is shared.
+before anything is trained, :func:`train_and_evaluate` runs the stages and returns metrics, and
+:func:`reward_signature` tells a sweeper which arms would train bit-identical models. The real-file path and the
+simulated path differ only in where the files come from; everything after the readers is shared.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
 
-from leverplus.data.groups import FilterStats
+from leverplus.config.identity import canonical_config, to_container
+from leverplus.data.groups import FilterStats, Group
 from leverplus.data.loading import LoadedData, PreparedGroups, file_state, load_files, prepare_groups
 from leverplus.evaluation.downstream import evaluate_splits
 from leverplus.evaluation.ranking import offline_metrics, validation_metrics
 from leverplus.model.build import build_model, load_model
 from leverplus.model.pointer import PointerSelector
 from leverplus.sim.source import load_sim
+from leverplus.training.consumed import hash_consumed_rewards
 from leverplus.training.stage_cache import StageCache, stage_keys
 from leverplus.training.trainer import Trainer, TrainResult
 from leverplus.utils import default_cache_dir, enum_value, seed_everything, stable_hash, tune_malloc
+
+#: ``eval.select_metric`` values that are not a mean reward, so not invariant to a positive reward scale
+_SCALE_DEPENDENT_SELECT_METRICS = ("val/loss", "val/offline/rce_loss")
 
 #: data source (``data.source``) -> loader
 SOURCES: Dict[str, Callable[..., LoadedData]] = {"sim": load_sim, "files": load_files}
@@ -164,4 +171,46 @@ def _evaluate(cfg, data: LoadedData, groups: PreparedGroups, model: PointerSelec
     return metrics, per_query, tables
 
 
-__all__ = ["SOURCES", "RunOutcome", "load_data", "train_and_evaluate"]
+def reward_signature(cfg, memo: Dict[str, Any]) -> str:
+    """A hash of everything a run consumes that a sweep's arms may vary, for a job config without ``hydra``.
+
+    Two configs with equal signatures are the same computation: equal canonical configs outside the reward section,
+    and bit-identical consumed rewards on the loaded data. What a run consumes from its rewards: RCE the raw or the
+    group-normalised rewards (``rce.use_raw_reward``), GRPO the normalised or raw ones (``grpo.reward_source``),
+    checkpoint selection the validation rewards up to a positive scale (argmax over epochs of a mean reward), plus
+    which queries and candidates survive the filters. E.g. ``separated`` ≡ ``hard_plus_soft_v2`` for binary
+    correctness, and with normalised rewards (1, 0.5) ≡ (2, 1) for ``hard_plus_soft``, since z-scores ignore a
+    positive power-of-two scale exactly. Only metrics in reward units differ.
+
+    ``memo`` caches the loaded data and the prepared groups across calls (pass the same dict for a whole sweep).
+    Raises whatever :func:`load_data` raises for bad inputs.
+    """
+    plain = to_container(cfg)
+    rest = canonical_config(plain)
+    rest.pop("reward", None)
+    data_key = ("data", stable_hash({"data": rest.get("data"), "model": rest.get("model")}))
+    groups_key = ("groups", stable_hash({"data_key": data_key[1], "reward": plain["reward"]}))
+    if data_key not in memo:
+        memo[data_key] = load_data(cfg)
+    if groups_key not in memo:
+        memo[groups_key] = prepare_groups(cfg, memo[data_key], with_sft=False)
+    groups: PreparedGroups = memo[groups_key]
+    h = hashlib.sha256(stable_hash(rest).encode())
+    hash_consumed_rewards(h, groups.train, cfg)
+    if groups.val:
+        _hash_validation_rewards(h, groups.val, scale_free=str(cfg.eval.select_metric)
+                                 not in _SCALE_DEPENDENT_SELECT_METRICS)
+    return h.hexdigest()
+
+
+def _hash_validation_rewards(h: Any, val: Sequence[Group], scale_free: bool) -> None:
+    """Feed ``h`` the validation rewards checkpoint selection sees: divided by their largest magnitude when the
+    selection metric is a mean reward (picked by its argmax, so scale-free); as they are otherwise (a loss)."""
+    scale = (max(float(g.rewards_raw.abs().max()) for g in val) or 1.0) if scale_free else 1.0
+    for g in val:
+        h.update(str((g.query_id, g.shot_num)).encode())
+        h.update(g.labels.numpy().tobytes())
+        h.update((g.rewards_raw / torch.tensor(scale, dtype=g.rewards_raw.dtype)).numpy().tobytes())
+
+
+__all__ = ["SOURCES", "RunOutcome", "load_data", "reward_signature", "train_and_evaluate"]

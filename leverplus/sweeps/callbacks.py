@@ -16,7 +16,11 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from leverplus.analysis.compare import compare_sweep
 from leverplus.env import LAUNCH_DIR_VAR, PARENT_RUN_ID_VAR, SWEEP_FAILED_JOBS_VAR, SWEEP_VAR, TRACKING_URI_VAR
+from leverplus.tracking.run import MlflowRun
+from leverplus.tracking.store import get_or_create_experiment, resolve_artifact_root, resolve_tracking_uri
+from leverplus.utils import git_info
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +35,6 @@ class SweepTrackingCallback(Callback):
         self.experiment: Optional[str] = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from leverplus.tracking.run import MlflowRun
-        from leverplus.tracking.store import get_or_create_experiment, resolve_artifact_root, resolve_tracking_uri
-        from leverplus.utils import git_info
-
         os.environ[LAUNCH_DIR_VAR] = str(Path(config.hydra.runtime.cwd).resolve())
         if not config.tracking.enabled:
             return
@@ -65,8 +65,6 @@ class SweepTrackingCallback(Callback):
         try:
             self._run.set_tags({"failed_jobs": failed})
             if self.compare:
-                from leverplus.analysis.compare import compare_sweep
-
                 out = Path(config.hydra.sweep.dir) / "comparison"
                 compare_sweep(self.sweep_name, tracking_uri=self.uri, experiment=self.experiment,
                               parent_run_id=self.parent_id, out_dir=out, log_to_parent=True,

@@ -21,25 +21,39 @@ upstream ``optuna`` sweeper (1.4.0rc3), whose helpers it reuses. What differs, a
 * Each trial's job learns its trial number (``tracking.extra_tags.optuna_trial``; ``hydra.job.num`` is the trial
   number too) and becomes an MLflow child run of one parent run per study (``leverplus.study.StudyTracker``); the
   parent gets the study report (``leverplus.study.report_study``). Only single-objective studies.
+
+This module is the Hydra plugin only (config, registration, the Sweeper facade over the upstream helpers); the
+loop and its pieces are ``leverplus.sweeps.study_loop``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hydra.core.config_store import ConfigStore
-from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from omegaconf import DictConfig, OmegaConf
 
 from leverplus.env import LAUNCH_DIR_VAR
+from leverplus.errors import LeverPlusInputError
+from leverplus.sweeps.study_loop import (
+    StudySettings,
+    TooManyFailedTrials,
+    load_study,
+    open_tracker,
+    prepare_storage,
+    run_trials,
+    stale_trials,
+)
+from leverplus.tracking.store import resolve_tracking_uri
+from leverplus.tracking.trials import require_validation_objective, resolve_storage
+from leverplus.utils import launch_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +73,7 @@ class ResumableOptunaSweeperConf(OptunaSweeperConf):
 ConfigStore.instance().store(group="hydra/sweeper", name="leverplus_optuna", node=ResumableOptunaSweeperConf,
                              provider="leverplus")
 
-
-class TooManyFailedTrials(RuntimeError):
-    """The study's failed trials exceeded max_failure_rate * n_trials."""
+__all__ = ["ResumableOptunaSweeper", "ResumableOptunaSweeperConf", "TooManyFailedTrials"]
 
 
 class ResumableOptunaSweeper(OptunaSweeperImpl):
@@ -78,105 +90,9 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
                         for p in (enqueue or [])]
         self.objective_prefix = objective_prefix
 
-    # ------------------------------------------------------------------ pieces
-    def _make_sampler(self, n_existing: int) -> Any:
-        from leverplus.errors import LeverPlusInputError
-        from leverplus.tracking.trials import sampler_seed
-
-        cfg = OmegaConf.to_container(self.sampler_cfg, resolve=True)
-        if cfg.get("_partial_"):
-            raise LeverPlusInputError(
-                f"sampler {cfg.get('_target_')} is not supported by the resumable sweeper",
-                field="hydra.sweeper.sampler", fix="use tpe/random/cmaes/gp/qmc, or hydra/sweeper=optuna for a grid")
-        if "seed" in cfg:
-            cfg["seed"] = sampler_seed(cfg["seed"], n_existing)
-        return instantiate(cfg, _execution_whitelist_=("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*"))
-
-    def _retire_stale(self, study: Any, stale: List[Any], tracker: Any) -> None:
-        """FAIL trials of a killed invocation (marked interrupted, not counted) and enqueue their retries."""
-        import optuna
-
-        from leverplus.tracking.trials import INTERRUPTED_ATTR, RETRY_OF_ATTR
-
-        for t in stale:
-            optuna.trial.Trial(study, t._trial_id).set_user_attr(INTERRUPTED_ATTR, True)
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            if tracker is not None:
-                tracker.kill_runs_of(t.number)
-            if self.retry_interrupted:
-                study.enqueue_trial(dict(t.params), user_attrs={RETRY_OF_ATTR: t.number})
-            log.warning(f"[{study.study_name}] trial {t.number} was interrupted (its sweeper is gone): FAILED, "
-                        f"{'retried with the same params' if self.retry_interrupted else 'not retried'}")
-
-    def _tell(self, study: Any, trial: Any, ret: Any, tracker: Any) -> str:
-        """Report one job's outcome to Optuna (COMPLETE or FAIL) and to its MLflow child run."""
-        import optuna
-
-        from leverplus.tracking.trials import ERROR_ATTR, OUTPUT_DIR_ATTR, RUN_ID_ATTR
-
-        value: Optional[float] = None
-        error: Optional[str] = None
-        try:
-            value = float(ret.return_value)  # re-raises the job's exception when it failed
-            if not math.isfinite(value):
-                raise ValueError(f"the objective is not finite ({value})")
-        except Exception as e:
-            value, error = None, f"{type(e).__name__}: {e}"
-            log.warning(f"[{study.study_name}] trial {trial.number} FAILED: {error}")
-        out_dir = OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir") if ret.hydra_cfg else None
-        if out_dir:
-            trial.set_user_attr(OUTPUT_DIR_ATTR, str(out_dir))
-        if error:
-            trial.set_user_attr(ERROR_ATTR, error[:2000])
-        state = "FAIL" if error else "COMPLETE"
-        if tracker is not None:
-            best = self._best_with(study, value)
-            run_id = tracker.record_trial(trial.number, state, trial.params, value, error, best)
-            trial.set_user_attr(RUN_ID_ATTR, run_id)
-        if error:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        else:
-            study.tell(trial, value)
-        return state
-
-    @staticmethod
-    def _best_with(study: Any, value: Optional[float]) -> Optional[float]:
-        """The study's best value once ``value`` is told (single objective)."""
-        try:
-            prev = study.best_value
-        except ValueError:  # no COMPLETE trial yet
-            prev = None
-        if value is None or prev is None:
-            return prev if value is None else value
-        return max(prev, value) if study.direction.name == "MAXIMIZE" else min(prev, value)
-
-    # ------------------------------------------------------------------ the loop
-    def sweep(self, arguments: List[str]) -> None:
-        import optuna
-
-        from leverplus.analysis.study_report import report_study
-        from leverplus.errors import LeverPlusInputError
-        from leverplus.tracking.store import resolve_artifact_root, resolve_tracking_uri
-        from leverplus.tracking.study import StudyTracker
-        from leverplus.tracking.trials import (
-            HOST_ATTR,
-            PID_ATTR,
-            check_directions,
-            failure_budget,
-            is_stale,
-            n_counted,
-            require_validation_objective,
-            resolve_storage,
-            trial_overrides,
-            trials_to_run,
-        )
-        from leverplus.utils import launch_dir
-
-        cfg = self.config
-        os.environ[LAUNCH_DIR_VAR] = str(Path(cfg.hydra.runtime.cwd).resolve())
-        launch = launch_dir()
-        sweep_dir = (launch / cfg.hydra.sweep.dir).resolve()
-        require_validation_objective(cfg.objective, self.objective_prefix)
+    def _checked_directions(self) -> List[str]:
+        """The study's one direction, after checking the objective and that the study can be resumed."""
+        require_validation_objective(self.config.objective, self.objective_prefix)
         if not self.study_name:
             raise LeverPlusInputError("the study has no name, so it cannot be resumed",
                                       field="hydra.sweeper.study_name", fix="e.g. hydra.sweeper.study_name=grpo_optuna")
@@ -184,83 +100,46 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
         if len(directions) != 1:
             raise LeverPlusInputError(f"one objective only, got directions {directions}",
                                       field="hydra.sweeper.direction", fix="direction: maximize (or minimize)")
-        tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
-        storage = resolve_storage(self.storage, tracking_uri, launch)
-        if storage.startswith("sqlite:///"):
-            Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        return directions
 
+    def _search_space(self, arguments: List[str]) -> Tuple[Dict[str, Any], Dict[str, Any], List[str]]:
+        """(distributions, fixed params, fixed overrides) from the sweeper's params and the command line."""
         self._process_searchspace_config()
         params_conf = self._parse_sweeper_params_config() + list(arguments)
         distributions, fixed_params, fixed_overrides = create_params_from_overrides(params_conf)
         for name in fixed_params:
             distributions.pop(name, None)
+        return distributions, fixed_params, fixed_overrides
 
-        study = optuna.create_study(study_name=self.study_name, storage=storage, directions=directions,
-                                    sampler=optuna.samplers.RandomSampler(), load_if_exists=True)
-        check_directions([d.name for d in study.directions], directions, self.study_name, storage)
-        n_existing = len(study.trials)
-        study.sampler = self._make_sampler(n_existing)
-        host, pid = socket.gethostname(), os.getpid()
-        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        stale = [t for t in running if is_stale(t, host, pid)]
+    def _settings(self) -> StudySettings:
+        return StudySettings(self.study_name, self.n_trials, self.n_jobs, self.max_failure_rate,
+                             self.counted_states, self.retry_interrupted, self.enqueue)
 
-        tracker = None
-        if cfg.tracking.enabled:
-            source = cfg.data.source.value if hasattr(cfg.data.source, "value") else str(cfg.data.source)
-            tracker = StudyTracker.open(
-                study, tracking_uri=tracking_uri, experiment=cfg.tracking.experiment or f"leverplus-{source}",
-                artifact_root=resolve_artifact_root(cfg.tracking.artifact_root), storage=storage,
-                tags={"optuna_storage": storage, "n_trials": self.n_trials, "direction": directions[0],
-                      "objective": cfg.objective, "max_failure_rate": self.max_failure_rate,
-                      "sampler": type(study.sampler).__name__, "sweep_dir": str(sweep_dir),
-                      "search_space": {k: repr(v) for k, v in distributions.items()}})
+    def sweep(self, arguments: List[str]) -> None:
+        cfg = self.config
+        os.environ[LAUNCH_DIR_VAR] = str(Path(cfg.hydra.runtime.cwd).resolve())
+        launch = launch_dir()
+        sweep_dir = (launch / cfg.hydra.sweep.dir).resolve()
+        directions = self._checked_directions()
+        tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
+        storage = prepare_storage(resolve_storage(self.storage, tracking_uri, launch))
+        distributions, fixed_params, fixed_overrides = self._search_space(arguments)
+        study, n_existing = load_study(self.study_name, storage, directions, self.sampler_cfg)
+        stale = stale_trials(study, socket.gethostname(), os.getpid())
+        settings = self._settings()
+        tracker = open_tracker(cfg, study, settings, tracking_uri=tracking_uri, storage=storage,
+                               direction=directions[0], sweep_dir=sweep_dir, distributions=distributions)
         status = "FAILED"
         try:
-            self._retire_stale(study, stale, tracker)
-            for params in self.enqueue:
-                study.enqueue_trial(params, skip_if_exists=True)
-            trials = study.get_trials(deepcopy=False)
-            counted = n_counted(trials, self.counted_states)
-            live = sum(t.state.name == "RUNNING" for t in trials)
-            todo = trials_to_run(self.n_trials, counted, live)
-            max_failures = failure_budget(self.n_trials, self.max_failure_rate)
-            log.info(f"[{self.study_name}] storage {storage}: {len(trials)} trials, {counted} counted, {live} "
-                     f"running elsewhere; n_trials={self.n_trials} -> {todo} to run "
-                     f"(sampler seed offset {n_existing}, failure budget {max_failures})")
-            self._check_failures(study, max_failures)
-            while todo > 0:
-                batch = [study.ask() for _ in range(min(self.n_jobs, todo))]
-                for t in batch:
-                    t.set_user_attr(HOST_ATTR, host)
-                    t.set_user_attr(PID_ATTR, pid)
-                overrides = self._configure_trials(batch, distributions, fixed_params, fixed_overrides)
-                overrides = [tuple(ov) + tuple(trial_overrides(self.study_name, t.number))
-                             for t, ov in zip(batch, overrides)]
-                returns = self.launcher.launch(overrides, initial_job_idx=batch[0].number)
-                for t, ret in zip(batch, returns):
-                    self._tell(study, t, ret, tracker)
-                todo -= len(batch)
-                self._check_failures(study, max_failures)
-            report_study(study, sweep_dir, n_trials=self.n_trials,
-                           counted_states=self.counted_states, tracker=tracker)
+            run_trials(study, settings, stale=stale, tracker=tracker, storage=storage, n_existing=n_existing,
+                       configure=lambda batch: self._configure_trials(batch, distributions, fixed_params,
+                                                                      fixed_overrides),
+                       launch=lambda overrides, first: self.launcher.launch(overrides, initial_job_idx=first),
+                       sweep_dir=sweep_dir)
             status = "FINISHED"
-        except TooManyFailedTrials:
-            report_study(study, sweep_dir, n_trials=self.n_trials,
-                           counted_states=self.counted_states, tracker=tracker)
-            raise
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
             if tracker is not None:
                 tracker.close(status)
-
-    def _check_failures(self, study: Any, max_failures: int) -> None:
-        from leverplus.tracking.trials import n_failed
-
-        failed = n_failed(study.get_trials(deepcopy=False))
-        if failed > max_failures:
-            raise TooManyFailedTrials(
-                f"study {self.study_name!r}: {failed} failed trials exceed max_failure_rate={self.max_failure_rate} "
-                f"x n_trials={self.n_trials} (= {max_failures}); see the trials' fail_reason. Raise "
-                "hydra.sweeper.max_failure_rate to go on: a re-run resumes the study.")
