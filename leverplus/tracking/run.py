@@ -10,6 +10,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+
 from leverplus.tracking.store import with_retries
 from leverplus.utils import code_version, git_info
 
@@ -26,8 +29,6 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def find_finished_run(uri: str, experiment_id: str, key: str) -> Optional[str]:
-    import mlflow
-
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = with_retries(
         lambda: client.search_runs(
@@ -39,8 +40,6 @@ def find_finished_run(uri: str, experiment_id: str, key: str) -> Optional[str]:
 
 def _log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
     """Params in batches of 100 (MLflow's limit), values cut to 6000 characters."""
-    from mlflow.entities import Param
-
     items = [Param(_clean(k), str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         with_retries(partial(client.log_batch, run_id, params=items[i : i + 100]))
@@ -52,9 +51,6 @@ def record_reused_run(uri: str, experiment_id: str, done_run_id: str, *, tags: M
     of this invocation's parent run, as a FINISHED run tagged ``reused_run_id`` (the run that trained; pointers are
     followed) with that run's final metrics, so the parent lists every job and ``leverplus.compare`` sees a resumed
     sweep whole. Returns the final metrics plus ``_source_run_id``."""
-    import mlflow
-    from mlflow.entities import Metric
-
     client = mlflow.MlflowClient(tracking_uri=uri)
     src = with_retries(lambda: client.get_run(done_run_id))
     source_id = src.data.tags.get("reused_run_id") or done_run_id
@@ -90,8 +86,6 @@ class MlflowRun:
         tags: Mapping[str, Any],
         parent_run_id: Optional[str] = None,
     ) -> None:
-        import mlflow
-
         self.uri = uri
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         all_tags = {k: str(v) for k, v in tags.items() if v is not None}
@@ -105,8 +99,6 @@ class MlflowRun:
 
     # MetricLogger
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         ts = int(time.time() * 1000)
         batch = [Metric(_clean(k), float(v), ts, int(step)) for k, v in metrics.items() if _finite(v)]
         for i in range(0, len(batch), 500):
@@ -116,8 +108,6 @@ class MlflowRun:
         _log_params(self.client, self.run_id, params)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
         items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
         with_retries(lambda: self.client.log_batch(self.run_id, tags=items))
 

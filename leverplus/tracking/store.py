@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
+import mlflow
+from filelock import FileLock
+
 from leverplus.env import MLFLOW_TRACKING_URI_VAR
 from leverplus.utils import launch_dir
 
@@ -58,9 +61,6 @@ def _lock_path(uri: str) -> Optional[Path]:
 
 
 def get_or_create_experiment(name: str, uri: str, artifact_root: str) -> str:
-    import mlflow
-    from filelock import FileLock
-
     client = mlflow.MlflowClient(tracking_uri=uri)
 
     def create() -> str:

@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+import mlflow
+from mlflow.entities import Metric, RunTag
+
 from leverplus.env import PARENT_RUN_ID_VAR, SWEEP_VAR, TRACKING_URI_VAR
+from leverplus.tracking.run import MlflowRun, _clean, _finite
+from leverplus.tracking.store import get_or_create_experiment, with_retries
 from leverplus.tracking.trials import STATE_TAG, STUDY_TAG, TRIAL_TAG
+from leverplus.utils import git_info
 
 # ---------------------------------------------------------------------------------------------- MLflow
 
@@ -24,8 +31,6 @@ class StudyTracker:
     PARENT_ATTR = "mlflow_parent_run_id"  # study user attr
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, study_name: str) -> None:
-        import mlflow
-
         self.uri, self.experiment_id = uri, experiment_id
         self.parent_run_id, self.study_name = parent_run_id, study_name
         self.client = mlflow.MlflowClient(tracking_uri=uri)
@@ -35,16 +40,10 @@ class StudyTracker:
     def open(cls, study: Any, *, tracking_uri: str, experiment: str, artifact_root: str, storage: str,
              tags: Mapping[str, Any]) -> "StudyTracker":
         """Re-open the study's parent run (its id is a study user attr) or create it; export it to the jobs."""
-        from leverplus.tracking.run import MlflowRun
-        from leverplus.tracking.store import get_or_create_experiment, with_retries
-        from leverplus.utils import git_info
-
         exp_id = get_or_create_experiment(experiment, tracking_uri, artifact_root)
         parent = study.user_attrs.get(cls.PARENT_ATTR)
         tracker = None
         if parent:
-            import mlflow
-
             client = mlflow.MlflowClient(tracking_uri=tracking_uri)
             try:
                 run = with_retries(lambda: client.get_run(parent))
@@ -69,51 +68,32 @@ class StudyTracker:
         return tracker
 
     def close(self, status: str = "FINISHED") -> None:
-        from leverplus.tracking.store import with_retries
-
         with_retries(lambda: self.client.set_terminated(self.parent_run_id, status))
         for var in (PARENT_RUN_ID_VAR, SWEEP_VAR):
             os.environ.pop(var, None)
 
     # -------------------------------------------------------------- parent logging
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        from leverplus.tracking.store import with_retries
-
         items = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
         if items:
             with_retries(lambda: self.client.log_batch(self.parent_run_id, tags=items))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        from leverplus.tracking.run import _clean, _finite
-        from leverplus.tracking.store import with_retries
-
         ts = int(time.time() * 1000)
         items = [Metric(_clean(k), float(v), ts, int(step)) for k, v in metrics.items() if _finite(v)]
         if items:
             with_retries(lambda: self.client.log_batch(self.parent_run_id, metrics=items))
 
     def log_artifact(self, path: Path) -> None:
-        from leverplus.tracking.store import with_retries
-
         with_retries(lambda: self.client.log_artifact(self.parent_run_id, str(path)))
 
     # -------------------------------------------------------------- child runs
     def children(self) -> List[Any]:
-        from leverplus.tracking.store import with_retries
-
         flt = f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
         return with_retries(lambda: self.client.search_runs([self.experiment_id], filter_string=flt,
                                                             max_results=50000))
 
     def child_runs(self, number: int) -> List[Any]:
-        from leverplus.tracking.store import with_retries
-
         flt = (f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.{TRIAL_TAG} = '{int(number)}'")
         return with_retries(lambda: self.client.search_runs([self.experiment_id], filter_string=flt))
 
@@ -121,11 +101,6 @@ class StudyTracker:
                      error: Optional[str], best_value: Optional[float]) -> Optional[str]:
         """Tag the trial's child run with its Optuna state (creating a FAILED one when the job failed before its
         run started), make a FAIL trial FAILED in MLflow, and log the trial's value on the parent."""
-        from mlflow.entities import RunTag
-
-        from leverplus.tracking.run import MlflowRun
-        from leverplus.tracking.store import with_retries
-
         runs = self.child_runs(number)
         created = not runs
         if runs:
@@ -151,8 +126,6 @@ class StudyTracker:
 
     def kill_runs_of(self, number: int) -> None:
         """Child runs of an interrupted trial, left RUNNING by the killed process: KILLED."""
-        from leverplus.tracking.store import with_retries
-
         for run in self.child_runs(number):
             if run.info.status == "RUNNING":
                 with_retries(lambda: self.client.set_tag(run.info.run_id, STATE_TAG, "FAIL (interrupted)"))
