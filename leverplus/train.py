@@ -8,30 +8,40 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from leverplus.config.identity import to_container
+from leverplus.analysis.plots import training_curves
+from leverplus.config.identity import run_key, to_container
 from leverplus.config.store import conf_dir, register_configs
+from leverplus.config.validation import validate_config
+from leverplus.data.formats.io import atomic_write_json
+from leverplus.data.loading import LoadedData
 from leverplus.env import PARENT_RUN_ID_VAR
 from leverplus.errors import LeverPlusInputError, printed_input_errors
+from leverplus.pipeline import RunOutcome, load_data, train_and_evaluate
+from leverplus.tracking.run import MlflowRun, find_finished_run, flatten, record_reused_run, standard_tags
+from leverplus.tracking.store import get_or_create_experiment, resolve_artifact_root, resolve_tracking_uri
 
 register_configs()
+
+#: offline metrics (``val/offline/<name>``) in the printed summary, besides the objective and downstream accuracies
+SUMMARY_OFFLINE = ("top1_acc", "oracle_acc", "mean_acc", "top1_reward")
+#: headline metrics in the printed summary
+SUMMARY_HEADLINES = ("val/downstream_acc", "test/downstream_acc")
 
 
 def _output_dir(cfg) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir).expanduser().resolve()
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         return Path(HydraConfig.get().runtime.output_dir)
-    except Exception:
-        import tempfile
-
+    except Exception:  # no Hydra run (a test calling run() on a composed config)
         return Path(tempfile.mkdtemp(prefix="leverplus-"))
 
 
@@ -45,97 +55,88 @@ def objective_value(metrics: Dict[str, float], name: str) -> float:
     return float(metrics[name])
 
 
+def _in_summary(key: str) -> bool:
+    return ((key.startswith("val/offline/") and key.split("/")[-1] in SUMMARY_OFFLINE)
+            or (key.endswith("_acc") and "/downstream/" in key) or key in SUMMARY_HEADLINES)
+
+
 def summary_lines(metrics: Dict[str, float], objective: str) -> str:
-    keys = [objective] + [
-        k
-        for k in sorted(metrics)
-        if (k.startswith("val/offline/") and k.split("/")[-1] in ("top1_acc", "oracle_acc", "mean_acc", "top1_reward"))
-        or k.endswith("_acc") and "/downstream/" in k
-        or k in ("val/downstream_acc", "test/downstream_acc")
-    ]
-    seen, rows = set(), ["| metric | value |", "|---|---|"]
-    for k in keys:
-        if k in seen or k not in metrics:
-            continue
-        seen.add(k)
-        rows.append(f"| {k}{' (objective)' if k == objective else ''} | {metrics[k]:.4f} |")
-    return "\n".join(rows)
+    """A markdown table: the objective first, then the summary metrics in name order (those the run produced)."""
+    keys = dict.fromkeys([objective] + sorted(k for k in metrics if _in_summary(k)))
+    rows = [f"| {k}{' (objective)' if k == objective else ''} | {metrics[k]:.4f} |" for k in keys if k in metrics]
+    return "\n".join(["| metric | value |", "|---|---|"] + rows)
+
+
+def _execute(cfg: DictConfig, data: LoadedData, out_dir: Path, logger: Any = None) -> Tuple[RunOutcome, float]:
+    outcome = train_and_evaluate(cfg, data, out_dir, logger=logger)
+    return outcome, objective_value(outcome.metrics, cfg.objective)
 
 
 def run(cfg: DictConfig) -> float:
     """The whole run; usable without Hydra's decorator (tests compose a config and call this)."""
-    from leverplus.config.identity import run_key
-    from leverplus.config.validation import validate_config
-    from leverplus.pipeline import load_data, train_and_evaluate
-    from leverplus.tracking.run import MlflowRun, find_finished_run, flatten, record_reused_run, standard_tags
-    from leverplus.tracking.store import get_or_create_experiment, resolve_artifact_root, resolve_tracking_uri
-
     validate_config(cfg)
     out_dir = _output_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg)  # validates every input before anything is trained or tracked
-    resolved = to_container(cfg)
-    key = run_key(resolved, data.fingerprint)
-    t = cfg.tracking
-
-    def execute(logger=None):
-        outcome = train_and_evaluate(cfg, data, out_dir, logger=logger)
-        value = objective_value(outcome.metrics, cfg.objective)
-        return outcome, value
-
-    if not t.enabled:
-        outcome, value = execute()
-        _write_artifacts(cfg, outcome, value, out_dir)
-        _print_summary(outcome, cfg.objective, value)
-        return value
-
-    uri = resolve_tracking_uri(t.uri)
-    experiment = t.experiment or f"leverplus-{data.source}"
-    exp_id = get_or_create_experiment(experiment, uri, resolve_artifact_root(t.artifact_root))
-    tags = standard_tags(
-        sweep=t.sweep,
-        arm=t.arm,
-        role=t.role,
-        shot_nums=list(cfg.data.shot_nums),
-        seed=int(cfg.seed),
-        data_fingerprint=data.fingerprint,
-        key=key,
-        data_source=data.source,
-    )
-    for k, v in (t.extra_tags or {}).items():
-        tags[k] = v
-    parent = t.parent_run_id or os.environ.get(PARENT_RUN_ID_VAR)
-    if t.skip_finished:
-        done = find_finished_run(uri, exp_id, key)
-        if done is not None:
-            metrics = record_reused_run(uri, exp_id, done, tags=tags, params=flatten(resolved), parent_run_id=parent,
-                                        run_name=t.run_name)
-            print(f"[leverplus] run key {key} already FINISHED as MLflow run {metrics.pop('_source_run_id')}: skipped.")
-            return objective_value(metrics, cfg.objective)
-    with MlflowRun(uri=uri, experiment_id=exp_id, run_name=t.run_name, tags=tags, parent_run_id=parent) as mrun:
-        mrun.log_params(flatten(resolved))
-        outcome, value = execute(logger=mrun)
-        final_step = max([s for s, _, _ in outcome.history], default=-1) + 1
-        mrun.log_metrics({**outcome.metrics, "objective": value}, step=final_step)
-        mrun.set_tags({f"cache_hit_{k}": v for k, v in outcome.cache_hits.items()})
-        mrun.set_tags({"trainable_params": outcome.result.param_counts.get("trainable"),
-                       "total_params": outcome.result.param_counts.get("total")})
-        _write_artifacts(cfg, outcome, value, out_dir)
-        names = ["config.yaml", "metrics.json", "per_query.jsonl"] + (["training_curves.png"] if cfg.plot_curves else [])
-        for name in names:
-            mrun.log_artifact(out_dir / name)
-        if t.log_checkpoints and outcome.result.best_checkpoint is not None:
-            mrun.log_artifact(outcome.result.best_checkpoint, "checkpoints")
-        if outcome.summary_table:
-            mrun.log_text(outcome.summary_table, "downstream_tables.md")
+    if cfg.tracking.enabled:
+        return _tracked_run(cfg, data, out_dir)
+    outcome, value = _execute(cfg, data, out_dir)
+    _write_artifacts(cfg, outcome, value, out_dir)
     _print_summary(outcome, cfg.objective, value)
     return value
 
 
-def _write_artifacts(cfg, outcome, value: float, out_dir: Path) -> None:
-    from leverplus.analysis.plots import training_curves
-    from leverplus.data.formats.io import atomic_write_json
+def _run_tags(cfg: DictConfig, data: LoadedData, key: str) -> Dict[str, Any]:
+    t = cfg.tracking
+    tags = standard_tags(sweep=t.sweep, arm=t.arm, role=t.role, shot_nums=list(cfg.data.shot_nums),
+                         seed=int(cfg.seed), data_fingerprint=data.fingerprint, key=key, data_source=data.source)
+    tags.update(t.extra_tags or {})
+    return tags
 
+
+def _tracked_run(cfg: DictConfig, data: LoadedData, out_dir: Path) -> float:
+    """The run as one MLflow run; with ``tracking.skip_finished``, a run key that already has a FINISHED run is
+    recorded as reused instead of trained again."""
+    t = cfg.tracking
+    resolved = to_container(cfg)
+    key = run_key(resolved, data.fingerprint)
+    uri = resolve_tracking_uri(t.uri)
+    exp_id = get_or_create_experiment(t.experiment or f"leverplus-{data.source}", uri,
+                                      resolve_artifact_root(t.artifact_root))
+    tags = _run_tags(cfg, data, key)
+    parent = t.parent_run_id or os.environ.get(PARENT_RUN_ID_VAR)
+    done = find_finished_run(uri, exp_id, key) if t.skip_finished else None
+    if done is not None:
+        metrics = record_reused_run(uri, exp_id, done, tags=tags, params=flatten(resolved), parent_run_id=parent,
+                                    run_name=t.run_name)
+        print(f"[leverplus] run key {key} already FINISHED as MLflow run {metrics.pop('_source_run_id')}: skipped.")
+        return objective_value(metrics, cfg.objective)
+    with MlflowRun(uri=uri, experiment_id=exp_id, run_name=t.run_name, tags=tags, parent_run_id=parent) as mrun:
+        mrun.log_params(flatten(resolved))
+        outcome, value = _execute(cfg, data, out_dir, logger=mrun)
+        _log_outcome(mrun, cfg, outcome, value, out_dir)
+    _print_summary(outcome, cfg.objective, value)
+    return value
+
+
+def _log_outcome(mrun: MlflowRun, cfg: DictConfig, outcome: RunOutcome, value: float, out_dir: Path) -> None:
+    """Final metrics (at the step after the last epoch), cache and size tags, and the run's files."""
+    final_step = max([s for s, _, _ in outcome.history], default=-1) + 1
+    mrun.log_metrics({**outcome.metrics, "objective": value}, step=final_step)
+    mrun.set_tags({f"cache_hit_{k}": v for k, v in outcome.cache_hits.items()})
+    mrun.set_tags({"trainable_params": outcome.result.param_counts.get("trainable"),
+                   "total_params": outcome.result.param_counts.get("total")})
+    _write_artifacts(cfg, outcome, value, out_dir)
+    names = ["config.yaml", "metrics.json", "per_query.jsonl"] + (["training_curves.png"] if cfg.plot_curves else [])
+    for name in names:
+        mrun.log_artifact(out_dir / name)
+    if cfg.tracking.log_checkpoints and outcome.result.best_checkpoint is not None:
+        mrun.log_artifact(outcome.result.best_checkpoint, "checkpoints")
+    if outcome.summary_table:
+        mrun.log_text(outcome.summary_table, "downstream_tables.md")
+
+
+def _write_artifacts(cfg, outcome, value: float, out_dir: Path) -> None:
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     stats = {str(s): {"queries_in": st.queries_in, "queries_kept": st.queries_kept, "candidates_in": st.candidates_in,
                       "candidates_kept": st.candidates_kept, "dropped": st.dropped}
