@@ -65,8 +65,10 @@ def sweeps_dir() -> Path:
 
 
 def register_sweeps() -> None:
-    """Expose every ``sweeps/*.yaml`` as an option of the config group ``sweep`` (package ``_global_``)."""
+    """Expose every ``sweeps/*.yaml`` as an option of the config group ``sweep`` (package ``_global_``); the shared
+    bases ``sweeps/_<name>.yaml`` go to the group ``sweep_base`` instead (not sweeps themselves)."""
     cs = ConfigStore.instance()
     for path in sorted(sweeps_dir().glob("*.yaml")):
-        cs.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_", replace=True)
+        group, name = ("sweep_base", path.stem[1:]) if path.stem.startswith("_") else ("sweep", path.stem)  # bases
+        cs.store(group=group, name=name, node=OmegaConf.load(path), package="_global_", replace=True)
 
