@@ -1,7 +1,14 @@
+"""Shared fixtures: torch threads and seed for every test, the repository root (``repo``) and the train-config
+composer (``compose_cfg``)."""
+
 import os
+from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
+from paths import REPO
+from paths import compose_cfg as _compose_cfg
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -11,15 +18,13 @@ def _seed():
     torch.manual_seed(0)
 
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+@pytest.fixture
+def repo() -> Path:
+    """The repository root (conf/, sweeps/, docs/)."""
+    return REPO
 
 
-def compose_cfg(overrides=()):
-    """Compose conf/train.yaml with overrides, exactly as `python -m leverplus.train` would (no Hydra run)."""
-    from hydra import compose, initialize_config_dir
-
-    from leverplus.config.store import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose("train", overrides=list(overrides))
+@pytest.fixture
+def compose_cfg() -> Callable:
+    """``compose_cfg(overrides)``: conf/train.yaml composed with overrides, as ``python -m leverplus.train`` would."""
+    return _compose_cfg

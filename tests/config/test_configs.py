@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import yaml
-from conftest import REPO, compose_cfg
+from paths import REPO, compose_cfg
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -72,7 +72,7 @@ def test_every_reward_mode_composes(mode):
     assert compose_cfg([f"reward.mode={mode}"]).reward.mode.value == mode
 
 
-@pytest.mark.parametrize("sweep", sorted(p.stem for p in sweeps_dir().glob("*.yaml")))
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in sweeps_dir().glob("[!_]*.yaml")))  # _*.yaml are bases
 def test_every_sweep_composes_with_plus_and_names_itself(sweep):
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):

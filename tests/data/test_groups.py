@@ -144,7 +144,7 @@ def test_beam_groups_use_the_rl_pool():
 def test_prepare_groups_reuses_skeletons_across_reward_configs_and_equals_build_groups(tmp_path):
     """Arms of a reward sweep share one loaded dataset: the cached reward-independent part must give exactly
     the groups (and filter stats) that build_groups computes from scratch, whatever reward comes after."""
-    from conftest import compose_cfg
+    from paths import compose_cfg
 
     from leverplus.data.groups import FilterStats, GroupOptions, build_groups, split_query_ids
     from leverplus.data.loading import prepare_groups

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, compose_cfg
+from paths import REPO, compose_cfg
 from hydra import compose, initialize_config_dir
 
 from leverplus.config.sim_params import SimParams

@@ -10,9 +10,11 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import compose_cfg
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 
 from leverplus.config.schema import RewardMode
+from leverplus.config.store import register_configs, sweeps_dir
 from leverplus.errors import LeverPlusInputError
 from leverplus.train import run
 
@@ -37,12 +39,67 @@ def tracked(store, name, *extra):
 # ---------------------------------------------------------------------------------------------- configs
 
 
-def test_negative_lr_fails_before_training_naming_the_field(tmp_path):
+ABLATION = "leverplus.sweeps.ablation.AblationSweeper"
+OPTUNA = "leverplus.sweeps.optuna.ResumableOptunaSweeper"
+CALLBACK = "leverplus.sweeps.callbacks.SweepTrackingCallback"
+PAIRS = {"data.shot_nums", "seed"}
+#: sweep -> (sweeper, its factors (ablation) or search-space params (Optuna))
+SWEEPS = {
+    "reward_grid": (ABLATION, {"reward.mode", "weights", "rce.use_raw_reward"} | PAIRS),
+    "seeds": (ABLATION, PAIRS),
+    "skip_fallback": (ABLATION, {"data.skip_fallback_reward"} | PAIRS),
+    "freeze_backbone": (ABLATION, {"grpo.freeze_backbone"} | PAIRS),
+    "rce_vs_grpo_epochs": (ABLATION, {"rce.epochs", "grpo.epochs"} | PAIRS),
+    "grpo_optuna": (OPTUNA, {"grpo.lr", "grpo.epochs"}),
+}
+
+
+def _compose_with_hydra(repo, overrides):
+    register_configs()
+    with initialize_config_dir(config_dir=str(repo / "conf"), version_base=None):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_the_sweep_group_holds_the_sweeps_and_not_their_bases():
+    assert sorted(p.stem for p in sweeps_dir().glob("[!_]*.yaml")) == sorted(SWEEPS)
+    register_configs()
+    options = {name.removesuffix(".yaml") for name in ConfigStore.instance().list("sweep")}
+    assert options == set(SWEEPS)
+    assert {n.removesuffix(".yaml") for n in ConfigStore.instance().list("sweep_base")} == {"ablation", "common"}
+
+
+@pytest.mark.parametrize("sweep", sorted(SWEEPS))
+def test_every_sweep_composes_with_plus(sweep, repo):
+    """``+sweep=NAME`` selects the sweep's sweeper with its factors, named once (``tracking.sweep``); every sweep
+    gets the shared base (no per-epoch checkpoints, no curve PNGs); ablations get the tracking callback."""
+    target, keys = SWEEPS[sweep]
+    cfg = _compose_with_hydra(repo, [f"+sweep={sweep}"])
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_ == target
+    assert cfg.tracking.sweep == sweep
+    assert cfg.checkpoint_every_epoch is False and cfg.plot_curves is False
+    callbacks = cfg.hydra.callbacks or {}
+    if target == ABLATION:
+        assert sweeper.sweep_name == sweep and set(sweeper.factors) == keys
+        assert all(len(v) > 0 for v in sweeper.factors.values())
+        assert set(sweeper.paired_by) == PAIRS and sweeper.baseline
+        assert callbacks["leverplus_sweep"]._target_ == CALLBACK and callbacks["leverplus_sweep"].sweep_name == sweep
+    else:
+        assert sweeper.study_name == sweep and set(sweeper.params) == keys
+        assert "leverplus_sweep" not in callbacks  # the study has its own parent run (StudyTracker)
+
+
+def test_a_sweep_renamed_on_the_command_line_is_renamed_everywhere(repo):
+    cfg = _compose_with_hydra(repo, ["+sweep=seeds", "tracking.sweep=seeds_v2"])
+    assert cfg.hydra.sweeper.sweep_name == "seeds_v2" and cfg.hydra.callbacks.leverplus_sweep.sweep_name == "seeds_v2"
+
+
+def test_negative_lr_fails_before_training_naming_the_field(tmp_path, compose_cfg):
     with pytest.raises(LeverPlusInputError, match="grpo.lr"):
         run(compose_cfg(TINY + ["grpo.lr=-1e-5", "tracking.enabled=false", f"output_dir={tmp_path}"]))
 
 
-def test_files_source_with_a_missing_file_fails_before_training(tmp_path):
+def test_files_source_with_a_missing_file_fails_before_training(tmp_path, compose_cfg):
     cfg = compose_cfg(["data=files", "tracking.enabled=false", f"data.files.embeddings={tmp_path}/nope.pt",
                        f"output_dir={tmp_path}/out"])
     with pytest.raises(LeverPlusInputError) as e:
@@ -67,7 +124,7 @@ def _find(store, name):
     return runs[0]
 
 
-def test_default_run_logs_params_metrics_tags_artifacts(store):
+def test_default_run_logs_params_metrics_tags_artifacts(store, compose_cfg):
     value = run(compose_cfg(tracked(store, "default", "grpo.epochs=1", "seed=3")))
     r = _find(store, "default")
     assert r.info.status == "FINISHED"
@@ -99,7 +156,7 @@ def test_default_run_logs_params_metrics_tags_artifacts(store):
     assert r.info.artifact_uri.startswith(Path(store["artifacts"]).resolve().as_uri())
 
 
-def test_same_config_and_seed_give_the_same_metrics(store):
+def test_same_config_and_seed_give_the_same_metrics(store, compose_cfg):
     a = run(compose_cfg(tracked(store, "det_a", "tracking.enabled=false")))
     b = run(compose_cfg(tracked(store, "det_b", "tracking.enabled=false")))
     ma = json.loads((store["root"] / "det_a" / "metrics.json").read_text())["metrics"]
@@ -108,7 +165,7 @@ def test_same_config_and_seed_give_the_same_metrics(store):
     assert a == b and drop(ma) == drop(mb)
 
 
-def test_plot_curves_off_skips_the_png_and_changes_nothing_else(store):
+def test_plot_curves_off_skips_the_png_and_changes_nothing_else(store, compose_cfg):
     """Sweeps set plot_curves=false: no training_curves.png (run dir and MLflow), same metrics, same run key."""
     from leverplus.config.identity import run_key
 
@@ -127,7 +184,7 @@ def test_plot_curves_off_skips_the_png_and_changes_nothing_else(store):
 
 
 @pytest.mark.parametrize("mode", [m.value for m in RewardMode])
-def test_one_tiny_training_per_reward_mode(store, mode):
+def test_one_tiny_training_per_reward_mode(store, mode, compose_cfg):
     extra = ["reward.reward_alpha=1.0", "reward.reward_beta=1.0"] if mode == "legacy" else []
     value = run(compose_cfg(tracked(store, f"mode_{mode}", f"reward.mode={mode}", "eval.downstream=false",
                                     "objective=val/offline/top1_acc", *extra)))
@@ -136,7 +193,7 @@ def test_one_tiny_training_per_reward_mode(store, mode):
     assert 0.0 <= value <= 1.0 and r.data.metrics["val/offline/top1_acc"] == pytest.approx(value)
 
 
-def test_failing_run_is_failed_in_mlflow_with_traceback(store):
+def test_failing_run_is_failed_in_mlflow_with_traceback(store, compose_cfg):
     from leverplus.training.trainer import NonFiniteLossError
 
     cfg = compose_cfg(tracked(store, "diverges", "rce.epochs=3", "rce.lr=1e30", "rce.lr_schedule=constant",
@@ -168,7 +225,7 @@ def test_cli_runs_and_prints_the_objective(store, tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_real_lever_plus_files_load_and_train(store, tmp_path):
+def test_real_lever_plus_files_load_and_train(store, tmp_path, compose_cfg):
     """data=files on files in the Lever-Plus formats (made by the simulator) and a Lightning SFT checkpoint."""
     import torch
 
@@ -229,7 +286,7 @@ def test_ctrl_c_marks_the_run_killed(store, tmp_path):
         torch.load(p, weights_only=True)
 
 
-def test_joint_training_over_several_shot_files(store, tmp_path):
+def test_joint_training_over_several_shot_files(store, tmp_path, compose_cfg):
     run(compose_cfg(TINY + ["data.shot_nums=[1,2]", "tracking.enabled=false", f"data.cache_dir={store['cache']}",
                             f"output_dir={tmp_path}"]))
     m = json.loads((tmp_path / "metrics.json").read_text())

@@ -21,7 +21,6 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from conftest import REPO, compose_cfg
 from optuna.trial import TrialState, create_trial
 
 from leverplus.errors import LeverPlusInputError
@@ -115,11 +114,11 @@ def test_a_resumed_study_keeps_its_direction():
         S.check_directions(["MAXIMIZE"], ["minimize"], "s", "sqlite:////x/optuna.db")
 
 
-def test_sweep_config_and_trial_overrides_compose():
+def test_sweep_config_and_trial_overrides_compose(compose_cfg, repo):
     cfg = compose_cfg(["+sweep=grpo_optuna", *S.trial_overrides("grpo_optuna", 3)])
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(REPO / "conf")):
+    with initialize_config_dir(config_dir=str(repo / "conf")):
         h = compose("train", overrides=["+sweep=grpo_optuna"], return_hydra_config=True).hydra
     sw = h.sweeper
     assert sw._target_.endswith("ResumableOptunaSweeper") and sw.study_name == "grpo_optuna"

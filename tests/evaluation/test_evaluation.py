@@ -192,7 +192,7 @@ def test_downstream_accuracy_uses_the_requested_normalisation():
 
 
 def test_vqa_normalization_is_a_config_enum_and_part_of_the_run_key():
-    from conftest import compose_cfg
+    from paths import compose_cfg
     from hydra.errors import ConfigCompositionException
 
     from leverplus.config.identity import to_container

@@ -5,7 +5,7 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import compose_cfg
+from paths import compose_cfg
 
 from leverplus.data.batching import collate
 from leverplus.data.groups import Group
