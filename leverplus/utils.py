@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -14,6 +15,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
+from tqdm.auto import tqdm
 
 from leverplus.env import CACHE_VAR, LAUNCH_DIR_VAR
 
@@ -45,8 +48,6 @@ def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20)
     if not sys.platform.startswith("linux"):
         return False
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
         ok = libc.mallopt(m_mmap_threshold, int(mmap_threshold)) == 1
@@ -120,8 +121,6 @@ def default_cache_dir() -> Path:
 
 def progress(iterable: Iterable, *, enabled: Optional[bool], **kwargs):
     """tqdm progress bar, quiet when stdout is not a TTY (unless forced on)."""
-    from tqdm.auto import tqdm
-
     show = sys.stdout.isatty() if enabled is None else enabled
     return tqdm(iterable, disable=not show, dynamic_ncols=True, leave=False, **kwargs)
 
@@ -136,11 +135,6 @@ def launch_dir() -> Path:
     env = os.environ.get(LAUNCH_DIR_VAR)
     if env:
         return Path(env).resolve()
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            return Path(HydraConfig.get().runtime.cwd).resolve()
-    except Exception:  # pragma: no cover - hydra not running
-        pass
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.cwd).resolve()
     return Path.cwd().resolve()

@@ -86,3 +86,10 @@ def test_imports_sit_at_the_top_of_modules():
                 if not all(n.split(".")[0] in LAZY_IMPORTS_ALLOWED for n in names):
                     found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {', '.join(names)}")
     assert not found, f"{len(found)} function-level imports:\n" + "\n".join(found)
+
+
+def test_module_map_lists_every_module():
+    listed = (PACKAGE.parent / "docs" / "modules.md").read_text()
+    missing = [str(p.relative_to(PACKAGE.parent)) for p in sorted(PACKAGE.rglob("*.py"))
+               if f"`{p.relative_to(PACKAGE.parent).as_posix()}`" not in listed]
+    assert not missing, f"docs/modules.md lacks: {missing}"

@@ -50,13 +50,7 @@ def _options():
         options = sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
         assert options, group
         for option in options:
-            marks = []
-            if (group, option) == ("data", "files"):
-                # conf/train.yaml lists `eval: default` after `data: ...`, so the eval schema's downstream=true is
-                # merged after data/files.yaml's eval.downstream=false (only the "skipped: no scorer" note and the
-                # run key see it). Strict: this starts failing once the defaults order is fixed.
-                marks = [pytest.mark.xfail(strict=True, reason="data=files' eval.downstream=false is overridden")]
-            yield pytest.param(group, option, marks=marks, id=f"{group}={option}")
+            yield pytest.param(group, option, id=f"{group}={option}")
 
 
 @pytest.mark.parametrize("group,option", list(_options()))
