@@ -20,7 +20,7 @@ from leverplus.analysis.plots import training_curves
 from leverplus.config.identity import run_key, to_container
 from leverplus.config.store import conf_dir, register_configs
 from leverplus.config.validation import validate_config
-from leverplus.data.formats.io import atomic_write_json
+from leverplus.data.formats.io import atomic_open, atomic_write_json, atomic_write_text
 from leverplus.data.loading import LoadedData
 from leverplus.env import PARENT_RUN_ID_VAR
 from leverplus.errors import LeverPlusInputError, printed_input_errors
@@ -137,14 +137,14 @@ def _log_outcome(mrun: MlflowRun, cfg: DictConfig, outcome: RunOutcome, value: f
 
 
 def _write_artifacts(cfg, outcome, value: float, out_dir: Path) -> None:
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     stats = {str(s): {"queries_in": st.queries_in, "queries_kept": st.queries_kept, "candidates_in": st.candidates_in,
                       "candidates_kept": st.candidates_kept, "dropped": st.dropped}
              for s, st in outcome.filter_stats.items()}
     atomic_write_json(out_dir / "metrics.json", {"objective": cfg.objective, "objective_value": value,
                                                   "metrics": outcome.metrics, "best": outcome.result.best,
                                                   "filter_stats": stats, "cache_hits": outcome.cache_hits}, indent=2)
-    with open(out_dir / "per_query.jsonl", "w") as fh:
+    with atomic_open(out_dir / "per_query.jsonl", "w") as fh:
         for row in outcome.per_query:
             fh.write(json.dumps(row, default=float) + "\n")
     if cfg.plot_curves:

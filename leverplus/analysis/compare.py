@@ -41,7 +41,7 @@ from scipy.stats import false_discovery_control
 
 from leverplus.analysis.plots import bar_with_ci, heatmap
 from leverplus.config.schema import EvalConfig
-from leverplus.data.formats.io import atomic_write_json
+from leverplus.data.formats.io import atomic_write_json, atomic_write_text
 from leverplus.errors import LeverPlusInputError
 from leverplus.evaluation.stats import Estimate, PairedResult, mean_ci, paired_bootstrap, paired_t_test, verdict
 from leverplus.tracking.store import resolve_tracking_uri, with_retries
@@ -630,7 +630,7 @@ def write_report(report: ComparisonReport, out_dir) -> List[Path]:
     arms = [c for c in report.cells if c.arm != report.baseline_arm and c.delta is not None]
     figures = _write_heatmaps(report, arms, out) + _write_bars(report, arms, out)  # may add a note: before the .md
     md = out / "comparison.md"
-    md.write_text(report_markdown(report), encoding="utf-8")
+    atomic_write_text(md, report_markdown(report))
     csv = out / "comparison.csv"
     report.to_frame().to_csv(csv, index=False)
     me = out / "main_effects.csv"

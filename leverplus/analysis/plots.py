@@ -12,12 +12,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from leverplus.data.formats.io import atomic_open  # noqa: E402
+
 CURVE_PANELS = [
     ("loss", ["sft/loss", "rce/loss", "grpo/loss", "val/loss"]),
     ("validation ranking", ["val/offline/top1_reward", "val/offline/oracle_reward", "val/offline/mean_reward"]),
     ("GRPO KL / beta", ["grpo/kl", "grpo/beta"]),
     ("GRPO ratio / clip / zero-std", ["grpo/mean_ratio", "grpo/clip_ratio", "grpo/frac_reward_zero_std"]),
 ]
+
+
+def save_figure(fig, path, *, dpi: int) -> None:
+    """Save a figure as PNG atomically (a reader never sees a half-written image)."""
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
 
 
 def training_curves(history: Iterable[Tuple[int, str, float]], path: str | Path) -> Path:
@@ -45,7 +53,7 @@ def training_curves(history: Iterable[Tuple[int, str, float]], path: str | Path)
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.95, hspace=0.3, wspace=0.15)  # tight_layout: 2x slower
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)  # one per run: keep it cheap
+    save_figure(fig, path, dpi=80)  # one per run: keep it cheap
     return path
 
 
@@ -60,7 +68,7 @@ def bar_with_ci(labels: Sequence[str], means: Sequence[float], los: Sequence[flo
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)
 
@@ -82,6 +90,6 @@ def heatmap(matrix, row_labels: Sequence[str], col_labels: Sequence[str], path: 
     fig.colorbar(im, ax=ax, label=cbar_label)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)

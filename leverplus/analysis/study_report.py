@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna.visualization.matplotlib as ovm  # noqa: E402
 import yaml  # noqa: E402
 
+from leverplus.analysis.plots import save_figure  # noqa: E402
+from leverplus.data.formats.io import atomic_write_text  # noqa: E402
 from leverplus.tracking.study import StudyTracker  # noqa: E402
 from leverplus.tracking.trials import (  # noqa: E402
     COUNTED_STATES,
@@ -68,7 +70,7 @@ def _plots(study: Any, out_dir: Path) -> Tuple[List[Path], Dict[str, str]]:
             fig.set_size_inches(8, 5)
             fig.tight_layout()
             path = out_dir / f"{name}.png"
-            fig.savefig(path, dpi=110)
+            save_figure(fig, path, dpi=110)
             plt.close(fig)
             files.append(path)
         except Exception as e:  # e.g. importances need >= 2 completed trials
@@ -126,7 +128,7 @@ def _write_tables(study: Any, out_dir: Path, best: Any, best_test: Dict[str, flo
         **counts,
     }
     results_path = out_dir / "optimization_results.yaml"
-    results_path.write_text(yaml.safe_dump(results, sort_keys=False))
+    atomic_write_text(results_path, yaml.safe_dump(results, sort_keys=False))
     trials_path = out_dir / "trials.csv"
     study.trials_dataframe().to_csv(trials_path, index=False)
     return [results_path, trials_path]

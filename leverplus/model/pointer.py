@@ -58,7 +58,7 @@ def single_query_attention(
     ``score_j = q_i·(W_k,i c_j + b_k,i) = (W_k,iᵀ q_i)·c_j + q_i·b_k,i`` and
     ``Σ_j a_j (W_v,i c_j + b_v,i) = W_v,i (Σ_j a_j c_j) + b_v,i Σ_j a_j`` (Σ a_j ≠ 1 after attention dropout).
     That is O(H²) per query instead of O(K·H²): the encoder's largest cost at K = 64 (checked against
-    ``nn.MultiheadAttention`` in tests/test_model.py).
+    ``nn.MultiheadAttention`` in tests/model/test_model.py).
     """
     B, H = h.shape
     nh = attn.num_heads

@@ -5,13 +5,13 @@ It expands ``factors`` (a cartesian grid of arms) plus one ``baseline`` arm, cro
 Hydra launcher is configured (basic, joblib, submitit). Before launching it
 
 * composes every job's config and drops jobs whose *canonical* config (knobs a reward mode ignores removed, see
-  ``leverplus.tracking.canonical_config``) equals an earlier job's: those arms are aliases and run once;
+  ``leverplus.config.identity.canonical_config``) equals an earlier job's: those arms are aliases and run once;
 * optionally loads the data once per data config and aliases arms whose training consumes bit-identical reward
   tensors on it (e.g. ``separated`` ≡ ``hard_plus_soft_v2`` for binary correctness; see
   ``leverplus.pipeline.reward_signature``);
 * tags every job with its sweep, arm and role, and turns on ``tracking.skip_finished`` so a re-run completes only
   the jobs that have no FINISHED MLflow run (idempotent, resumable); a skipped job is recorded under the new parent
-  run as a pointer to the run that trained it (``leverplus.tracking.record_reused_run``).
+  run as a pointer to the run that trained it (``leverplus.tracking.run.record_reused_run``).
 
 Command-line overrides of a factor's key replace that factor's list (``seed=0`` restricts the seeds,
 ``reward.mode=hard_only,soft_only`` picks two modes); compound factors (e.g. ``weights``) are overridden with

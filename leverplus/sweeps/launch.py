@@ -13,6 +13,7 @@ import mlflow
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf
 
+from leverplus.data.formats.io import atomic_write_json
 from leverplus.env import PARENT_RUN_ID_VAR, SWEEP_FAILED_JOBS_VAR, TRACKING_URI_VAR
 from leverplus.sweeps.grid import Job
 from leverplus.tracking.store import with_retries
@@ -32,7 +33,7 @@ def record_aliases(config: DictConfig, aliases: Dict[str, str]) -> None:
     sweep_dir = Path(config.hydra.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, sweep_dir / "multirun.yaml")
-    (sweep_dir / "aliases.json").write_text(json.dumps(aliases, indent=2))
+    atomic_write_json(sweep_dir / "aliases.json", aliases, indent=2)
     parent = os.environ.get(PARENT_RUN_ID_VAR)
     uri = os.environ.get(TRACKING_URI_VAR)
     if parent and uri:

@@ -607,3 +607,18 @@ def test_rlquery_constructed_directly_writes(tmp_path):
     rec = BeamRecord(query_id=1, id_list=[[0, 1]], score_list=[0.5])
     write_beam_json(tmp_path / "b.json", {1: rec})
     assert read_beam_json(tmp_path / "b.json")[1] == rec
+
+
+def test_atomic_write_text_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    from leverplus.data.formats.io import atomic_open, atomic_write_text
+
+    target = tmp_path / "report.md"
+    atomic_write_text(target, "old\n")
+    with pytest.raises(RuntimeError):
+        with atomic_open(target, "w") as f:
+            f.write("half of the new")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temp file left behind
+    atomic_write_text(target, "new ü\n")
+    assert target.read_text(encoding="utf-8") == "new ü\n"

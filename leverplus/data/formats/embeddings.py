@@ -10,7 +10,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from leverplus.data.formats.io import PathLike, _atomic_open, _type_name, atomic_torch_save
+from leverplus.data.formats.io import PathLike, _type_name, atomic_open, atomic_torch_save
 from leverplus.errors import LeverPlusInputError
 
 # --------------------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def save_embeddings(path: PathLike, tensor: Union[torch.Tensor, np.ndarray]) -> 
     if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset() != 0:
         t = t.clone()
     if Path(path).suffix.lower() == ".npy":
-        with _atomic_open(path, "wb") as f:
+        with atomic_open(path, "wb") as f:
             np.save(f, t.numpy(), allow_pickle=False)
     else:
         atomic_torch_save(path, t)

@@ -59,7 +59,7 @@ def load_json(path: PathLike) -> Any:
 
 
 @contextlib.contextmanager
-def _atomic_open(path: PathLike, mode: str) -> Iterator[IO]:
+def atomic_open(path: PathLike, mode: str) -> Iterator[IO]:
     """Yield a temp file next to ``path``; on success fsync it and ``os.replace`` it onto ``path``.
 
     On any exception the temp file is removed and ``path`` is left untouched.
@@ -81,18 +81,24 @@ def _atomic_open(path: PathLike, mode: str) -> Iterator[IO]:
         raise
 
 
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) atomically: a reader sees the old file or the new one, never half of it."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
 def atomic_write_json(path: PathLike, obj: Any, *, indent: Optional[int] = None, allow_nan: bool = True) -> None:
     """Write ``obj`` as JSON atomically (temp file in the same directory + ``os.replace``; parents created).
 
     ``allow_nan`` is passed to :func:`json.dump` (True = Python's default, which writes non-standard ``NaN``).
     """
-    with _atomic_open(path, "w") as f:
+    with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=indent, ensure_ascii=False, allow_nan=allow_nan)
 
 
 def atomic_torch_save(path: PathLike, obj: Any) -> None:
     """``torch.save`` atomically (temp file in the same directory + ``os.replace``; parents created)."""
-    with _atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb") as f:
         torch.save(obj, f)
 
 
