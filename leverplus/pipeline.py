@@ -20,10 +20,13 @@ from omegaconf import OmegaConf
 from leverplus.config.identity import canonical_config, to_container
 from leverplus.data.groups import FilterStats, Group
 from leverplus.data.loading import LoadedData, PreparedGroups, file_state, load_files, prepare_groups
+from leverplus.evaluation.answer_cache import AnswerCache, CachedScorer, scorer_identity
 from leverplus.evaluation.downstream import evaluate_splits
 from leverplus.evaluation.ranking import offline_metrics, validation_metrics
 from leverplus.model.build import build_model, load_model
 from leverplus.model.pointer import PointerSelector
+from leverplus.sim.lvlm import SimLVLM
+from leverplus.sim.scorer import SimScorer
 from leverplus.sim.source import load_sim
 from leverplus.training.consumed import hash_consumed_rewards
 from leverplus.training.stage_cache import StageCache, stage_keys
@@ -163,12 +166,26 @@ def _evaluate(cfg, data: LoadedData, groups: PreparedGroups, model: PointerSelec
     if cfg.eval.downstream and data.scorer is None:
         say("Downstream evaluation skipped: this data source has no scorer (eval.downstream=false to silence).")
     elif cfg.eval.downstream:
-        down = evaluate_splits(model, data.scorer, data.eval_sets, data.embeddings, sorted(data.rl), cfg.eval,
+        scorer = _answering_scorer(cfg, data)
+        down = evaluate_splits(model, scorer, data.eval_sets, data.embeddings, sorted(data.rl), cfg.eval,
                                seed=int(cfg.seed), data_key=data.fingerprint)
         metrics.update(down.metrics)
+        if isinstance(scorer, CachedScorer):  # how many LVLM answers this run generated vs took from the store
+            metrics.update({f"answer_cache/{k}": float(v) for k, v in scorer.stats().items() if k != "identity_hash"})
         per_query += down.per_query
         tables += down.tables
     return metrics, per_query, tables
+
+
+def _answering_scorer(cfg, data: LoadedData):
+    """The scorer downstream evaluation asks: the data's own, or (``eval.answer_cache``) the same scorer answering
+    through the persistent answer store. The simulated LVLM is wrapped in its ``SimScorer`` first, which gives the
+    same answers and has the ``generate`` the store needs."""
+    if not cfg.eval.answer_cache:
+        return data.scorer
+    base = SimScorer(data.scorer) if isinstance(data.scorer, SimLVLM) else data.scorer
+    path = Path(cfg.eval.answer_cache_path).expanduser() if cfg.eval.answer_cache_path else None
+    return CachedScorer(base, AnswerCache(path), scorer_identity(base))
 
 
 def reward_signature(cfg, memo: Dict[str, Any]) -> str:

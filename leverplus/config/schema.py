@@ -219,6 +219,12 @@ class EvalConfig:
     # resamples of the per-query paired bootstraps of comparisons (python -m leverplus.compare, the sweep callback);
     # statistics of a report, not of the trained model
     bootstrap_samples: int = field(default=2000, metadata=COSMETIC)
+    # answer every (query, ordered ICDs) prompt once and keep it in a persistent store shared by runs, processes and
+    # sweeps (leverplus.evaluation.answer_cache): arms that pick the same ICDs cost no new LVLM call. Off by default:
+    # a batched bf16 LVLM can answer a prompt differently depending on its batch, and a cached answer is the first one
+    # ever stored, so turning it on is part of the run's identity.
+    answer_cache: bool = False
+    answer_cache_path: Optional[str] = field(default=None, metadata=COSMETIC)  # None = <cache dir>/answers.sqlite
 
 
 @dataclass
