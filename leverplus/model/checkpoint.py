@@ -79,7 +79,7 @@ def _key_problems(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.T
 def _strict_error(model: PointerSelector, inferred: dict, fmt: str, problems: list, label: str) -> LeverPlusInputError:
     """The strict-load error: the format, the model config, the problems and the model arguments that would fit."""
     hints = [f"model.{k}={v}" for k, v in inferred.items() if model.config[k] != v]
-    fix = "pass strict=false to load anyway"
+    fix = "pass model.strict_load=false (selector.strict_load=false for generate_rl_data) to load anyway"
     if hints:
         fix = f"pass {', '.join(hints)} (what the weights imply), or {fix}"
     return LeverPlusInputError(

@@ -188,7 +188,7 @@ RL_BAD = [
     ("pointer_float_entry", _set("5", 0, pointer=[1, 3.0]), {}, "query 5, candidate 0", "pointer", "integer id"),
     ("pointer_bool_entry", _set("5", 0, pointer=[1, True]), {}, "query 5, candidate 0", "pointer", "integer id"),
     ("pointer_len_vs_arg", _set("5", 2, pointer=[0, 9, 8]), {"shot_num": 2}, "query 5, candidate 2", "pointer",
-     "data.shot_num=3"),
+     "data.shot_nums=[3]"),
     ("pointer_len_vs_inferred", _set("5", 2, pointer=[0]), {}, "query 5, candidate 2", "pointer",
      "inferred from the first candidate"),
     ("pointer_duplicate", _set("5", 1, pointer=[3, 3]), {}, "query 5, candidate 1", "pointer",

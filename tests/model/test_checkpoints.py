@@ -129,7 +129,7 @@ def test_strict_error_for_a_missing_key(tmp_path):
         load_pointer_checkpoint(tmp_path / "m.pt")
     msg = str(err.value)
     assert str(tmp_path / "m.pt") in msg and "raw_state_dict" in msg
-    assert "missing keys [attn_norms.0.bias]" in msg and "strict=false" in msg
+    assert "missing keys [attn_norms.0.bias]" in msg and "model.strict_load=false" in msg
 
 
 def test_strict_error_for_an_unexpected_key_and_strict_false_warns(tmp_path):
@@ -162,7 +162,7 @@ def test_conflicting_kwarg_gives_the_strict_error_with_the_fix(tmp_path):
         load_pointer_checkpoint(tmp_path / "three.pt", num_layers=1)
     msg = str(err.value)
     assert "unexpected keys" in msg and "cross_attn_layers.2.in_proj_bias" in msg
-    assert "pass model.num_layers=3" in msg and "strict=false" in msg
+    assert "pass model.num_layers=3" in msg and "model.strict_load=false" in msg
     with pytest.raises(LeverPlusInputError, match="model.use_query_update_gate=True"):
         load_pointer_checkpoint(tmp_path / "three.pt", use_query_update_gate=False)
     # non-conflicting kwargs are fine (num_heads cannot be inferred from weights)

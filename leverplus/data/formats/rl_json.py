@@ -117,7 +117,7 @@ class RLData:
 
 def _shot_fix(expected: int, got: int, given: bool) -> str:
     if given:
-        return f"regenerate the RL data with shot_num={expected}, or pass data.shot_num={got} to read it as-is"
+        return f"regenerate the RL data with shot_num={expected}, or pass data.shot_nums=[{got}] to read it as-is"
     return (f"every candidate in one file must have the same number of shots ({expected}, inferred from the first "
             "candidate); regenerate the file or drop the inconsistent candidates")
 
