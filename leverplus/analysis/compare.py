@@ -13,6 +13,10 @@ Statistics, per (arm, shot):
 * per-query Δ: paired bootstrap of per-query accuracies pooled over the paired seeds, pairs matched by
   (seed, query_index) (a finer view of the same delta; it ignores seed-to-seed variance, so it is reported beside the
   verdict, not as it);
+* reviewer-grade columns (docs/statistics.md §7): the calibrated per-query p (sign-flip test of the same pairs; the
+  bootstrap keeps the interval), BH q within a chosen family (``bh_family``), a four-way margin verdict of the
+  seed-level differences (``equivalence_margin_pp``), the MDEs at 80% power, and the share of queries whose ICD
+  sequence changed vs the baseline (:mod:`leverplus.analysis.policy_shift`) with the bound it puts on |Δ|;
 * main effects: for each factor, the mean of the cell deltas (one cell = one (arm, shot)) at each level, i.e. the
   marginal mean over the other factors; baseline cells and aliases are not counted.
 
@@ -37,13 +41,26 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 import mlflow
 import numpy as np
 import pandas as pd
-from scipy.stats import false_discovery_control
 
 from leverplus.analysis.plots import bar_with_ci, heatmap
 from leverplus.config.schema import EvalConfig
 from leverplus.data.formats.io import atomic_write_json, atomic_write_text
 from leverplus.errors import LeverPlusInputError
-from leverplus.evaluation.stats import Estimate, PairedResult, mean_ci, paired_bootstrap, paired_t_test, verdict
+from leverplus.analysis.policy_shift import ICDS_COL, PolicyShift, policy_shift
+from leverplus.evaluation.stats import (
+    Estimate,
+    MarginVerdict,
+    PairedResult,
+    bh_by_family,
+    family_labels,
+    mde_paired,
+    mean_ci,
+    paired_bootstrap,
+    paired_t_test,
+    paired_verdict,
+    sign_flip_test,
+    verdict,
+)
 from leverplus.tracking.store import resolve_tracking_uri, with_retries
 from leverplus.utils import launch_dir
 
@@ -58,6 +75,14 @@ WEIGHTS_COL = "weights"  # derived: "hw×sw" from the two weight params
 DEFAULT_FACTORS = (MODE_COL, WEIGHTS_COL, RAW_COL, "shot_num")
 NO_DIFFERENCE = "no significant difference"
 NO_PAIR = "no baseline pair"
+#: default equivalence margin of the four-way verdict, in accuracy points (pp): half a point, the issue's choice
+DEFAULT_EQUIVALENCE_MARGIN_PP: float = 0.5
+#: power at which the minimum detectable effect columns are computed (the conventional 80%)
+MDE_POWER: float = 0.8
+#: Benjamini-Hochberg families: "all" = one family of every arm cell (the report's original behaviour), "shot" =
+#: one family per shot_num
+BH_FAMILIES = ("all", "shot")
+PP = 100.0  # accuracy units -> percentage points
 
 
 # ------------------------------------------------------------------------------------------------ report types
@@ -84,11 +109,22 @@ class ArmSummary:
     missing_baseline_seeds: Tuple[int, ...]  # arm runs with no baseline run of the same (shot, seed)
     missing_arm_seeds: Tuple[int, ...]  # baseline seeds this arm has no run for
     aliases: Tuple[str, ...] = ()  # arm labels not run because they are equivalent to this arm
-    delta_q: Optional[float] = None  # Benjamini-Hochberg q of the seed-level p over all arm cells of the report
+    delta_q: Optional[float] = None  # Benjamini-Hochberg q of the seed-level p within the cell's BH family
+    delta_q_family: str = ""  # that family: "all" or "shot_num=S"
+    query_p_signflip: Optional[float] = None  # calibrated sign-flip p of the pooled per-query differences
+    margin: Optional[MarginVerdict] = None  # four-way verdict of the seed-paired differences against the margin
+    mde_seed: Optional[float] = None  # seed-level paired t MDE at MDE_POWER (accuracy units)
+    mde_query: Optional[float] = None  # per-query z MDE at MDE_POWER over the pooled pairs (accuracy units)
+    shift: Optional[PolicyShift] = None  # share of queries whose ICD sequence differs from the baseline's
 
     @property
     def n_seeds(self) -> int:
         return len(self.seeds)
+
+    @property
+    def margin_verdict(self) -> str:
+        """better / worse / equivalent / inconclusive (see :func:`paired_verdict`); "no baseline pair" without one."""
+        return self.margin.verdict if self.margin is not None else NO_PAIR
 
 
 @dataclass(frozen=True)
@@ -114,6 +150,8 @@ class ComparisonReport:
     confidence: float
     n_boot: int
     notes: List[str] = field(default_factory=list)
+    bh_family: str = "all"  # see BH_FAMILIES
+    equivalence_margin_pp: float = DEFAULT_EQUIVALENCE_MARGIN_PP
 
     def cell(self, arm: str, shot_num: int) -> ArmSummary:
         """The cell of ``arm`` (or of the arm it is an alias of) at ``shot_num``."""
@@ -149,6 +187,27 @@ def _paired(prefix: str, r: Optional[PairedResult]) -> Dict[str, float]:
     return {prefix: r.delta, f"{prefix}_lo": r.lo, f"{prefix}_hi": r.hi, f"{prefix}_p": r.p_value, f"{prefix}_n": r.n}
 
 
+def _opt(x: Optional[float], scale: float = 1.0) -> float:
+    return math.nan if x is None else scale * x
+
+
+def _new_columns(c: ArmSummary) -> Dict[str, object]:
+    """The columns added for reviewer-grade verdicts: calibrated per-query p, four-way verdict, MDEs, policy shift."""
+    m = c.margin
+    return {
+        "query_delta_p_signflip": _opt(c.query_p_signflip),
+        "margin_verdict": c.margin_verdict,
+        "equivalence_margin_pp": math.nan if m is None else PP * m.margin,
+        "margin_eq_lo": math.nan if m is None else m.eq_lo,
+        "margin_eq_hi": math.nan if m is None else m.eq_hi,
+        "mde80_seed_pp": _opt(c.mde_seed, PP),
+        "mde80_query_pp": _opt(c.mde_query, PP),
+        "changed_frac": math.nan if c.shift is None else c.shift.mean_fraction,
+        "changed_n_seeds": 0 if c.shift is None else len(c.shift.seeds),
+        "delta_bound_pp": math.nan if c.shift is None else PP * c.shift.bound,
+    }
+
+
 def _cell_row(c: ArmSummary, label: str, alias_of: str) -> Dict[str, object]:
     return {
         "arm": label,
@@ -170,6 +229,8 @@ def _cell_row(c: ArmSummary, label: str, alias_of: str) -> Dict[str, object]:
         "n_unmatched_queries": c.n_unmatched_queries,
         "missing_baseline_seeds": " ".join(map(str, c.missing_baseline_seeds)),
         "missing_arm_seeds": " ".join(map(str, c.missing_arm_seeds)),
+        "delta_q_family": c.delta_q_family,
+        **_new_columns(c),
     }
 
 
@@ -251,6 +312,8 @@ def compare_runs(
     confidence: float = 0.95,
     n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,
+    bh_family: str = "all",
+    equivalence_margin_pp: float = DEFAULT_EQUIVALENCE_MARGIN_PP,
 ) -> ComparisonReport:
     """Compare every (arm, shot) with the baseline runs of the same (shot_num, seed). Pure: no MLflow, no files.
 
@@ -259,8 +322,12 @@ def compare_runs(
     [, shot_num]) of test selector rows; None skips the per-query bootstrap. ``factors``: columns for the main
     effects (``"weights"`` is derived from the hard/soft weight params; factors absent from ``df`` are skipped and
     noted). ``aliases``: alias arm label -> canonical label. The bootstrap pools seeds in ascending order and
-    queries by ascending query_index, resampled with ``seed`` (deterministic).
+    queries by ascending query_index, resampled with ``seed`` (deterministic); the sign-flip p of the same pairs
+    uses ``seed`` too. ``bh_family``: "all" (one BH family of all arm cells) or "shot" (one per shot_num).
+    ``equivalence_margin_pp``: the margin of the four-way verdict, in accuracy points. Per-query tables with an
+    ``icds`` column also give the share of queries whose ICD sequence changed vs the baseline (:mod:`policy_shift`).
     """
+    _check_options(bh_family, equivalence_margin_pp)
     df = _checked_runs(df, metric)
     baseline_arm, base_by = _baseline(df, baseline_role)
     notes = [f"factor {f!r} is not in the runs table: no main effect for it" for f in factors if f not in df.columns]
@@ -269,21 +336,54 @@ def compare_runs(
     aliases = _checked_aliases(aliases, set(df["arm"].astype(str)), notes)
     ctx = _CellContext(base_by=base_by, per_query=per_query, metric=metric,
                        objective=objective if objective in df.columns else None, better=better,
-                       confidence=confidence, n_boot=n_boot, seed=seed, notes=notes)
+                       confidence=confidence, n_boot=n_boot, seed=seed, notes=notes,
+                       margin=equivalence_margin_pp / PP)
     order = sorted(df["arm"].astype(str).unique(), key=lambda a: (a != baseline_arm, a))
     cells = [cell for arm in order for cell in _arm_cells(df, arm, level_cols, aliases, ctx)]
 
-    cells, n_tests, n_sig, n_sig_q = _with_fdr(cells, baseline_arm, confidence)
+    cells, n_tests, n_sig, n_sig_q = _with_fdr(cells, baseline_arm, confidence, bh_family)
     if n_tests > 1:
+        within = "" if bh_family == "all" else ", one family per shot"
         notes.append(f"multiple comparisons: {n_sig} of {n_tests} arm cells have p < {1 - confidence:.2g}; after "
-                     f"Benjamini-Hochberg (FDR {1 - confidence:.2g}) {n_sig_q} remain (column q). With many cells, "
-                     "read a lone 'better'/'worse' with a large q as a likely false discovery.")
+                     f"Benjamini-Hochberg (FDR {1 - confidence:.2g}{within}) {n_sig_q} remain (column q). With many "
+                     "cells, read a lone 'better'/'worse' with a large q as a likely false discovery.")
+    notes += _bound_violations(cells)
     main_effects = _main_effects([c for c in cells if c.arm != baseline_arm], present)
     return ComparisonReport(
         metric=metric, objective=objective, baseline_arm=baseline_arm, cells=cells, main_effects=main_effects,
         aliases=dict(sorted(aliases.items())), missing_baseline=ctx.missing_baseline, factors=tuple(present),
-        confidence=confidence, n_boot=n_boot, notes=list(dict.fromkeys(notes)),
+        confidence=confidence, n_boot=n_boot, notes=list(dict.fromkeys(notes)), bh_family=bh_family,
+        equivalence_margin_pp=float(equivalence_margin_pp),
     )
+
+
+def _check_options(bh_family: str, equivalence_margin_pp: float) -> None:
+    if bh_family not in BH_FAMILIES:
+        raise LeverPlusInputError(f"bh_family must be one of {BH_FAMILIES}, got {bh_family!r}", field="bh_family",
+                                  fix="'all' for one family of every arm cell, 'shot' for one family per shot")
+    ok = isinstance(equivalence_margin_pp, (int, float)) and not isinstance(equivalence_margin_pp, bool)
+    if not (ok and math.isfinite(equivalence_margin_pp) and equivalence_margin_pp > 0):
+        raise LeverPlusInputError(f"equivalence_margin_pp must be a positive number, got {equivalence_margin_pp!r}",
+                                  field="equivalence_margin_pp",
+                                  fix="give the smallest accuracy difference that matters, in points (e.g. 0.5)")
+
+
+#: slack for float rounding when checking |Δ| against the changed-queries bound
+_BOUND_TOL = 1e-9
+
+
+def _bound_violations(cells: Sequence[ArmSummary]) -> List[str]:
+    """Notes for cells whose |Δ| exceeds the changed-queries bound: the LVLM was not deterministic, or the run
+    metric was computed on other queries than the per-query rows (the bound then does not hold)."""
+    out = []
+    for c in cells:
+        if c.shift is None or c.delta is None or len(c.shift.seeds) != c.delta.n:
+            continue  # the bound covers the seed-level Δ only when every paired seed has its ICD sequences
+        if abs(c.delta.delta) > c.shift.bound + _BOUND_TOL:
+            out.append(f"arm {c.arm!r} shot {c.shot_num}: |Δ| = {PP * abs(c.delta.delta):.2f} pp exceeds the "
+                       f"changed-queries bound {PP * c.shift.bound:.2f} pp: the LVLM is not deterministic or the "
+                       "accuracy was measured on other queries; read the bound as void there")
+    return out
 
 
 def _level_columns(present: Sequence[str], df: pd.DataFrame) -> List[str]:
@@ -366,7 +466,12 @@ class _CellContext:
     n_boot: int
     seed: int
     notes: List[str]  # appended to, in order
+    margin: float = DEFAULT_EQUIVALENCE_MARGIN_PP / PP  # equivalence margin, accuracy units
     missing_baseline: List[Tuple[str, int, int]] = field(default_factory=list)  # appended to, in order
+
+    @property
+    def alpha(self) -> float:
+        return 1.0 - self.confidence
 
 
 def _arm_cells(df: pd.DataFrame, arm: str, level_cols: Sequence[str], aliases: Mapping[str, str],
@@ -389,19 +494,23 @@ def _arm_cells(df: pd.DataFrame, arm: str, level_cols: Sequence[str], aliases: M
             for shot in sorted(arm_rows["shot_num"].unique())]
 
 
-def _with_fdr(cells: List[ArmSummary], baseline_arm: str, confidence: float):
-    """Attach Benjamini-Hochberg q-values (``scipy.stats.false_discovery_control``) to the seed-level tests of the
-    arm cells (the baseline and cells without a finite p are left out). Returns (cells, tests, p-significant,
+def _with_fdr(cells: List[ArmSummary], baseline_arm: str, confidence: float, bh_family: str = "all"):
+    """Attach Benjamini-Hochberg q-values (:func:`bh_by_family`, i.e. ``scipy.stats.false_discovery_control``
+    within each family) to the seed-level tests of the arm cells (the baseline and cells without a finite p are left
+    out). ``bh_family``: "all" = one family, "shot" = one per shot_num. Returns (cells, tests, p-significant,
     q-significant)."""
     idx = [i for i, c in enumerate(cells) if c.arm != baseline_arm and c.delta is not None
            and math.isfinite(c.delta.p_value)]
     if not idx:
         return cells, 0, 0, 0
     ps = np.array([cells[i].delta.p_value for i in idx])
-    qs = false_discovery_control(ps, method="bh")
+    by = "all" if bh_family == "all" else "shot_num"
+    families = family_labels([{"shot_num": cells[i].shot_num} for i in idx], by)
+    qs = bh_by_family(ps, families)
     out = list(cells)
-    for i, q in zip(idx, qs):
-        out[i] = replace(cells[i], delta_q=float(q))
+    for i, q, fam in zip(idx, qs, families):
+        label = "all" if bh_family == "all" else f"shot_num={fam[0]}"
+        out[i] = replace(cells[i], delta_q=float(q), delta_q_family=label)
     alpha = 1 - confidence
     return out, len(idx), int((ps < alpha).sum()), int((qs < alpha).sum())
 
@@ -423,20 +532,48 @@ def _summarise_cell(arm: str, shot: int, role: str, levels: Mapping[str, str], r
     paired, missing_base, missing_arm = _seed_pairs(rows, shot, seeds, ctx.base_by)
     ctx.missing_baseline.extend((arm, shot, s) for s in missing_base)
 
-    delta = obj_delta = None
-    query: Tuple[Optional[PairedResult], Tuple[int, ...], int] = (None, (), 0)
+    delta = obj_delta = margin = mde_seed = None
+    query = _QueryView()
     if paired:
-        delta = paired_t_test([float(a[metric]) for a, _ in paired], [float(b[metric]) for _, b in paired], confidence)
+        xs, ys = [float(a[metric]) for a, _ in paired], [float(b[metric]) for _, b in paired]
+        delta = paired_t_test(xs, ys, confidence)
+        margin, mde_seed = _seed_margin_and_mde(np.subtract(xs, ys), ctx)
         obj_delta = _objective_delta(paired, objective, confidence) if objective else None
         query = _query_delta_if_possible(arm, shot, paired, "run_id" in rows.columns, ctx)
-    query_delta, query_seeds, unmatched = query
+    qd = query.result
     return ArmSummary(
         arm=arm, shot_num=shot, role=role, levels=dict(levels), seeds=seeds, objective=obj, acc=acc, delta=delta,
-        objective_delta=obj_delta, query_delta=query_delta, query_seeds=query_seeds, n_unmatched_queries=unmatched,
+        objective_delta=obj_delta, query_delta=qd, query_seeds=query.seeds, n_unmatched_queries=query.unmatched,
         verdict=verdict(delta, better=ctx.better) if delta is not None else NO_PAIR,
-        query_verdict=verdict(query_delta, better=ctx.better) if query_delta is not None else None,
+        query_verdict=verdict(qd, better=ctx.better) if qd is not None else None,
         missing_baseline_seeds=missing_base, missing_arm_seeds=missing_arm, aliases=aliases,
+        query_p_signflip=query.p_signflip, margin=margin, mde_seed=mde_seed, mde_query=query.mde, shift=query.shift,
     )
+
+
+def _sd(d: np.ndarray) -> float:
+    """Sample sd (ddof=1) of paired differences; exactly 0 when they are all equal (no rounding noise)."""
+    return 0.0 if np.all(d == d[0]) else float(d.std(ddof=1))
+
+
+def _seed_margin_and_mde(d: np.ndarray, ctx: _CellContext) -> Tuple[MarginVerdict, Optional[float]]:
+    """Four-way verdict of the seed-paired differences ``d`` against the margin (paired t CI + TOST at
+    α = 1 - confidence), and the seed-level paired t MDE at MDE_POWER (None with fewer than 2 seed pairs)."""
+    margin = paired_verdict(d, ctx.margin, alpha=ctx.alpha, better=ctx.better)
+    mde = mde_paired(_sd(d), int(d.size), ctx.alpha, MDE_POWER, "t") if d.size >= 2 else None
+    return margin, mde
+
+
+@dataclass(frozen=True)
+class _QueryView:
+    """The per-query side of a cell: bootstrap Δ (CI), its calibrated sign-flip p, the z MDE, the policy shift."""
+
+    result: Optional[PairedResult] = None  # paired bootstrap (interval; its p is the inverted-CI one)
+    seeds: Tuple[int, ...] = ()
+    unmatched: int = 0
+    p_signflip: Optional[float] = None
+    mde: Optional[float] = None
+    shift: Optional[PolicyShift] = None
 
 
 def _seed_pairs(rows: pd.DataFrame, shot: int, seeds: Tuple[int, ...], base_by: Mapping[Tuple[int, int], pd.Series]):
@@ -449,14 +586,16 @@ def _seed_pairs(rows: pd.DataFrame, shot: int, seeds: Tuple[int, ...], base_by: 
 
 
 def _query_delta_if_possible(arm: str, shot: int, paired: Sequence[Tuple[pd.Series, pd.Series]], has_run_ids: bool,
-                             ctx: _CellContext) -> Tuple[Optional[PairedResult], Tuple[int, ...], int]:
-    """:func:`_query_delta` when there are per-query tables and run ids to find them by, else (None, (), 0)."""
+                             ctx: _CellContext) -> _QueryView:
+    """:func:`_query_delta` and the policy shift when there are per-query tables and run ids to find them by."""
     if ctx.per_query is None:
-        return None, (), 0
+        return _QueryView()
     if not has_run_ids:
         ctx.notes.append("the runs table has no run_id column: per-query bootstrap skipped")
-        return None, (), 0
-    return _query_delta(arm, shot, paired, ctx)
+        return _QueryView()
+    view = _query_delta(arm, shot, paired, ctx)
+    pairs = [(int(a["seed"]), str(a["run_id"]), str(b["run_id"])) for a, b in paired]
+    return replace(view, shift=policy_shift(pairs, shot, ctx.per_query))
 
 
 def _objective_delta(paired: Sequence[Tuple[pd.Series, pd.Series]], objective: str,
@@ -468,9 +607,10 @@ def _objective_delta(paired: Sequence[Tuple[pd.Series, pd.Series]], objective: s
 
 
 def _query_delta(arm: str, shot: int, paired: Sequence[Tuple[pd.Series, pd.Series]],
-                 ctx: _CellContext) -> Tuple[Optional[PairedResult], Tuple[int, ...], int]:
-    """Paired bootstrap of the per-query accuracies pooled over the seed pairs (ascending seed): (result or None,
-    seeds used, per-query rows without a counterpart). Seeds lacking per-query rows and unmatched rows are noted."""
+                 ctx: _CellContext) -> _QueryView:
+    """Paired bootstrap of the per-query accuracies pooled over the seed pairs (ascending seed; the interval), the
+    sign-flip p of the same pairs (the test, as :func:`paired_permutation_test`) and their z MDE, with the seeds used
+    and the per-query rows without a counterpart. Seeds lacking per-query rows and unmatched rows are noted."""
     xs, ys, used, lacking = [], [], [], []
     unmatched = 0
     for a, b in paired:
@@ -487,14 +627,20 @@ def _query_delta(arm: str, shot: int, paired: Sequence[Tuple[pd.Series, pd.Serie
     if lacking:
         ctx.notes.append(f"arm {arm!r} shot {shot}: no per-query rows (arm or baseline run) for seed(s) "
                          f"{', '.join(lacking)}, left out of the per-query bootstrap")
-    result = None
+    view = _QueryView(seeds=tuple(used), unmatched=unmatched)
     if xs:
-        result = paired_bootstrap(np.concatenate(xs), np.concatenate(ys), n_boot=ctx.n_boot, seed=ctx.seed,
-                                  confidence=ctx.confidence)
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        d = x - y
+        view = replace(
+            view,
+            result=paired_bootstrap(x, y, n_boot=ctx.n_boot, seed=ctx.seed, confidence=ctx.confidence),
+            p_signflip=sign_flip_test(d, seed=ctx.seed),
+            mde=mde_paired(_sd(d), int(d.size), ctx.alpha, MDE_POWER, "z") if d.size >= 2 else None,
+        )
     if unmatched:
         ctx.notes.append(f"arm {arm!r} shot {shot}: {unmatched} per-query row(s) without a counterpart "
                          "in the paired run were left out of the per-query bootstrap")
-    return result, tuple(used), unmatched
+    return view
 
 
 def _main_effects(cells: Sequence[ArmSummary], factors: Sequence[str]) -> List[MainEffect]:
@@ -536,9 +682,12 @@ def _md(text) -> str:
 def report_markdown(report: ComparisonReport) -> str:
     """Markdown for the terminal and comparison.md: one row per (arm, shot); accuracies and deltas in points (×100).
 
-    The verdict column reads "better" / "worse" / "no significant difference" from the seed-paired CI of Δacc.
+    The verdict column reads "better" / "worse" / "no significant difference" from the seed-paired CI of Δacc; the
+    margin verdict adds "equivalent" / "inconclusive" against the equivalence margin.
     """
     conf = f"{round(100 * report.confidence)}%"
+    margin = f"±{report.equivalence_margin_pp:g} pp"
+    family = "all arm cells" if report.bh_family == "all" else "each shot"
     lines = [
         f"## {report.metric} vs baseline `{report.baseline_arm}` (paired by shot_num and seed)",
         "",
@@ -546,14 +695,45 @@ def report_markdown(report: ComparisonReport) -> str:
         f"that CI contains 0. Per-query: paired bootstrap ({report.n_boot} resamples) over queries pooled across "
         "seeds (ignores seed-to-seed variance).",
         "",
+        f"Margin verdict ({margin}): the seed-level paired t-test ({conf} CI) and TOST "
+        f"({round(100 * (1 - 2 * (1 - report.confidence)))}% CI) give better / worse / equivalent / inconclusive. "
+        f"q: Benjamini-Hochberg within {family}. Per-query p: sign-flip permutation test (calibrated; the CI stays "
+        f"the bootstrap's). MDE: smallest |Δ| detected with {MDE_POWER:.0%} power (seed: paired t over the seeds; "
+        "per-query: z over the pooled queries). Policy moved: share of test queries whose selected ICD sequence "
+        "differs from the baseline's (same shot and seed), mean over seeds; under a deterministic LVLM it bounds "
+        "|Δ|.",
+        "",
         f"| arm | shot | n | {report.objective} (mean) | {report.metric} (%) [{conf} CI] "
-        f"| Δ{report.metric} (pp) [{conf} CI] | p | q (BH) | verdict | per-query Δ (pp) [{conf} CI] "
-        "| per-query verdict | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| Δ{report.metric} (pp) [{conf} CI] | policy moved | p | q (BH) | verdict | margin verdict ({margin}) "
+        f"| MDE@{MDE_POWER:.0%} seed (pp) | per-query Δ (pp) [{conf} CI] | per-query p (sign-flip) "
+        f"| MDE@{MDE_POWER:.0%} per-query (pp) | per-query verdict | notes |",
+        "|" + "---|" * N_MARKDOWN_COLUMNS,
     ]
     lines += [_markdown_row(c, report.baseline_arm) for c in report.cells]
     lines += _markdown_sections(report)
     return "\n".join(lines) + "\n"
+
+
+#: columns of the markdown table (one per entry of the header above)
+N_MARKDOWN_COLUMNS = 17
+
+
+def _pct_short(x: float) -> str:
+    """A share in percent, one decimal, but never rounded to 0 when it is not 0 (two significant digits then)."""
+    v = PP * x
+    return f"{v:.2g}" if 0 < v < 0.05 else f"{v:.1f}"
+
+
+def _shift_text(c: ArmSummary) -> str:
+    """'changed 3.1% of queries, |Δ| ≤ 3.1 pp' (n/a without ICD sequences on both sides)."""
+    if c.shift is None:
+        return "n/a"
+    share = _pct_short(c.shift.mean_fraction)
+    return f"changed {share}% of queries, |Δ| ≤ {share} pp"
+
+
+def _pp(x: Optional[float]) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{PP * x:.2f}"
 
 
 def _markdown_row(c: ArmSummary, baseline_arm: str) -> str:
@@ -569,7 +749,9 @@ def _markdown_row(c: ArmSummary, baseline_arm: str) -> str:
     verdict_text = c.verdict if c.delta is None or c.delta.n > 1 or c.verdict != NO_DIFFERENCE \
         else f"{NO_DIFFERENCE} (1 seed)"
     fdr = "n/a" if c.delta_q is None else _p(c.delta_q)
-    return (f"| {_md(c.arm)} | {c.shot_num} | {c.n_seeds} | {obj} | {acc} | {d} | {p} | {fdr} | {verdict_text} | {q} "
+    qp = "n/a" if c.query_p_signflip is None else _p(c.query_p_signflip)
+    return (f"| {_md(c.arm)} | {c.shot_num} | {c.n_seeds} | {obj} | {acc} | {d} | {_md(_shift_text(c))} | {p} | {fdr} "
+            f"| {verdict_text} | {c.margin_verdict} | {_pp(c.mde_seed)} | {q} | {qp} | {_pp(c.mde_query)} "
             f"| {c.query_verdict or 'n/a'} | {_md('; '.join(_cell_notes(c, baseline_arm)))} |")
 
 
@@ -838,11 +1020,22 @@ def _parse_per_query(path: Path, run_id: str, split: str, method: str) -> pd.Dat
                     and r.get("split") == split):
                 continue
             out.append(_per_query_row(r, where, lineno))
-    return pd.DataFrame(out, columns=["shot_num", "query_index", "acc"])
+    return pd.DataFrame(out, columns=["shot_num", "query_index", "acc", ICDS_COL])
 
 
-def _per_query_row(r: dict, where: str, lineno: int) -> Tuple[int, int, float]:
-    """(shot_num, query_index, acc) of one downstream row, after checking their types and acc's range."""
+def _per_query_icds(r: dict, where: str, lineno: int) -> Optional[Tuple[int, ...]]:
+    """The row's selected ICD indices (prompt order) as a tuple, None when the row has none (older artifacts)."""
+    icds = r.get(ICDS_COL)
+    if icds is None:
+        return None
+    if not isinstance(icds, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in icds):
+        raise LeverPlusInputError(f"icds is {icds!r}, not a list of integers", file=where, record=f"line {lineno}",
+                                  field=ICDS_COL, fix="regenerate the artifact")
+    return tuple(icds)
+
+
+def _per_query_row(r: dict, where: str, lineno: int) -> Tuple[int, int, float, Optional[Tuple[int, ...]]]:
+    """(shot_num, query_index, acc, icds) of one downstream row, after checking their types and acc's range."""
     for key in ("query_index", "shot_num"):
         if isinstance(r.get(key), bool) or not isinstance(r.get(key), int):
             raise LeverPlusInputError(f"{key} is {r.get(key)!r}, not an integer", file=where,
@@ -851,14 +1044,15 @@ def _per_query_row(r: dict, where: str, lineno: int) -> Tuple[int, int, float]:
     if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not (0.0 <= acc <= 1.0):
         raise LeverPlusInputError(f"acc is {acc!r}, not a number in [0, 1]", file=where,
                                   record=f"line {lineno}", field="acc", fix="regenerate the artifact")
-    return r["shot_num"], r["query_index"], float(acc)
+    return r["shot_num"], r["query_index"], float(acc), _per_query_icds(r, where, lineno)
 
 
 def load_per_query(
     tracking_uri: str, run_ids: Iterable[str], *, artifact: str = "per_query.jsonl", split: str = "test",
     method: str = "selector",
 ) -> Dict[str, pd.DataFrame]:
-    """run_id -> DataFrame(shot_num, query_index, acc) of the downstream ``split`` rows of ``method``.
+    """run_id -> DataFrame(shot_num, query_index, acc, icds) of the downstream ``split`` rows of ``method`` (icds: the
+    selected ICD indices as a tuple, None in rows without them).
 
     Runs without the artifact are left out of the dict (the comparison notes them).
     """
@@ -923,11 +1117,14 @@ def compare_sweep(
     n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,
     factors: Sequence[str] = DEFAULT_FACTORS,
+    bh_family: str = "all",
+    equivalence_margin_pp: float = DEFAULT_EQUIVALENCE_MARGIN_PP,
 ) -> ComparisonReport:
     """Load the sweep's runs, compare them, write the report (default ``<launch dir>/outputs/compare/<sweep>``), print
     the markdown, and log the files under ``comparison/`` of the parent run (``parent_run_id``, else the newest run
     tagged sweep=NAME, role=parent). Aliases come from that parent's aliases.json (all parents' when none is given).
-    ``n_boot``: per-query bootstrap resamples (the sweep callback passes ``eval.bootstrap_samples``)."""
+    ``n_boot``: per-query bootstrap resamples (the sweep callback passes ``eval.bootstrap_samples``); ``bh_family`` and
+    ``equivalence_margin_pp`` as in :func:`compare_runs`."""
     _check_name(sweep)
     uri = resolve_tracking_uri(tracking_uri)
     client = _client(uri)
@@ -938,7 +1135,8 @@ def compare_sweep(
     parents = [parent_run_id] if parent_run_id else [r.info.run_id for r in _parent_runs(client, exp_ids, sweep)]
     aliases = load_aliases(uri, parents)
     per_query = load_per_query(uri, df["run_id"].unique())
-    report = compare_runs(df, per_query, factors=factors, aliases=aliases, n_boot=n_boot, seed=seed)
+    report = compare_runs(df, per_query, factors=factors, aliases=aliases, n_boot=n_boot, seed=seed,
+                          bh_family=bh_family, equivalence_margin_pp=equivalence_margin_pp)
     out = Path(out_dir) if out_dir is not None else launch_dir() / "outputs" / "compare" / sweep
     paths = write_report(report, out)
     print(report_markdown(report))
@@ -984,10 +1182,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
     ap.add_argument("--n-boot", type=int, default=DEFAULT_N_BOOT,
                     help=f"per-query bootstrap resamples (default: eval.bootstrap_samples' default, {DEFAULT_N_BOOT})")
+    ap.add_argument("--bh-family", choices=BH_FAMILIES, default="all",
+                    help="Benjamini-Hochberg family of the q column: all arm cells (default) or each shot")
+    ap.add_argument("--equivalence-margin-pp", type=float, default=DEFAULT_EQUIVALENCE_MARGIN_PP,
+                    help="margin of the better/worse/equivalent/inconclusive verdict, in accuracy points "
+                         f"(default {DEFAULT_EQUIVALENCE_MARGIN_PP})")
     args = ap.parse_args(argv)
     try:
         compare_sweep(args.sweep, args.tracking_uri, args.experiment, args.parent_run_id, args.out,
-                      log_to_parent=not args.no_log, n_boot=args.n_boot)
+                      log_to_parent=not args.no_log, n_boot=args.n_boot, bh_family=args.bh_family,
+                      equivalence_margin_pp=args.equivalence_margin_pp)
     except LeverPlusInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

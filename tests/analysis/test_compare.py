@@ -273,7 +273,7 @@ def test_markdown_verdicts(report):
     # arm labels contain '|', escaped as '\|' so the table keeps its columns
     table = [re.split(r"(?<!\\)\|", line)[1:-1] for line in md.splitlines()
              if line.startswith("| mode=") or line.startswith(f"| {BASE}")]
-    table = [cells for cells in table if len(cells) == 12]  # the main table (not the alias table)
+    table = [cells for cells in table if len(cells) == 17]  # the main table (not the alias table)
     assert len(table) == 6
     rows = {(cells[0].strip().replace("\\|", "|"), cells[1].strip()): "|".join(cells) + "|" for cells in table}
     assert "| better |" in rows[A, "1"]
@@ -485,3 +485,20 @@ def test_fdr_q_values_over_arm_cells(report):
     assert any(f"{n_sig} of {len(arm_cells)} arm cells have p < 0.05" in n and f"{n_sig_q} remain" in n
                for n in report.notes)
     assert "| q (BH) |" in report_markdown(report)
+
+
+def test_main_passes_bh_family_and_equivalence_margin(store, tmp_path, capsys):
+    rc = main(["--sweep", "s1", "--tracking-uri", store["uri"], "--parent-run-id", store["parent"],
+               "--out", str(tmp_path), "--no-log", "--n-boot", "50", "--bh-family", "shot",
+               "--equivalence-margin-pp", "1.5"])
+    assert rc == 0
+    md = (tmp_path / "comparison.md").read_text()
+    assert "margin verdict (±1.5 pp)" in md and "Benjamini-Hochberg within each shot" in md
+    csv = pd.read_csv(tmp_path / "comparison.csv", keep_default_na=False)
+    row = csv[(csv["arm"] == A) & (csv["shot_num"] == 2)].iloc[0]
+    # d = .25 .25 (constant): CI [.25, .25] excludes 0 -> better; one arm cell -> q = p = 0 in family shot_num=2
+    assert row["margin_verdict"] == "better" and float(row["equivalence_margin_pp"]) == pytest.approx(1.5)
+    assert row["delta_q_family"] == "shot_num=2"
+    with pytest.raises(SystemExit):
+        main(["--sweep", "s1", "--bh-family", "factor"])
+    assert "invalid choice: 'factor'" in capsys.readouterr().err
