@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from leverplus.errors import LeverPlusInputError
 
 #: the model-free baselines of the downstream evaluation (``eval.baselines``)
 KNOWN_BASELINES = ("zero_shot", "random", "similarity")
+#: the splits that have evaluation queries (``eval.downstream_splits``, ``eval.baseline_splits``)
+EVAL_SPLITS = ("val", "test")
 
 
 def validate_config(cfg: Any) -> None:
@@ -19,6 +22,7 @@ def validate_config(cfg: Any) -> None:
     _check_data(cfg.data)
     _check_model(cfg.model)
     _check_reward_and_eval(cfg.reward, cfg.eval)
+    _check_run(cfg)
 
 
 def _need(ok: bool, name: str, problem: str, fix: str) -> None:
@@ -29,14 +33,17 @@ def _need(ok: bool, name: str, problem: str, fix: str) -> None:
 def _check_phases(cfg: Any) -> None:
     for phase in ("sft", "rce", "grpo"):
         c = cfg[phase]
-        _need(c.lr > 0, f"{phase}.lr", f"learning rate must be > 0, got {c.lr}", "e.g. 1e-4")
+        _need(math.isfinite(c.lr) and c.lr > 0, f"{phase}.lr", f"learning rate must be a finite number > 0, got {c.lr}",
+              f"e.g. {phase}.lr=1e-4")
         _need(c.epochs >= 0, f"{phase}.epochs", f"must be >= 0, got {c.epochs}", "0 skips the phase")
         _need(c.weight_decay >= 0, f"{phase}.weight_decay", f"must be >= 0, got {c.weight_decay}", "e.g. 0.01")
         _need(c.grad_clip > 0, f"{phase}.grad_clip", f"must be > 0, got {c.grad_clip}", "e.g. 1.0")
         _need(0 <= c.warmup_ratio < 1, f"{phase}.warmup_ratio", f"must be in [0, 1), got {c.warmup_ratio}",
               "e.g. 0.1")
-    _need(cfg.rce.temp_start > 0 and cfg.rce.temp_end > 0, "rce.temp_start", "RCE temperatures must be > 0",
-          "e.g. 2.0 -> 0.5")
+    for name in ("temp_start", "temp_end"):
+        value = cfg.rce[name]
+        _need(math.isfinite(value) and value > 0, f"rce.{name}", f"RCE temperatures must be finite and > 0, got {value}",
+              "e.g. rce.temp_start=2.0 rce.temp_end=0.5")
 
 
 def _check_grpo(g: Any) -> None:
@@ -54,6 +61,8 @@ def _check_data(d: Any) -> None:
     _need(len(d.shot_nums) > 0 and all(s >= 1 for s in d.shot_nums), "data.shot_nums", "must list shot counts >= 1",
           "e.g. [2]")
     _need(d.max_pool_size >= 1, "data.max_pool_size", f"must be >= 1, got {d.max_pool_size}", "e.g. 64")
+    _need(d.split_file is not None or 0.0 < d.train_fraction < 1.0, "data.train_fraction",
+          f"must be in (0, 1), got {d.train_fraction}", "e.g. data.train_fraction=0.8")
 
 
 def _check_model(m: Any) -> None:
@@ -69,3 +78,15 @@ def _check_reward_and_eval(r: Any, e: Any) -> None:
     _need(e.select_mode in ("max", "min"), "eval.select_mode", f"got {e.select_mode!r}", "max or min")
     bad = [b for b in e.baselines if b not in KNOWN_BASELINES]
     _need(not bad, "eval.baselines", f"unknown baselines {bad}", f"choose from {', '.join(KNOWN_BASELINES)}")
+    for key in ("downstream_splits", "baseline_splits"):
+        bad = [x for x in e[key] if x not in EVAL_SPLITS]
+        _need(not bad, f"eval.{key}", f"unknown splits {bad}", f"choose from {', '.join(EVAL_SPLITS)}")
+
+
+def _check_run(cfg: Any) -> None:
+    """Root fields, and an objective the run will actually produce (checked now, not after training)."""
+    _need(cfg.num_threads >= 0, "num_threads", f"must be >= 0, got {cfg.num_threads}", "0 keeps torch's default")
+    downstream_objective = "/downstream" in str(cfg.objective)
+    _need(not downstream_objective or cfg.eval.downstream, "objective",
+          f"{cfg.objective} needs the downstream evaluation, but eval.downstream=false",
+          "set eval.downstream=true, or objective=val/offline/top1_acc")
