@@ -4,6 +4,8 @@ run key and recording a reused one.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 import traceback
 from functools import partial
@@ -75,7 +77,7 @@ def record_reused_run(uri: str, experiment_id: str, done_run_id: str, *, tags: M
 
 class MlflowRun:
     """One MLflow run; also a MetricLogger. Use as a context manager: an exception marks the run FAILED with the
-    traceback attached, Ctrl-C marks it KILLED."""
+    traceback attached, Ctrl-C or SIGTERM marks it KILLED."""
 
     def __init__(
         self,
@@ -121,13 +123,27 @@ class MlflowRun:
         with_retries(lambda: self.client.set_terminated(self.run_id, status))
 
     def __enter__(self) -> "MlflowRun":
+        self._previous_sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            self._end(exc_type, exc, tb)
+        finally:
+            if self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+        if exc_type is not None and issubclass(exc_type, Terminated):
+            signal.raise_signal(signal.SIGTERM)  # now that the run is KILLED: what SIGTERM would have done
+        return False
+
+    def _end(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.finish("FINISHED")
         elif issubclass(exc_type, KeyboardInterrupt):
-            self.set_tags({"error": "interrupted (Ctrl-C)"})
+            why = "terminated (SIGTERM)" if issubclass(exc_type, Terminated) else "interrupted (Ctrl-C)"
+            self.set_tags({"error": why})
             self.finish("KILLED")
         else:
             text = "".join(traceback.format_exception(exc_type, exc, tb))
@@ -136,7 +152,15 @@ class MlflowRun:
                 self.log_text(text, "traceback.txt")
             finally:
                 self.finish("FAILED")
-        return False
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a tracked run (what Slurm and submitit send at a time limit or preemption): raised in the main
+    thread so the run ends KILLED, like Ctrl-C, instead of staying RUNNING forever."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(f"signal {signum}")
 
 
 def _clean(name: str) -> str:
