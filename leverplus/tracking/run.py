@@ -48,7 +48,8 @@ def _log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
 
 
 def record_reused_run(uri: str, experiment_id: str, done_run_id: str, *, tags: Mapping[str, Any],
-                      params: Mapping[str, Any], parent_run_id: Optional[str], run_name: Optional[str]) -> Dict[str, float]:
+                      params: Mapping[str, Any], parent_run_id: Optional[str],
+                      run_name: Optional[str]) -> Dict[str, float]:
     """A job whose run key already has a FINISHED run is not trained again. Inside a sweep it still becomes a child
     of this invocation's parent run, as a FINISHED run tagged ``reused_run_id`` (the run that trained; pointers are
     followed) with that run's final metrics, so the parent lists every job and ``leverplus.compare`` sees a resumed
