@@ -25,7 +25,7 @@ from leverplus.data.loading import LoadedData
 from leverplus.env import PARENT_RUN_ID_VAR
 from leverplus.errors import LeverPlusInputError, printed_input_errors
 from leverplus.pipeline import RunOutcome, load_data, train_and_evaluate
-from leverplus.tracking.run import MlflowRun, find_finished_run, flatten, record_reused_run, standard_tags
+from leverplus.tracking.run import MlflowRun, find_finished_run, flatten, record_reused_run, run_name, standard_tags
 from leverplus.tracking.store import get_or_create_experiment, resolve_artifact_root, resolve_tracking_uri
 
 register_configs()
@@ -104,14 +104,16 @@ def _tracked_run(cfg: DictConfig, data: LoadedData, out_dir: Path) -> float:
     exp_id = get_or_create_experiment(t.experiment or f"leverplus-{data.source}", uri,
                                       resolve_artifact_root(t.artifact_root))
     tags = _run_tags(cfg, data, key)
+    name = t.run_name or run_name(arm=t.arm, shot_nums=list(cfg.data.shot_nums), seed=int(cfg.seed),
+                                  data_source=data.source)
     parent = t.parent_run_id or os.environ.get(PARENT_RUN_ID_VAR)
     done = find_finished_run(uri, exp_id, key) if t.skip_finished else None
     if done is not None:
         metrics = record_reused_run(uri, exp_id, done, tags=tags, params=flatten(resolved), parent_run_id=parent,
-                                    run_name=t.run_name)
+                                    run_name=name)
         print(f"[leverplus] run key {key} already FINISHED as MLflow run {metrics.pop('_source_run_id')}: skipped.")
         return objective_value(metrics, cfg.objective)
-    with MlflowRun(uri=uri, experiment_id=exp_id, run_name=t.run_name, tags=tags, parent_run_id=parent) as mrun:
+    with MlflowRun(uri=uri, experiment_id=exp_id, run_name=name, tags=tags, parent_run_id=parent) as mrun:
         mrun.log_params(flatten(resolved))
         outcome, value = _execute(cfg, data, out_dir, logger=mrun)
         _log_outcome(mrun, cfg, outcome, value, out_dir)

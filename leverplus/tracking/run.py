@@ -4,6 +4,7 @@ run key and recording a reused one.
 
 from __future__ import annotations
 
+import getpass
 import signal
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 
 from leverplus.tracking.store import with_retries
 from leverplus.utils import code_version, git_info
@@ -177,10 +179,33 @@ def _finite(v: Any) -> bool:
     return f == f and f not in (float("inf"), float("-inf"))
 
 
+#: ``mlflow.source.name`` of every run: the command that produced it
+SOURCE_NAME = "python -m leverplus.train"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name (some containers)
+        return "unknown"
+
+
+def run_name(*, arm: Optional[str], shot_nums, seed: int, data_source: str) -> str:
+    """A run's name in MLflow, saying what it is: ``<arm>/shot<k>/seed<s>`` in a sweep, ``train/<data>/shot<k>/seed<s>``
+    for a single run (MLflow's random names repeat across jobs because every job reseeds Python's ``random``)."""
+    shots = "+".join(str(s) for s in shot_nums)
+    return f"{arm or 'train/' + data_source}/shot{shots}/seed{seed}"
+
+
 def standard_tags(*, sweep: Optional[str], arm: Optional[str], role: str, shot_nums, seed: int,
                   data_fingerprint: str, key: str, data_source: str) -> Dict[str, Any]:
     g = git_info()
     return {
+        # MLflow's own system tags, so the runs table's Source, User and Version columns are filled
+        MLFLOW_SOURCE_NAME: SOURCE_NAME,
+        MLFLOW_SOURCE_TYPE: "LOCAL",
+        MLFLOW_USER: _user(),
+        MLFLOW_GIT_COMMIT: g["commit"],
         "sweep": sweep,
         "arm": arm,
         "role": role,

@@ -60,6 +60,11 @@ def _lock_path(uri: str) -> Optional[Path]:
     return None
 
 
+#: tags of every experiment leverplus creates: MLflow 3 opens an experiment without a kind on its GenAI traces page;
+#: this kind opens the runs table
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def get_or_create_experiment(name: str, uri: str, artifact_root: str) -> str:
     client = mlflow.MlflowClient(tracking_uri=uri)
 
@@ -67,7 +72,7 @@ def get_or_create_experiment(name: str, uri: str, artifact_root: str) -> str:
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        return client.create_experiment(name, artifact_location=f"{artifact_root}/{name}")
+        return client.create_experiment(name, artifact_location=f"{artifact_root}/{name}", tags=EXPERIMENT_TAGS)
 
     lock = _lock_path(uri)
     if lock is None:
