@@ -8,13 +8,14 @@ its id, the tracking URI and the launch directory to the jobs through environmen
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from leverplus.analysis.compare import compare_sweep
 from leverplus.env import LAUNCH_DIR_VAR, PARENT_RUN_ID_VAR, SWEEP_FAILED_JOBS_VAR, SWEEP_VAR, TRACKING_URI_VAR
@@ -23,6 +24,16 @@ from leverplus.tracking.store import get_or_create_experiment, resolve_artifact_
 from leverplus.utils import git_info
 
 log = logging.getLogger(__name__)
+
+
+def sweep_params(config: DictConfig) -> Dict[str, Any]:
+    """The parent run's params: what the sweep varies and against what (factors, baseline, pairing, overrides)."""
+    sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=True)
+    keep = ("factors", "baseline", "baseline_label", "paired_by", "arm_overrides", "alias_identical_rewards")
+    params = {f"sweep.{k}": json.dumps(sweeper[k], sort_keys=True) for k in keep if k in sweeper}
+    params["sweep.name"] = config.tracking.sweep or ""
+    params["sweep.launcher"] = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+    return params
 
 
 class SweepTrackingCallback(Callback):
@@ -36,8 +47,8 @@ class SweepTrackingCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ[LAUNCH_DIR_VAR] = str(Path(config.hydra.runtime.cwd).resolve())
-        if not config.tracking.enabled:
-            return
+        if not config.tracking.enabled or OmegaConf.select(config, "hydra.sweeper.dry_run", default=False):
+            return  # a dry run lists jobs and writes nothing to MLflow
         self.uri = resolve_tracking_uri(config.tracking.uri)
         source = config.data.source.value if hasattr(config.data.source, "value") else str(config.data.source)
         self.experiment = config.tracking.experiment or f"leverplus-{source}"
@@ -52,6 +63,7 @@ class SweepTrackingCallback(Callback):
         )
         self.parent_id = run.run_id
         self._run = run
+        run.log_params(sweep_params(config))
         os.environ[PARENT_RUN_ID_VAR] = run.run_id
         os.environ[TRACKING_URI_VAR] = self.uri
         os.environ[SWEEP_VAR] = self.sweep_name

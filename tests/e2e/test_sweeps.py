@@ -57,6 +57,10 @@ def test_parent_and_children_linked(grid):
     kids = children(grid["work"])
     assert kids and all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in kids)
     assert all(r.info.status == "FINISHED" for r in kids)
+    params = parents[0].data.params  # the parent describes the sweep
+    assert params["sweep.name"] == "reward_grid" and "reward.mode" in json.loads(params["sweep.factors"])
+    assert json.loads(params["sweep.paired_by"]) == ["data.shot_nums", "seed"] and params["sweep.baseline"] != "null"
+    assert len({r.info.run_name for r in kids}) == len(kids)  # every arm job has its own name
 
 
 def test_baseline_arm_for_every_seed(grid):
@@ -196,6 +200,7 @@ def test_aliased_arms_really_train_identically(tmp_path):
             "{reward.hard_weight:2.0,reward.soft_weight:1.0}]"]
     dry = multirun(work, cache, *args, "hydra.sweeper.dry_run=true")
     assert "2 jobs in the grid, 1 distinct" in dry.stdout + dry.stderr
+    assert not (work / "mlflow.db").exists()  # a dry run writes nothing to MLflow
     multirun(work, cache, *args, "hydra.sweeper.alias_identical_rewards=false")
     _, rs = runs(work, "tags.sweep = 'reward_grid'")
     kids = [r for r in rs if r.data.tags.get("role") == "arm"]
