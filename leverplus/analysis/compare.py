@@ -43,10 +43,10 @@ import numpy as np
 import pandas as pd
 
 from leverplus.analysis.plots import bar_with_ci, heatmap
+from leverplus.analysis.policy_shift import ICDS_COL, PolicyShift, policy_shift
 from leverplus.config.schema import EvalConfig
 from leverplus.data.formats.io import atomic_write_json, atomic_write_text
 from leverplus.errors import LeverPlusInputError
-from leverplus.analysis.policy_shift import ICDS_COL, PolicyShift, policy_shift
 from leverplus.evaluation.stats import (
     Estimate,
     MarginVerdict,

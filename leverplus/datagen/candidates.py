@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from leverplus.data.formats.rl_json import VQA_EVAL_MODES
 from leverplus.errors import LeverPlusInputError
 from leverplus.evaluation.vqa_metric import (
     answer_relevance,
@@ -33,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: Priority of generators when two candidates are the same unordered ICD set (reference#rldata-candidates step 5).
 GEN_PRIORITY = {"beam": 4, "retrieval": 3, "sample": 2, "random": 1}
 #: Eval modes of a written candidate (reference#formats-rl-json ``vqa_eval_mode``).
-EVAL_MODES = ("vqaEval", "fallback", "error")
+EVAL_MODES = VQA_EVAL_MODES
 #: Why a candidate can be left out of the file (strict evaluation, reference#correctness).
 DROP_REASONS = ("no_official_annotation", "eval_error")
 #: Seed-sequence stream ids of the per-query generators (kept from the simulator, so its files do not change).

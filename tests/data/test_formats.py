@@ -228,6 +228,9 @@ RL_BAD = [
     ("pool_contains_query", _entry("5", candidate_pool_ids=[1, 5, 3]), {}, "query 5", "candidate_pool_ids",
      "own id 5"),
     ("pool_not_ints", _entry("5", candidate_pool_ids=["1", 3]), {}, "query 5", "candidate_pool_ids", "integer id"),
+    ("eval_mode_typo", _set("5", 1, vqa_eval_mode="Fallback"), {}, "query 5, candidate 1", "vqa_eval_mode",
+     "unknown value 'Fallback'"),
+    ("gt_prob_negative", _set("5", 0, vqa_gt_prob=-0.2), {}, "query 5, candidate 0", "vqa_gt_prob", "negative"),
 ]
 
 NONFINITE = [(f"{name}_{v}", name, v) for name in formats.RL_NUMERIC_FIELDS for v in (math.nan, math.inf, -math.inf)]
@@ -622,3 +625,23 @@ def test_atomic_write_text_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temp file left behind
     atomic_write_text(target, "new ü\n")
     assert target.read_text(encoding="utf-8") == "new ü\n"
+
+
+@pytest.mark.parametrize("key", ["9_0_0_0", " 9", "+9", "٩"])
+def test_query_keys_are_plain_decimal_ids(tmp_path, key):
+    obj = _plain_records()
+    obj[key] = obj.pop("5")
+    with pytest.raises(LeverPlusInputError) as ei:
+        read_rl_json(_raw_write(tmp_path / "bad.json", obj))
+    assert ei.value.record == f"key {key!r}" and "non-negative integer" in ei.value.problem
+
+
+def test_duplicate_json_keys_are_refused(tmp_path):
+    text = json.dumps(_plain_records())
+    dup = text.replace('"2": {', '"5": {"query": {}, "pointer_candidates": []}, "2": {', 1)
+    path = tmp_path / "dup.json"
+    path.write_text(dup)
+    with pytest.raises(LeverPlusInputError) as ei:
+        read_rl_json(str(path))
+    assert ei.value.file == str(path) and ei.value.record == "key '5'" and "twice" in ei.value.problem
+

@@ -36,12 +36,35 @@ os.umask(_UMASK)
 # --------------------------------------------------------------------------------------------------
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list) -> dict:
+    """``json`` object hook: a dict, refusing duplicate keys (``json`` keeps the last one without a word)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
+
+
 def load_json(path: PathLike) -> Any:
     """Parse a JSON file; a missing or malformed file raises LeverPlusInputError with the error position."""
     path = str(path)
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return json.load(f, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise LeverPlusInputError(
+            f"key {e.key!r} appears twice in one JSON object (the later value would silently win)",
+            file=path, record=f"key {e.key!r}", fix="keep one entry per key",
+        ) from None
     except json.JSONDecodeError as e:
         raise LeverPlusInputError(
             f"malformed JSON at line {e.lineno}, column {e.colno} (char {e.pos}): {e.msg}",
@@ -143,11 +166,12 @@ def _type_name(v: Any) -> str:
 
 def _parse_key(key: Any, path: str, kind: str) -> int:
     """A top-level key -> non-negative int query id (Python int() syntax, as the reference's ``int(k)``)."""
-    try:
-        qid = int(key)
-    except (TypeError, ValueError):
-        qid = None
-    if qid is None or qid < 0:
+    # decimal digits only: int() would also take "9_0_0_0" (as 9000), " 9" and "+9"
+    if isinstance(key, str):
+        qid = int(key) if key.isascii() and key.isdigit() else None
+    else:
+        qid = key if isinstance(key, int) and not isinstance(key, bool) and key >= 0 else None
+    if qid is None:
         raise LeverPlusInputError(
             f"top-level key {key!r} is not a non-negative integer query id",
             file=path,

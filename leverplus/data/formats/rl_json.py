@@ -35,6 +35,8 @@ RL_NUMERIC_FIELDS = (
 )
 #: Candidate fields that must be strings when present and not null.
 RL_STRING_FIELDS = ("gen_method", "vqa_eval_mode")
+#: the values of ``vqa_eval_mode``: the official metric, the string-match fallback, a metric error
+VQA_EVAL_MODES = ("vqaEval", "fallback", "error")
 #: Entry-level keys of an RL query that are not query content (used to build ``query`` for the legacy flat shape).
 _RL_ENTRY_KEYS = ("pointer_candidates", "candidate_pool_ids", "_fix_failed", "_fix_error")
 
@@ -146,6 +148,10 @@ def _check_rl_candidate_fields(cand: dict, *, path: str, record: str) -> None:
             file=path, record=record, field="vqa_acc_score",
             fix="store accuracy as a fraction (official VQA accuracy / 100)",
         )
+    gt_prob = cand.get("vqa_gt_prob")
+    if gt_prob is not None and gt_prob < 0:
+        raise LeverPlusInputError(f"is {gt_prob}; a probability sum cannot be negative", file=path, record=record,
+                                  field="vqa_gt_prob", fix="regenerate the candidate's vqa_gt_prob")
     _check_vqa_correct(cand, path=path, record=record)
     for name in RL_STRING_FIELDS:
         v = cand.get(name)
@@ -153,6 +159,11 @@ def _check_rl_candidate_fields(cand: dict, *, path: str, record: str) -> None:
             raise LeverPlusInputError(
                 f"must be a string or null, got {v!r} ({_type_name(v)})", file=path, record=record, field=name
             )
+    mode = cand.get("vqa_eval_mode")
+    if mode is not None and mode not in VQA_EVAL_MODES:
+        # a typo such as "Fallback" would slip past data.skip_fallback_reward and train as clean data
+        raise LeverPlusInputError(f"unknown value {mode!r}", file=path, record=record, field="vqa_eval_mode",
+                                  fix=f"use one of {', '.join(VQA_EVAL_MODES)} (case matters)")
 
 
 def _rl_pool(entry: dict, query: dict, *, qid: int, path: str, num_items: Optional[int]) -> Optional[list[int]]:
