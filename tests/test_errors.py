@@ -26,7 +26,8 @@ def test_input_error_prints_one_message_and_exits_2(tmp_path):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln and "version_base" not in ln
              and not ln.startswith("  ")]
-    assert lines == ["[leverplus] error: field 'grpo.lr': learning rate must be > 0, got -1.0. Fix: e.g. 1e-4"]
+    assert lines == ["[leverplus] error: field 'grpo.lr': learning rate must be a finite number > 0, got -1.0. "
+                     "Fix: e.g. grpo.lr=1e-4"]
     assert "Traceback" not in proc.stderr
 
 
