@@ -75,7 +75,7 @@ WEIGHTS_COL = "weights"  # derived: "hw×sw" from the two weight params
 DEFAULT_FACTORS = (MODE_COL, WEIGHTS_COL, RAW_COL, "shot_num")
 NO_DIFFERENCE = "no significant difference"
 NO_PAIR = "no baseline pair"
-#: default equivalence margin of the four-way verdict, in accuracy points (pp): half a point, the issue's choice
+#: default equivalence margin of the four-way verdict, in accuracy points (pp); --equivalence-margin-pp changes it
 DEFAULT_EQUIVALENCE_MARGIN_PP: float = 0.5
 #: power at which the minimum detectable effect columns are computed (the conventional 80%)
 MDE_POWER: float = 0.8
