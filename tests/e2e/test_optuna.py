@@ -11,8 +11,10 @@ dir):
   aborts on its failure budget.
 """
 
+import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -150,13 +152,22 @@ def _load(root: Path, name: str = "grpo_optuna") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{root / 'optuna.db'}")
 
 
-def _child_running(root: Path, number: int) -> bool:
-    if not (root / "mlflow.db").exists():
-        return False
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    exps = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(exps, filter_string=f"tags.optuna_trial = '{number}'") if exps else []
-    return any(r.info.status == "RUNNING" for r in runs)
+def _sql(db: Path, query: str, *args) -> list:
+    """A read-only query on a store's sqlite file: milliseconds, so the poll below sees a trial that runs ~2 s."""
+    if not db.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+        return con.execute(query, args).fetchall()
+
+
+def _trial_running(root: Path, number: int) -> bool:
+    """Trial ``number`` is RUNNING in Optuna and its MLflow child run is RUNNING with its params logged (so it is
+    training, not still being created)."""
+    optuna_rows = _sql(root / "optuna.db", "SELECT state FROM trials WHERE number = ?", number)
+    mlflow_rows = _sql(root / "mlflow.db", "SELECT r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                       "JOIN params p ON p.run_uuid = r.run_uuid "
+                       "WHERE t.key = 'optuna_trial' AND t.value = ? AND p.key = 'grpo.lr'", str(number))
+    return ("RUNNING",) in optuna_rows and ("RUNNING",) in mlflow_rows
 
 
 @pytest.fixture(scope="module")
@@ -174,12 +185,11 @@ def killed_and_resumed(tmp_path_factory):
             assert proc.poll() is None, "the study ended before it could be killed:\n" + proc.stdout.read()[-4000:]
             assert time.monotonic() < deadline, "trial 3 never started"
             try:
-                trials = _load(root).trials if (root / "optuna.db").exists() else []
-                if len(trials) > 3 and trials[3].state == TrialState.RUNNING and _child_running(root, 3):
+                if _trial_running(root, 3):
                     break
-            except Exception:  # the study or the MLflow tables are being created
+            except sqlite3.Error:  # the study or the MLflow tables are being created
                 pass
-            time.sleep(0.1)
+            time.sleep(0.02)
     finally:
         proc.kill()  # SIGKILL: no clean-up runs in the killed process
         first_log = proc.communicate()[0]
