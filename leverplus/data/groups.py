@@ -17,6 +17,7 @@ from leverplus.data.formats.beam_json import BeamRecord
 from leverplus.data.formats.rl_json import RLData
 from leverplus.data.rewards import compute_reward, hybrid_info_values, normalize_group, sequence_diversity
 from leverplus.errors import LeverPlusInputError
+from leverplus.utils import enum_value
 
 
 @dataclass
@@ -67,17 +68,14 @@ class GroupOptions:
 
     @classmethod
     def from_config(cls, data_cfg, reward_cfg) -> "GroupOptions":
-        def val(x):
-            return x.value if hasattr(x, "value") else x
-
         return cls(
-            reward_mode=val(reward_cfg.mode),
+            reward_mode=enum_value(reward_cfg.mode),
             hard_weight=reward_cfg.hard_weight,
             soft_weight=reward_cfg.soft_weight,
             rel_weight=reward_cfg.rel_weight,
             reward_alpha=reward_cfg.reward_alpha,
             reward_beta=reward_cfg.reward_beta,
-            correctness_mode=val(reward_cfg.correctness_mode),
+            correctness_mode=enum_value(reward_cfg.correctness_mode),
             use_logprob=reward_cfg.use_logprob,
             info_weight=reward_cfg.info_weight,
             reward_clip=reward_cfg.clip,
@@ -88,7 +86,7 @@ class GroupOptions:
             require_positive_query=data_cfg.require_positive_query,
             positive_reward_threshold=data_cfg.positive_reward_threshold,
             max_pool_size=data_cfg.max_pool_size,
-            normalize_method=val(data_cfg.normalize_method),
+            normalize_method=enum_value(data_cfg.normalize_method),
             normalize_clamp=data_cfg.normalize_clamp,
         )
 

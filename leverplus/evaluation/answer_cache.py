@@ -77,14 +77,15 @@ def canonical_json(obj: Any) -> str:
                       default=_json_default)
 
 
-def stable_hash(obj: Any) -> str:
-    """sha256 (hex) of :func:`canonical_json`."""
+def key_digest(obj: Any) -> str:
+    """Full sha256 (hex) of :func:`canonical_json`: stricter than ``utils.stable_hash`` (no NaN, no silent
+    ``str()`` of unknown types, untruncated), because a key collision would serve a wrong answer."""
     return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
 
 
 def prompt_key(identity_hash: str, split: str, query: Mapping[str, Any], icds: Sequence[int]) -> str:
     """The cache key of one prompt: identity digest, split, query part and the ICD ids *in prompt order*."""
-    return stable_hash([KEY_VERSION, identity_hash, str(split), dict(query), [int(i) for i in icds]])
+    return key_digest([KEY_VERSION, identity_hash, str(split), dict(query), [int(i) for i in icds]])
 
 
 def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -128,7 +129,7 @@ def weights_fingerprint(model_dir: PathLike, *, sample_bytes: int = WEIGHTS_SAMP
     if not any(k.endswith(WEIGHT_SUFFIXES) for k in parts):
         raise LeverPlusInputError("the model folder has no weights file", file=str(root),
                                   fix=f"expected files ending in {', '.join(WEIGHT_SUFFIXES)}")
-    return stable_hash(parts)
+    return key_digest(parts)
 
 
 def _data_fingerprints(described: Mapping[str, Any]) -> Dict[str, str]:
@@ -361,7 +362,7 @@ class CachedScorer:
         self.scorer = scorer
         self.cache = cache
         self.identity = dict(identity)
-        self.identity_hash = stable_hash(self.identity)
+        self.identity_hash = key_digest(self.identity)
         self._query_part = query_part or item_query_part
         self._query_memo: Dict[Tuple[str, int], Mapping[str, Any]] = {}
         self.generated = 0
@@ -457,7 +458,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 __all__ = ["AnswerCache", "CachedScorer", "canonical_json", "default_path", "item_query_part", "main", "prompt_key",
-           "scorer_identity", "stable_hash", "weights_fingerprint"]
+           "scorer_identity", "key_digest", "weights_fingerprint"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,7 +21,7 @@ from leverplus.analysis.compare import compare_sweep
 from leverplus.env import LAUNCH_DIR_VAR, PARENT_RUN_ID_VAR, SWEEP_FAILED_JOBS_VAR, SWEEP_VAR, TRACKING_URI_VAR
 from leverplus.tracking.run import MlflowRun
 from leverplus.tracking.store import get_or_create_experiment, resolve_artifact_root, resolve_tracking_uri
-from leverplus.utils import git_info
+from leverplus.utils import enum_value, git_info
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class SweepTrackingCallback(Callback):
         if not config.tracking.enabled or OmegaConf.select(config, "hydra.sweeper.dry_run", default=False):
             return  # a dry run lists jobs and writes nothing to MLflow
         self.uri = resolve_tracking_uri(config.tracking.uri)
-        source = config.data.source.value if hasattr(config.data.source, "value") else str(config.data.source)
+        source = str(enum_value(config.data.source))
         self.experiment = config.tracking.experiment or f"leverplus-{source}"
         exp_id = get_or_create_experiment(self.experiment, self.uri, resolve_artifact_root(config.tracking.artifact_root))
         g = git_info()

@@ -39,6 +39,7 @@ from leverplus.tracking.trials import (
     trial_overrides,
     trials_to_run,
 )
+from leverplus.utils import enum_value
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def open_tracker(cfg: DictConfig, study: Any, s: StudySettings, *, tracking_uri:
     """The study's MLflow parent run, or None when tracking is off."""
     if not cfg.tracking.enabled:
         return None
-    source = cfg.data.source.value if hasattr(cfg.data.source, "value") else str(cfg.data.source)
+    source = str(enum_value(cfg.data.source))
     return StudyTracker.open(
         study, tracking_uri=tracking_uri, experiment=cfg.tracking.experiment or f"leverplus-{source}",
         artifact_root=resolve_artifact_root(cfg.tracking.artifact_root), storage=storage,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from leverplus.training.losses import group_advantages, top_k_members
+from leverplus.utils import enum_value
 
 
 def hash_consumed_rewards(h, groups, cfg) -> None:
@@ -17,7 +18,7 @@ def hash_consumed_rewards(h, groups, cfg) -> None:
     """
     rce_raw = bool(cfg.rce.use_raw_reward)
     grpo_on = int(cfg.grpo.epochs) > 0
-    grpo_raw = str(getattr(cfg.grpo.reward_source, "value", cfg.grpo.reward_source)) == "raw"
+    grpo_raw = str(enum_value(cfg.grpo.reward_source)) == "raw"
     ks = sorted({None if int(k) < 0 else int(k) for _, k in cfg.grpo.top_k_schedule}, key=lambda k: (k is None, k))
     for g in groups:
         h.update(str((g.query_id, g.shot_num)).encode())

@@ -14,12 +14,12 @@ import re
 
 import pandas as pd
 import pytest
+from test_compare import ALIAS, BASE, PQ_ARM, PQ_BASE, A, C, _pq, _rid, per_query_tables, runs_frame
 
 from leverplus.analysis.compare import _parse_per_query, compare_runs, report_markdown, write_report
 from leverplus.analysis.policy_shift import changed_fraction, policy_shift
 from leverplus.errors import LeverPlusInputError
 from leverplus.evaluation.stats import mde_paired, paired_bootstrap, paired_permutation_test
-from test_compare import A, ALIAS, BASE, C, PQ_ARM, PQ_BASE, _pq, _rid, per_query_tables, runs_frame
 
 T2_95 = math.sqrt(0.81 * 2 / 0.19)  # t_{2, 0.95}: the TOST (90%) interval with 3 seeds
 Z_SUM = 1.959963985 + 0.841621234  # z_{0.975} + z_{0.8}: the z MDE at alpha .05, power .8

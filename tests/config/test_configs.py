@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import yaml
-from paths import REPO, compose_cfg
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
+from paths import REPO, compose_cfg
 
 from leverplus.analysis.compare import HARD_WEIGHT_COL, MODE_COL, RAW_COL, SOFT_WEIGHT_COL
 from leverplus.config.identity import COSMETIC, canonical_config, cosmetic_fields, run_key, to_container

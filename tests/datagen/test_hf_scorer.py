@@ -15,8 +15,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 PIL_Image = pytest.importorskip("PIL.Image")
 
-from paths import REPO  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
+from paths import REPO  # noqa: E402
 
 from leverplus.data.formats.beam_json import read_beam_json
 from leverplus.data.formats.embeddings import save_embeddings

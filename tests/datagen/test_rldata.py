@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from paths import REPO, compose_cfg
 from hydra import compose, initialize_config_dir
+from paths import REPO, compose_cfg
 
 from leverplus.config.sim_params import SimParams
 from leverplus.data.formats.beam_json import read_beam_json

@@ -12,8 +12,17 @@ import pytest
 from leverplus.config.sim_params import SimParams
 from leverplus.datagen.scorers.base import Scorer
 from leverplus.errors import LeverPlusInputError
-from leverplus.evaluation.answer_cache import (SCHEMA_VERSION, AnswerCache, CachedScorer, default_path, main, prompt_key,
-                                               scorer_identity, stable_hash, weights_fingerprint)
+from leverplus.evaluation.answer_cache import (
+    SCHEMA_VERSION,
+    AnswerCache,
+    CachedScorer,
+    default_path,
+    key_digest,
+    main,
+    prompt_key,
+    scorer_identity,
+    weights_fingerprint,
+)
 from leverplus.evaluation.downstream import score_selections
 from leverplus.evaluation.vqa_metric import vqa_postprocess
 from leverplus.sim.lvlm import SimLVLM
@@ -89,7 +98,7 @@ def test_icd_order_split_and_query_text_are_part_of_the_key(tmp_path):
     assert cs.generate("val", [1], [[4, 3]]) == ["1-[4, 3]"]  # reversed ICDs: another prompt
     assert cs.generate("test", [1], [[3, 4]]) == ["1-[3, 4]"]  # another split
     assert (cs.generated, cs.cached) == (3, 0)
-    ident = stable_hash(IDENTITY)
+    ident = key_digest(IDENTITY)
     base = prompt_key(ident, "val", {"query_index": 1, "question": "a?"}, [3, 4])
     assert prompt_key(ident, "val", {"query_index": 1, "question": "b?"}, [3, 4]) != base
     assert prompt_key(ident, "val", {"question": "a?", "query_index": 1}, (3, 4)) == base  # canonical: dict order

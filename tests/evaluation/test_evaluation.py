@@ -192,11 +192,10 @@ def test_downstream_accuracy_uses_the_requested_normalisation():
 
 
 def test_vqa_normalization_is_a_config_enum_and_part_of_the_run_key():
-    from paths import compose_cfg
     from hydra.errors import ConfigCompositionException
+    from paths import compose_cfg
 
-    from leverplus.config.identity import to_container
-    from leverplus.config.identity import run_key
+    from leverplus.config.identity import run_key, to_container
 
     default = to_container(compose_cfg([]))
     assert default["eval"]["vqa_normalization"] == default["data"]["sim"]["vqa_normalization"] == "official"
