@@ -12,10 +12,16 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from leverplus.config.reward_modes import needs_infoscores
+from leverplus.config.reward_modes import info_field, needs_infoscores
 from leverplus.data.formats.beam_json import BeamRecord
 from leverplus.data.formats.rl_json import RLData
-from leverplus.data.rewards import compute_reward, hybrid_info_values, normalize_group, sequence_diversity
+from leverplus.data.rewards import (
+    compute_reward,
+    group_info_scores,
+    hybrid_info_values,
+    normalize_group,
+    sequence_diversity,
+)
 from leverplus.errors import LeverPlusInputError
 from leverplus.utils import enum_value
 
@@ -254,9 +260,24 @@ def _candidate_reward(rl: RLData, qid: int, c: Any, info: Optional[float], opts:
     return float(r)
 
 
-def _info_values(sk: GroupSkeleton, opts: GroupOptions,
+def _field_info_values(rl: RLData, sk: GroupSkeleton, name: str, mode: str) -> List[Optional[float]]:
+    """``group_info_scores`` of the kept candidates' ``name`` field; a candidate without it names the file."""
+    for c in sk.kept:
+        if c.raw.get(name) is None:
+            raise LeverPlusInputError(
+                f"reward.mode={mode} needs {name} on every candidate; this file has none here (written before the "
+                "RL-data generator stored it?)", file=rl.path, record=f"query {sk.query_id}, candidate {c.index}",
+                field=name, fix="regenerate the RL data with leverplus.generate_rl_data, or use "
+                                "reward.mode=hybrid_legacy (beam-JSON InfoScores, else beam_score)")
+    return list(group_info_scores([c.raw for c in sk.kept], name))
+
+
+def _info_values(rl: RLData, sk: GroupSkeleton, opts: GroupOptions,
                  infoscores: Optional[Mapping[int, Mapping[Tuple[int, ...], float]]]) -> List[Optional[float]]:
-    """The hybrid reward's info term per kept candidate (None for every other reward mode)."""
+    """The hybrid rewards' info term per kept candidate (None for every other reward mode)."""
+    name = info_field(opts.reward_mode)
+    if name is not None:
+        return _field_info_values(rl, sk, name, opts.reward_mode)
     if not needs_infoscores(opts.reward_mode):
         return [None] * len(sk.kept)
     table = (infoscores or {}).get(sk.query_id, {})
@@ -279,10 +300,11 @@ def groups_from_skeletons(
     groups: List[Group] = []
     if needs_infoscores(opts.reward_mode) and not infoscores:
         # Still works (falls back to beam_score), but say so once.
-        warnings.warn("reward.mode=hybrid without a beam JSON: info falls back to each candidate's beam_score")
+        warnings.warn(f"reward.mode={opts.reward_mode} without a beam JSON: info falls back to each candidate's "
+                      "beam_score")
     for sk in skeletons:
         qid, kept = sk.query_id, sk.kept
-        info_vals = _info_values(sk, opts, infoscores)
+        info_vals = _info_values(rl, sk, opts, infoscores)
         rewards = [_candidate_reward(rl, qid, c, info, opts, embeddings) for c, info in zip(kept, info_vals)]
         if opts.require_positive_query and not any(r >= opts.positive_reward_threshold for r in rewards):
             stats.drop("no_positive")
