@@ -1,6 +1,7 @@
 """``python -m leverplus.inspect_data FILE [FILE ...]``: a data-quality report of RL-data JSON files (reference#formats-rl-json).
 
-Per file: queries, candidates per query, generator mix, eval-mode shares, positive ratio, and for each reward mode
+Per file: queries, candidates per query, generator mix, eval-mode shares, positive ratio, the ``hybrid`` reward's
+InfoScore coverage (the share of candidates with a real ``info_score``), and for each reward mode
 (reference#reward-modes, default weights) the histogram of reward levels and the share of zero-variance groups — computed on the
 *training view* (what ``leverplus.train`` keeps by default: ``eval_failed``/``error`` and ``fallback`` candidates
 dropped), since a group whose rewards are all equal teaches RCE/GRPO nothing. Problems are flagged; ``--strict``
@@ -72,6 +73,15 @@ class FileReport:
     rewards: Dict[str, RewardStats]
     finished: bool  # the file has _meta (not an interim save)
     problems: List[str] = field(default_factory=list)
+    info_score_coverage: float = 0.0  # candidates with a finite info_score (hybrid needs 1.0)
+
+
+def info_score_coverage(cands: Sequence[dict]) -> float:
+    """The share of candidates carrying a real (non-null) ``info_score``: what ``reward.mode=hybrid`` reads; it
+    refuses a file below 1.0 (``hybrid_legacy`` works without the field)."""
+    if not cands:
+        return 0.0
+    return round(sum(c.get("info_score") is not None for c in cands) / len(cands), 4)
 
 
 def _is_positive(c: dict) -> bool:
@@ -216,6 +226,10 @@ def inspect_rl(path: str, *, shot_num: Optional[int] = None, modes: Sequence[str
     kept_groups = _training_view(data)
     rewards = _reward_stats(kept_groups, modes, ndigits, max_levels)
     first, last = _meta_problems(data, path, modes_count)
+    coverage = info_score_coverage(cands)
+    if 0.0 < coverage < 1.0:
+        last.append(f"only {100 * coverage:.2f}% of candidates have info_score: reward.mode=hybrid refuses this file "
+                    "(regenerate it, or use hybrid_legacy)")
     problems = (first + _mode_problems(cands, modes_count, share)
                 + _group_problems(data, kept_groups, rewards, zero_variance_warn)
                 + _content_problems(data, cands, positives, max_pool_size) + last)
@@ -226,7 +240,7 @@ def inspect_rl(path: str, *, shot_num: Optional[int] = None, modes: Sequence[str
         positive_ratio=round(sum(positives) / n, 4) if n else 0.0, queries_all_positive=all_pos,
         queries_all_negative=all_neg,
         training_view={"queries": len(kept_groups), "candidates": sum(len(g) for g in kept_groups)},
-        rewards=rewards, finished=bool(data.meta), problems=problems)
+        rewards=rewards, finished=bool(data.meta), problems=problems, info_score_coverage=coverage)
 
 
 def format_report(r: FileReport) -> str:
@@ -241,6 +255,8 @@ def format_report(r: FileReport) -> str:
              f"all negative {r.queries_all_negative}",
              f"training view (default filters): {r.training_view['queries']} queries, "
              f"{r.training_view['candidates']} candidates",
+             f"hybrid InfoScore coverage {100 * r.info_score_coverage:.2f}% of candidates have info_score"
+             + ("" if r.info_score_coverage == 1.0 else " (reward.mode=hybrid needs 100%; hybrid_legacy does not)"),
              "reward levels (training view):"]
     for mode, s in r.rewards.items():
         kind = f"{s.distinct_levels} levels, binned" if s.binned else f"{s.distinct_levels} levels"
