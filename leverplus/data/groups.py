@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from leverplus.config.reward_modes import info_field, needs_infoscores
+from leverplus.data.curation import Curation
 from leverplus.data.formats.beam_json import BeamRecord
 from leverplus.data.formats.rl_json import RLData
 from leverplus.data.rewards import (
@@ -69,8 +70,15 @@ class GroupOptions:
     require_positive_query: bool = False
     positive_reward_threshold: float = 1.0
     max_pool_size: int = 64
+    mixed_queries: bool = False
+    positive_ratio_min: float = 0.0
+    positive_ratio_max: float = 1.0
     normalize_method: str = "z_score_clamp"
     normalize_clamp: float = 3.0
+
+    @property
+    def curation(self) -> Curation:
+        return Curation(self.mixed_queries, self.positive_ratio_min, self.positive_ratio_max)
 
     @classmethod
     def from_config(cls, data_cfg, reward_cfg) -> "GroupOptions":
@@ -92,6 +100,9 @@ class GroupOptions:
             require_positive_query=data_cfg.require_positive_query,
             positive_reward_threshold=data_cfg.positive_reward_threshold,
             max_pool_size=data_cfg.max_pool_size,
+            mixed_queries=data_cfg.mixed_queries,
+            positive_ratio_min=data_cfg.positive_ratio_min,
+            positive_ratio_max=data_cfg.positive_ratio_max,
             normalize_method=enum_value(data_cfg.normalize_method),
             normalize_clamp=data_cfg.normalize_clamp,
         )
@@ -206,10 +217,12 @@ def group_skeletons(
     query_ids: Optional[Sequence[int]] = None,
     stats: Optional[FilterStats] = None,
 ) -> List[GroupSkeleton]:
-    """Filter the candidates and build pools and labels (the first half of :func:`build_groups`). Reads only the
-    filter and pool options of ``opts``; records queries/candidates in and every filter drop in ``stats``."""
+    """Filter the candidates, then the queries (curation, leverplus/data/curation.py), and build pools and labels
+    (the first half of :func:`build_groups`). Reads only the filter, curation and pool options of ``opts``; records
+    queries/candidates in and every filter drop in ``stats``."""
     stats = stats if stats is not None else FilterStats()
     wanted = set(query_ids) if query_ids is not None else None
+    curation = opts.curation
     out: List[GroupSkeleton] = []
     for qid, q in rl.queries.items():
         if wanted is not None and qid not in wanted:
@@ -218,6 +231,10 @@ def group_skeletons(
         kept = _kept_candidates(q, opts, stats)
         if not kept:
             stats.drop("empty_query")
+            continue
+        reason = curation.drop_reason([c.raw for c in kept])
+        if reason is not None:
+            stats.drop(reason)
             continue
         pool = _query_pool(qid, q, kept, opts, fallback_pools)
         labels = _local_labels(rl, qid, kept, pool, opts)
