@@ -144,9 +144,14 @@ def test_every_generated_candidate_has_its_infoscore(world):
         p = scorer.answer_probs("train", qs, icds, y)
         p0 = scorer.answer_probs("train", qs, [[] for _ in qs], y)
         assert stored == pytest.approx((p - p0).tolist(), abs=1e-12)
-        report = inspect_rl(str(paths.rl_json[shot]), shot_num=shot)
+        report = inspect_rl(str(paths.rl_json[shot]), shot_num=shot, beam_json=str(paths.beam_json))
         assert report.info_score_coverage == 1.0
-        assert "hybrid InfoScore coverage 100.00%" in format_report(report)
+        text = format_report(report)
+        assert "hybrid InfoScore coverage 100.00%" in text and "hybrid_legacy: " in text
+        legacy_hits = sum(c.pointer in beams.get(qid, {}) for qid, q in rl.queries.items() for c in q.candidates)
+        assert report.beam_match_coverage == round(legacy_hits / rl.num_candidates, 4) < 1.0
+        if shot == 1:  # the beams hold 2 ICDs: no 1-shot candidate ever matches
+            assert report.beam_match_coverage == 0.0
     assert matched > 0  # the check against the beam JSON ran
 
 
