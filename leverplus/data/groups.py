@@ -282,8 +282,8 @@ def _field_info_values(rl: RLData, sk: GroupSkeleton, name: str, mode: str) -> L
     for c in sk.kept:
         if c.raw.get(name) is None:
             raise LeverPlusInputError(
-                f"reward.mode={mode} needs {name} on every candidate; this file has none here (written before the "
-                "RL-data generator stored it?)", file=rl.path, record=f"query {sk.query_id}, candidate {c.index}",
+                f"reward.mode={mode} needs {name} on every candidate and this one has none (a file written before "
+                "the RL-data generator stored it?)", file=rl.path, record=f"query {sk.query_id}, candidate {c.index}",
                 field=name, fix="regenerate the RL data with leverplus.generate_rl_data, or use "
                                 "reward.mode=hybrid_legacy (beam-JSON InfoScores, else beam_score)")
     return list(group_info_scores([c.raw for c in sk.kept], name))

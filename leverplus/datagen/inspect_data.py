@@ -76,7 +76,7 @@ class FileReport:
     finished: bool  # the file has _meta (not an interim save)
     problems: List[str] = field(default_factory=list)
     info_score_coverage: float = 0.0  # candidates with a finite info_score (hybrid needs 1.0)
-    beam_match_coverage: Optional[float] = None  # with a beam JSON: candidates equal to an InfoScore beam (hybrid_legacy)
+    beam_match_coverage: Optional[float] = None  # with a beam JSON: candidates equal to an InfoScore beam
 
 
 def beam_match_coverage(data: RLData, beam_json: str) -> float:

@@ -107,8 +107,9 @@ def test_the_curation_sweep_compares_every_variant_with_the_baseline(repo, compo
     variants = spec["factors"]["data_variant"]
     assert len(jobs) == 3 * (1 + len(variants))  # per seed: the baseline and one arm per variant
     assert sum(j.role == "baseline" for j in jobs) == 3
-    assert {j.arm for j in jobs if j.role == "arm"} == {
-        "mixed_queries=true", "positive_ratio_min=0.4|positive_ratio_max=0.6", "mixed_queries=true|positive_ratio_max=0.5"}
+    assert {j.arm for j in jobs if j.role == "arm"} == {"mixed_queries=true",
+                                                        "positive_ratio_min=0.4|positive_ratio_max=0.6",
+                                                        "mixed_queries=true|positive_ratio_max=0.5"}
     for job in jobs[: 1 + len(variants)]:  # every job composes and passes the range checks
         cfg = compose_cfg(job.overrides)
         validate_config(cfg)

@@ -48,7 +48,8 @@ def test_pads_from_the_anchor_pool_and_maps_every_pointer(legacy, tmp_path):
     for qid, q in rl.queries.items():
         assert q.local_pointers and len(q.candidate_pool_ids) == 5
         assert [c.pointer for c in q.candidates] == [c.pointer for c in before.queries[qid].candidates]
-        assert [c.raw["info_score"] for c in q.candidates] == [c.raw["info_score"] for c in before.queries[qid].candidates]
+        old = before.queries[qid].candidates
+        assert [c.raw["info_score"] for c in q.candidates] == [c.raw["info_score"] for c in old]
     assert meta["notes"] == "legacy" and meta["repool"]["k"] == 5 and meta["repool"]["pools"]["file"] == "pools.json"
     # training on it: labels index the new pools, rewards unchanged
     new_groups, old_groups = build_groups(rl, GroupOptions()), build_groups(before, GroupOptions())
