@@ -1,4 +1,5 @@
-"""PNG plots people would rather look at than read: training curves (per run) and sweep figures.
+"""PNG plots people would rather look at than read: training curves (per run) and sweep figures (forest plots, Δ
+heatmaps), sized to stay legible for the full grid.
 
 Every sweep figure is sized from its content and stays within ``MAX_PX`` pixels on each side at the dpi it is
 saved with, with text no smaller than ``MIN_FONT_PT``: a forest plot too tall for that is split into pages.

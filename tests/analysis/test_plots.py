@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import replace
 
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+from PIL import Image
 
 from leverplus.analysis import compare as cmp
 from leverplus.analysis.compare import compare_runs, write_report
@@ -29,6 +33,8 @@ from leverplus.analysis.plots import (
     phase_starts,
     training_curves_figure,
 )
+from leverplus.analysis.study_report import objective_name, study_figures
+from leverplus.sweeps.study_loop import load_study
 
 MODES = ["hard_plus_soft", "hard_plus_soft_v2", "separated", "hard_only", "soft_only", "hybrid"]
 WEIGHTS = [("1.0", "1.0"), ("2.0", "1.0"), ("1.0", "0.5")]
@@ -183,8 +189,6 @@ def test_full_grid_forest_one_page_per_shot_legible(grid_report, grid_files):
 
 
 def test_full_grid_pngs_within_bounds(grid_files):
-    from PIL import Image
-
     pngs = [p for p in grid_files if p.suffix == ".png"]
     for p in pngs:
         w, h = Image.open(p).size
@@ -254,3 +258,54 @@ def test_training_curves_phase_lines_and_twin_axis():
     ratio_twin = [a for a in fig.axes[4:] if a.bbox.bounds == fig.axes[3].bbox.bounds]
     assert [ln.get_label() for ln in ratio_twin[0].lines] == ["grpo/clip_ratio (right axis)"]
     assert "not run" in [t.get_text() for t in fig.axes[1].texts]  # validation ranking not logged
+
+
+# ---------------------------------------------------------------------------------------------- Optuna plots
+
+
+def _study(n_trials: int, metric_name=None):
+    """A real in-memory study over the lr x epochs space (value: a smooth function of both)."""
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    if metric_name:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            study.set_metric_names([metric_name])
+    study.optimize(lambda t: -abs(math.log10(t.suggest_float("grpo.lr", 1e-6, 1e-3, log=True)) + 4.5)
+                   + 0.1 * t.suggest_int("grpo.epochs", 1, 4), n_trials=n_trials)
+    return study
+
+
+def test_study_figures_named_for_the_objective_with_importance_caveat():
+    figures, errors = study_figures(_study(4, "val/downstream_acc"))
+    assert not errors
+    assert set(figures) == {"optimization_history", "slice", "contour", "param_importances"}
+    hist = figures["optimization_history"].axes[0]
+    assert hist.get_title() == "Optimization history: val/downstream_acc"
+    assert hist.get_ylabel() == "val/downstream_acc"
+    contour = figures["contour"].axes[0]  # 2-D space: one panel, lr x epochs
+    assert {contour.get_xlabel(), contour.get_ylabel()} == {"grpo.lr", "grpo.epochs"}
+    assert "Contour of val/downstream_acc" == figures["contour"].axes[0].get_title()
+    assert "val/downstream_acc" in figures["slice"]._suptitle.get_text()
+    assert figures["slice"].axes[0].get_ylabel() == "val/downstream_acc"
+    imp = figures["param_importances"].axes[0].get_title()
+    assert imp.startswith("Parameter importances for val/downstream_acc") and "only 4 trials: indicative" in imp
+    for fig in figures.values():
+        assert all("Objective Value" not in t.get_text() for ax in fig.axes
+                   for t in [ax.title, ax._left_title, ax.xaxis.label, ax.yaxis.label])
+        assert all(ax.get_title(loc="left") in ("", ) for ax in fig.axes)  # no second, generic title
+
+
+def test_study_figures_no_caveat_with_enough_trials_and_explicit_name_wins():
+    study = _study(10)
+    assert objective_name(study) == "objective value"
+    figures, _ = study_figures(study, objective="val/offline/top1_reward")
+    imp = figures["param_importances"].axes[0].get_title()
+    assert imp == "Parameter importances for val/offline/top1_reward"
+
+
+def test_load_study_stores_the_metric_name(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    cfg = OmegaConf.create({"_target_": "optuna.samplers.RandomSampler", "seed": 0})
+    load_study("s", storage, ["maximize"], cfg, metric_name="val/downstream_acc")
+    again = optuna.load_study(study_name="s", storage=storage)  # what optuna-dashboard reads
+    assert again.metric_names == ["val/downstream_acc"]
