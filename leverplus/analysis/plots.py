@@ -136,12 +136,12 @@ def training_curves_figure(history: Iterable[Tuple[int, str, float]]) -> Figure:
                 handles += target.plot([p[0] + 1 for p in pts], [p[1] for p in pts], ls=style, marker="o", ms=3,
                                        label=name + (" (right axis)" if target is not ax else ""),
                                        color=f"C{len(handles)}")
-            if target is not None and target is not ax:
+            if target is not None and target is not ax:  # two axes: say which series each one measures
                 target.set_ylabel(", ".join(group), fontsize=7)
-        ax.set_ylabel(", ".join(left), fontsize=7)
+                ax.set_ylabel(", ".join(left), fontsize=7)
         ax.set_xlim(*xlim)
         _draw_phases(ax, starts)
-        ax.legend(handles=handles, fontsize=7, loc="upper right", framealpha=0.6)  # loc="best" searches placements: slow
+        ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.7)  # off the data (~20% of the figure's cost)
     fig.subplots_adjust(left=0.07, right=0.93, bottom=0.08, top=0.95, hspace=0.3, wspace=0.3)  # tight_layout: 2x slower
     return fig
 

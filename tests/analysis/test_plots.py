@@ -254,6 +254,7 @@ def test_training_curves_phase_lines_and_twin_axis():
     assert {ln.get_label() for ln in twins[0].lines} == {"sft/loss (right axis)", "grpo/loss (right axis)",
                                                           "val/loss (right axis)"}
     assert [ln.get_label() for ln in loss_ax.lines if not ln.get_gid()] == ["rce/loss"]
+    assert loss_ax.get_ylabel() == "rce/loss" and twins[0].get_ylabel() == "sft/loss, grpo/loss, val/loss"
     # the ratio panel: mean_ratio ~1 on the left, the clip fraction 0.1 on the right
     ratio_twin = [a for a in fig.axes[4:] if a.bbox.bounds == fig.axes[3].bbox.bounds]
     assert [ln.get_label() for ln in ratio_twin[0].lines] == ["grpo/clip_ratio (right axis)"]
