@@ -137,7 +137,8 @@ def report_study(study: Any, out_dir: Path, *, n_trials: int, counted_states: Se
     best = study.best_trial if complete else None
     best_test = best_trial_test_metrics(best, test_prefix) if best is not None else {}
     files = _write_tables(study, out_dir, best, best_test, counts)
-    plot_files, plot_errors = _plots(study, out_dir, objective) if complete else ([], {"plots_error": "no COMPLETE trial"})
+    plot_files, plot_errors = (_plots(study, out_dir, objective) if complete
+                               else ([], {"plots_error": "no COMPLETE trial"}))
     files += plot_files
     if best is not None:
         _log_best(study.study_name, best, best_test)
