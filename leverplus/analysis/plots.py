@@ -195,9 +195,11 @@ def _forest_page(rows: Sequence[ForestRow], title: str, xlabel: str, xlim: Tuple
     n = max(len(rows), 1)
     top_in, bottom_in, plot_in = 0.45, 0.95, 4.0  # title; x label + legend; the whiskers
     height = min(top_in + bottom_in + FOREST_ROW_IN * n, MAX_PX / dpi)
-    label_in = CHAR_IN * max((len(r.label) for r in rows), default=10) + 0.3
     value_in = CHAR_IN * max((len(r.note) for r in rows), default=0) + 1.5
-    width = min(label_in + plot_in + value_in, MAX_PX / dpi)
+    max_chars = int((MAX_PX / dpi - plot_in - value_in - 0.3) / CHAR_IN)  # longer labels are shortened with "…"
+    labels = [r.label if len(r.label) <= max_chars else r.label[:max_chars - 1] + "…" for r in rows]
+    label_in = CHAR_IN * max((len(lab) for lab in labels), default=10) + 0.3
+    width = label_in + plot_in + value_in
     fig = Figure(figsize=(width, height))  # margins sized from the text: a layout engine costs more than the plot
     fig.subplots_adjust(left=label_in / width, right=1 - value_in / width, top=1 - top_in / height,
                         bottom=bottom_in / height)
@@ -216,7 +218,7 @@ def _forest_page(rows: Sequence[ForestRow], title: str, xlabel: str, xlim: Tuple
         ax.plot([r.delta], [y], marker="D" if r.significant else "o", ms=5, zorder=3, color=colour,
                 markerfacecolor=colour if r.significant else "white", gid="sig" if r.significant else "nonsig")
     ax.set_yticks(ys)
-    ax.set_yticklabels([r.label for r in rows], fontsize=MIN_FONT_PT + 0.5)
+    ax.set_yticklabels(labels, fontsize=MIN_FONT_PT + 0.5)
     ax.set_ylim(-0.7, len(rows) - 0.3)
     ax.set_xlim(*xlim)
     ax.set_xlabel(xlabel)

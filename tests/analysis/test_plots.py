@@ -151,6 +151,14 @@ def test_forest_pages_when_rows_exceed_the_page(tmp_path):
     assert [p.name for p in paths] == ["f_p1.png", "f_p2.png", "f_p3.png"] and all(p.exists() for p in paths)
 
 
+def test_forest_long_labels_are_shortened_to_keep_the_width():
+    rows = [ForestRow("x" * 400, 1.0, 0.0, 2.0, False), ForestRow("short", 0.5, 0.0, 1.0, False)]
+    (fig,) = forest_figures(rows, title="t", xlabel="x")
+    w, _ = _px(fig)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert w <= MAX_PX and labels[0].endswith("…") and len(labels[0]) < 400 and labels[1] == "short"
+
+
 def test_heatmap_cells_hatches_and_norm():
     vals = np.array([[0.34, np.nan], [-2.0, np.nan]])
     status = np.array([["", "aliased"], ["", "n/a"]], dtype=object)
