@@ -42,7 +42,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from leverplus.analysis.plots import bar_with_ci, heatmap
+from leverplus.analysis.plots import ForestRow, HeatFacet, colour_limit, delta_heatmap, forest_plot
 from leverplus.analysis.policy_shift import ICDS_COL, PolicyShift, policy_shift
 from leverplus.config.schema import EvalConfig
 from leverplus.data.formats.io import atomic_write_json, atomic_write_text
@@ -791,26 +791,66 @@ def _markdown_sections(report: ComparisonReport) -> List[str]:
     return lines
 
 
-def _heatmap_grid(cells: Sequence[ArmSummary]):
-    """Rows = reward modes, cols = weight pairs; each entry the mean Δ of the cells there (other factors averaged)."""
-    acc: Dict[Tuple[str, str], List[float]] = {}
+def _alias_levels(label: str) -> Dict[str, str]:
+    """The reward mode, weights and raw flag named in an arm label ("mode=...|hard_weight=...|raw=...")."""
+    kv = dict(part.split("=", 1) for part in label.split("|") if "=" in part)
+    out = {MODE_COL: kv["mode"]} if "mode" in kv else {}
+    if "hard_weight" in kv and "soft_weight" in kv:
+        out[WEIGHTS_COL] = f"{kv['hard_weight']}×{kv['soft_weight']}"
+    if "raw" in kv:
+        out[RAW_COL] = kv["raw"]
+    return out
+
+
+def _significant(c: ArmSummary, alpha: float) -> bool:
+    return c.delta_q is not None and math.isfinite(c.delta_q) and c.delta_q < alpha
+
+
+def _heatmap_grid(cells: Sequence[ArmSummary], alpha: float = 0.05):
+    """Rows = reward modes, cols = weight pairs, one facet per rce.use_raw_reward level; each entry the mean Δ (pp)
+    of the measured cells there (averaged only when other factors vary), "aliased" where only aliases sit, "n/a"
+    where nothing does. Returns (facets, rows, cols, most arms averaged into one entry)."""
+    measured: Dict[Tuple[str, str, str], List[ArmSummary]] = {}
+    aliased: set = set()
     for c in cells:
-        acc.setdefault((c.levels[MODE_COL], c.levels[WEIGHTS_COL]), []).append(c.delta.delta)
-    rows = sorted({k[0] for k in acc})
-    cols = sorted({k[1] for k in acc}, key=lambda w: tuple(_level_key(x) for x in w.split("×")))
-    m = np.full((len(rows), len(cols)), np.nan)
-    for (r, col), vals in acc.items():
-        m[rows.index(r), cols.index(col)] = float(np.mean(vals))
-    return m, rows, cols
+        measured.setdefault((c.levels.get(RAW_COL, ""), c.levels[MODE_COL], c.levels[WEIGHTS_COL]), []).append(c)
+        for a in c.aliases:
+            lv = _alias_levels(a)
+            if MODE_COL in lv and WEIGHTS_COL in lv:
+                aliased.add((lv.get(RAW_COL, c.levels.get(RAW_COL, "")), lv[MODE_COL], lv[WEIGHTS_COL]))
+    keys = set(measured) | aliased
+    rows = sorted({k[1] for k in keys})
+    cols = sorted({k[2] for k in keys}, key=lambda w: tuple(_level_key(x) for x in w.split("×")))
+    raws = sorted({k[0] for k in keys}, key=lambda r: (r != "true", r))
+    facets = []
+    for raw in raws:
+        vals = np.full((len(rows), len(cols)), np.nan)
+        status = np.full((len(rows), len(cols)), "n/a", dtype=object)
+        sig = np.zeros((len(rows), len(cols)), dtype=bool)
+        for i, r in enumerate(rows):
+            for j, col in enumerate(cols):
+                here = measured.get((raw, r, col), [])
+                if here:
+                    vals[i, j] = PP * float(np.mean([c.delta.delta for c in here]))
+                    status[i, j] = ""
+                    sig[i, j] = all(_significant(c, alpha) for c in here)
+                elif (raw, r, col) in aliased:
+                    status[i, j] = "aliased"
+        name = {"true": "raw reward (rce.use_raw_reward=true)",
+                "false": "normalised reward (rce.use_raw_reward=false)"}.get(raw, f"rce.use_raw_reward={raw}" if raw
+                                                                              else "all arms")
+        facets.append(HeatFacet(name, vals, status, sig))
+    return facets, rows, cols, max((len(v) for v in measured.values()), default=0)
 
 
 def write_report(report: ComparisonReport, out_dir) -> List[Path]:
-    """Write comparison.md, comparison.csv, main_effects.csv, comparison.json, delta_heatmap_shot{S}.png (Δacc by
-    reward mode × weight pair, one per shot; cells sharing both are averaged) and delta_bars.png (Δacc with CIs)."""
+    """Write comparison.md, comparison.csv, main_effects.csv, comparison.json, delta_heatmap_shot{S}.png (Δacc in pp
+    by reward mode × weight pair, faceted by rce.use_raw_reward, one per shot) and delta_forest_shot{S}.png (Δacc
+    with CIs, one row per arm, one per shot)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     arms = [c for c in report.cells if c.arm != report.baseline_arm and c.delta is not None]
-    figures = _write_heatmaps(report, arms, out) + _write_bars(report, arms, out)  # may add a note: before the .md
+    figures = _write_heatmaps(report, arms, out) + _write_forests(report, out)  # may add a note: before the .md
     md = out / "comparison.md"
     atomic_write_text(md, report_markdown(report))
     csv = out / "comparison.csv"
@@ -823,31 +863,44 @@ def write_report(report: ComparisonReport, out_dir) -> List[Path]:
 
 
 def _write_heatmaps(report: ComparisonReport, arms: Sequence[ArmSummary], out: Path) -> List[Path]:
-    """One Δ heatmap (reward mode × weight pair) per shot; a note instead when the runs lack those columns."""
+    """One Δ heatmap (reward mode × weight pair, faceted by rce.use_raw_reward) per shot; a note instead when the
+    runs lack those columns. The colour scale is shared by all shots (:func:`colour_limit`)."""
     if arms and all(MODE_COL in c.levels and WEIGHTS_COL in c.levels for c in arms):
+        alpha = 1.0 - report.confidence
+        mdes = [PP * c.mde_seed for c in arms if c.mde_seed is not None and math.isfinite(c.mde_seed)]
+        limit = colour_limit([PP * c.delta.delta for c in arms], margin_pp=report.equivalence_margin_pp,
+                             mde_pp=float(np.median(mdes)) if mdes else None)
         paths = []
         for shot in sorted({c.shot_num for c in arms}):
-            m, rows, cols = _heatmap_grid([c for c in arms if c.shot_num == shot])
-            paths.append(heatmap(m, rows, cols, out / f"delta_heatmap_shot{shot}.png",
-                                 title=f"Δ{report.metric} vs {report.baseline_arm}, shot {shot}",
-                                 cbar_label=f"Δ{report.metric} (mean over seeds)"))
+            facets, rows, cols, most = _heatmap_grid([c for c in arms if c.shot_num == shot], alpha)
+            averaged = f"; entries average up to {most} arms" if most > 1 else ""
+            paths.append(delta_heatmap(
+                facets, rows, cols, out / f"delta_heatmap_shot{shot}.png",
+                title=f"Δ{report.metric} vs {report.baseline_arm}, shot {shot} (pp; * = BH q < {alpha:g}{averaged})",
+                cbar_label=f"Δ{report.metric} (pp, mean over seeds; scale ±{limit:.1f})", limit=limit))
         return paths
     if arms:
         report.notes.append(f"no delta heatmap: the runs lack {MODE_COL} or the weight params")
     return []
 
 
-def _write_bars(report: ComparisonReport, arms: Sequence[ArmSummary], out: Path) -> List[Path]:
-    """Δ of every measured arm cell with its CI (none when there is no arm cell)."""
-    if not arms:
-        return []
-    means = [c.delta.delta for c in arms]
-    # A CI that cannot be estimated (one seed pair) is drawn as a bar without whiskers.
-    los = [c.delta.lo if math.isfinite(c.delta.lo) else c.delta.delta for c in arms]
-    his = [c.delta.hi if math.isfinite(c.delta.hi) else c.delta.delta for c in arms]
+def _write_forests(report: ComparisonReport, out: Path) -> List[Path]:
+    """One forest plot of Δ (pp) with CIs per shot, every non-baseline cell a row (none when there is none)."""
+    alpha = 1.0 - report.confidence
     conf = f"{round(100 * report.confidence)}%"
-    return [bar_with_ci([f"{c.arm} | shot {c.shot_num}" for c in arms], means, los, his, out / "delta_bars.png",
-                        title=f"Δ{report.metric} vs {report.baseline_arm} ({conf} CI)", ylabel=f"Δ{report.metric}")]
+    cells = [c for c in report.cells if c.arm != report.baseline_arm]
+    paths: List[Path] = []
+    for shot in sorted({c.shot_num for c in cells}):
+        rows = [ForestRow(c.arm, PP * c.delta.delta if c.delta else math.nan,
+                          PP * c.delta.lo if c.delta else math.nan, PP * c.delta.hi if c.delta else math.nan,
+                          _significant(c, alpha),
+                          f"+{len(c.aliases)} alias{'es' if len(c.aliases) > 1 else ''}" if c.aliases else "")
+                for c in cells if c.shot_num == shot]
+        paths += forest_plot(rows, out / f"delta_forest_shot{shot}.png",
+                             title=f"Δ{report.metric} vs {report.baseline_arm}, shot {shot} ({conf} CI over seeds)",
+                             xlabel=f"Δ{report.metric} (percentage points)", margin_pp=report.equivalence_margin_pp,
+                             alpha=alpha)
+    return paths
 
 
 # ------------------------------------------------------------------------------------------------ MLflow loading

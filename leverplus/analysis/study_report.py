@@ -1,6 +1,6 @@
 """What an Optuna study's MLflow parent run shows at the end: the best params and value, the best trial's test
-figures (reported afterwards, labelled; they never reach Optuna), the optimisation-history and parameter-importance
-plots, and how often the RCE phase was computed vs reused.
+figures (reported afterwards, labelled; they never reach Optuna), the optimisation-history, slice, contour and
+parameter-importance plots labelled with the objective's name, and how often the RCE phase was computed vs reused.
 """
 
 from __future__ import annotations
@@ -58,29 +58,77 @@ def best_trial_test_metrics(trial: Any, test_prefix: str = "test/") -> Dict[str,
     return {k: float(v) for k, v in metrics.items() if k.startswith(test_prefix)}
 
 
-def _plots(study: Any, out_dir: Path) -> Tuple[List[Path], Dict[str, str]]:
-    files, errors = [], {}
-    for name, fn in (("optimization_history", ovm.plot_optimization_history),
-                     ("param_importances", ovm.plot_param_importances)):
+#: fewer completed trials than this: the parameter-importance plot says its ranking is only indicative
+MIN_TRIALS_FOR_IMPORTANCE = 10
+#: when nothing names the objective (a study created without metric names and no ``objective`` given)
+DEFAULT_OBJECTIVE_NAME = "objective value"
+
+
+def objective_name(study: Any, objective: Optional[str] = None) -> str:
+    """The name the plots give the objective: ``objective``, else the study's metric name, else a generic one."""
+    if objective:
+        return str(objective)
+    names = getattr(study, "metric_names", None)
+    return str(names[0]) if names and names[0] else DEFAULT_OBJECTIVE_NAME
+
+
+def _figure_of(axes: Any):
+    return axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+
+
+def study_figures(study: Any, objective: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """The study's plots as figures, each labelled with the objective's name: optimization history, contour (a
+    2-D search space gives one panel, more give one per pair), slice, and parameter importances (titled as only
+    indicative under ``MIN_TRIALS_FOR_IMPORTANCE`` completed trials). Returns ({name: figure}, {name_error: why})."""
+    name = objective_name(study, objective)
+    n_complete = sum(_state(t) == "COMPLETE" for t in study.get_trials(deepcopy=False))
+    n_params = len({p for t in study.get_trials(deepcopy=False) if _state(t) == "COMPLETE" for p in t.params})
+    caveat = (f" (only {n_complete} trials: indicative, not a ranking)"
+              if n_complete < MIN_TRIALS_FOR_IMPORTANCE else "")
+    plans = [("optimization_history", ovm.plot_optimization_history, f"Optimization history: {name}", (8, 5)),
+             ("slice", ovm.plot_slice, f"Slice plot: {name} against each parameter", (4 + 3.5 * n_params, 4.5))]
+    if n_params >= 2:
+        side = 6 if n_params == 2 else 3 * n_params
+        plans.append(("contour", ovm.plot_contour, f"Contour of {name}", (side + 1.5, side)))
+    plans.append(("param_importances", ovm.plot_param_importances,
+                  f"Parameter importances for {name}{caveat}", (8, 5)))
+    figures, errors = {}, {}
+    for key, fn, title, size in plans:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ax = fn(study)
-            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            fig.set_size_inches(8, 5)
-            fig.tight_layout()
-            path = out_dir / f"{name}.png"
-            save_figure(fig, path, dpi=110)
-            plt.close(fig)
-            files.append(path)
+                axes = fn(study, target_name=name)
+                fig = _figure_of(axes)
+                fig.set_size_inches(*size)
+                if hasattr(axes, "set_title"):
+                    axes.set_title("", loc="left")  # optuna's own title of some plots sits there
+                    axes.set_title(title, fontsize=10)
+                else:
+                    fig.suptitle(title, fontsize=10)
+                if key not in ("slice", "contour"):  # optuna places their colour bars: a re-layout overlaps them
+                    fig.tight_layout()
+            figures[key] = fig
         except Exception as e:  # e.g. importances need >= 2 completed trials
-            errors[f"{name}_error"] = f"{type(e).__name__}: {e}"
+            errors[f"{key}_error"] = f"{type(e).__name__}: {e}"
+    return figures, errors
+
+
+def _plots(study: Any, out_dir: Path, objective: Optional[str] = None) -> Tuple[List[Path], Dict[str, str]]:
+    figures, errors = study_figures(study, objective)
+    files = []
+    for key, fig in figures.items():
+        path = out_dir / f"{key}.png"
+        save_figure(fig, path, dpi=110)
+        plt.close(fig)
+        files.append(path)
     return files, errors
 
 
 def report_study(study: Any, out_dir: Path, *, n_trials: int, counted_states: Sequence[str] = COUNTED_STATES,
-                 tracker: Optional[StudyTracker] = None, test_prefix: str = "test/") -> StudyReport:
-    """Best params/value, plots and the best trial's test figures: to ``out_dir`` and to the MLflow parent."""
+                 tracker: Optional[StudyTracker] = None, test_prefix: str = "test/",
+                 objective: Optional[str] = None) -> StudyReport:
+    """Best params/value, plots and the best trial's test figures: to ``out_dir`` and to the MLflow parent.
+    ``objective`` names the objective on the plots (default: the study's metric name, see :func:`objective_name`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
@@ -89,7 +137,8 @@ def report_study(study: Any, out_dir: Path, *, n_trials: int, counted_states: Se
     best = study.best_trial if complete else None
     best_test = best_trial_test_metrics(best, test_prefix) if best is not None else {}
     files = _write_tables(study, out_dir, best, best_test, counts)
-    plot_files, plot_errors = _plots(study, out_dir) if complete else ([], {"plots_error": "no COMPLETE trial"})
+    plot_files, plot_errors = (_plots(study, out_dir, objective) if complete
+                               else ([], {"plots_error": "no COMPLETE trial"}))
     files += plot_files
     if best is not None:
         _log_best(study.study_name, best, best_test)

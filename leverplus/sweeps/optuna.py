@@ -124,7 +124,8 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
         tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
         storage = prepare_storage(resolve_storage(self.storage, tracking_uri, launch))
         distributions, fixed_params, fixed_overrides = self._search_space(arguments)
-        study, n_existing = load_study(self.study_name, storage, directions, self.sampler_cfg)
+        study, n_existing = load_study(self.study_name, storage, directions, self.sampler_cfg,
+                                       metric_name=str(cfg.objective))
         stale = stale_trials(study, socket.gethostname(), os.getpid())
         settings = self._settings()
         tracker = open_tracker(cfg, study, settings, tracking_uri=tracking_uri, storage=storage,

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -86,11 +87,17 @@ def make_sampler(sampler_cfg: Any, n_existing: int) -> Any:
     return instantiate(cfg, _execution_whitelist_=SAMPLER_WHITELIST)
 
 
-def load_study(name: str, storage: str, directions: List[str], sampler_cfg: Any) -> Tuple[Any, int]:
-    """The study (created or resumed) with its seeded sampler, and the number of trials it had."""
+def load_study(name: str, storage: str, directions: List[str], sampler_cfg: Any,
+               metric_name: Optional[str] = None) -> Tuple[Any, int]:
+    """The study (created or resumed) with its seeded sampler, and the number of trials it had. ``metric_name``
+    (the objective) is stored as the study's metric name: optuna-dashboard and the study's plots show it."""
     study = optuna.create_study(study_name=name, storage=storage, directions=directions,
                                 sampler=optuna.samplers.RandomSampler(), load_if_exists=True)
     check_directions([d.name for d in study.directions], directions, name, storage)
+    if metric_name:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([str(metric_name)])
     n_existing = len(study.trials)
     study.sampler = make_sampler(sampler_cfg, n_existing)
     return study, n_existing

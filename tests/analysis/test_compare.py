@@ -289,7 +289,7 @@ def test_write_report_files(report, tmp_path):
     paths = write_report(report, tmp_path / "out")
     names = {p.name for p in paths}
     assert {"comparison.md", "comparison.csv", "main_effects.csv", "comparison.json", "delta_heatmap_shot1.png",
-            "delta_heatmap_shot2.png", "delta_bars.png"} <= names
+            "delta_heatmap_shot2.png", "delta_forest_shot1.png", "delta_forest_shot2.png"} <= names
     for p in paths:
         assert p.exists() and p.stat().st_size > 0
     csv = pd.read_csv(tmp_path / "out" / "comparison.csv", keep_default_na=False)
@@ -414,7 +414,7 @@ def test_compare_sweep_end_to_end_logs_to_parent(store, tmp_path, capsys):
     assert rep.aliases == {ALIAS: A}  # from the parent's aliases.json
     assert "| better |" in capsys.readouterr().out
     logged = {f.path for f in store["client"].list_artifacts(store["parent"], "comparison")}
-    assert {"comparison/comparison.md", "comparison/comparison.csv", "comparison/delta_bars.png",
+    assert {"comparison/comparison.md", "comparison/comparison.csv", "comparison/delta_forest_shot2.png",
             "comparison/delta_heatmap_shot2.png"} <= logged
     assert (tmp_path / "cmp" / "comparison.csv").stat().st_size > 0
 
