@@ -18,3 +18,6 @@ SWEEP_FAILED_JOBS_VAR = "LEVERPLUS_SWEEP_FAILED_JOBS"
 CACHE_VAR = "LEVERPLUS_CACHE"
 #: MLflow's own variable for the tracking URI (read when ``tracking.uri`` is not set)
 MLFLOW_TRACKING_URI_VAR = "MLFLOW_TRACKING_URI"
+#: the name of this machine for an Optuna worker's same-host liveness check (default: the hostname); set it where
+#: several machines share one hostname (e.g. identical containers), so their trials are left to the heartbeat check
+WORKER_HOST_VAR = "LEVERPLUS_WORKER_HOST"
