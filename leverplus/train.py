@@ -25,6 +25,7 @@ from leverplus.data.loading import LoadedData
 from leverplus.env import PARENT_RUN_ID_VAR
 from leverplus.errors import LeverPlusInputError, printed_input_errors
 from leverplus.pipeline import RunOutcome, load_data, train_and_evaluate
+from leverplus.tracking.pruning import trial_reporter
 from leverplus.tracking.run import MlflowRun, find_finished_run, flatten, record_reused_run, run_name, standard_tags
 from leverplus.tracking.store import get_or_create_experiment, resolve_artifact_root, resolve_tracking_uri
 
@@ -68,7 +69,7 @@ def summary_lines(metrics: Dict[str, float], objective: str) -> str:
 
 
 def _execute(cfg: DictConfig, data: LoadedData, out_dir: Path, logger: Any = None) -> Tuple[RunOutcome, float]:
-    outcome = train_and_evaluate(cfg, data, out_dir, logger=logger)
+    outcome = train_and_evaluate(cfg, data, out_dir, logger=trial_reporter(cfg, logger))
     return outcome, objective_value(outcome.metrics, cfg.objective)
 
 

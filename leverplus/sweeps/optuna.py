@@ -36,6 +36,7 @@ loop and its pieces are ``leverplus.sweeps.study_loop``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_p
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from omegaconf import DictConfig, OmegaConf
 
-from leverplus.env import LAUNCH_DIR_VAR
+from leverplus.env import LAUNCH_DIR_VAR, OPTUNA_PRUNE_METRIC_VAR, OPTUNA_PRUNER_VAR, OPTUNA_STORAGE_VAR
 from leverplus.errors import LeverPlusInputError
 from leverplus.config.identity import COSMETIC, drop_path, to_container
 from leverplus.pipeline import load_data
@@ -61,6 +62,7 @@ from leverplus.sweeps.study_loop import (
     prepare_storage,
     run_trials,
 )
+from leverplus.tracking.pruning import make_pruner
 from leverplus.tracking.store import resolve_tracking_uri
 from leverplus.tracking.trials import require_validation_objective, resolve_storage
 from leverplus.utils import code_version, launch_dir, stable_hash
@@ -81,6 +83,10 @@ class ResumableOptunaSweeperConf(OptunaSweeperConf):
     heartbeat_interval: int = 10  # s between a running trial's heartbeats (RDB storages)
     grace_period: Optional[int] = 60  # s without a heartbeat after which a trial's worker counts as dead
     poll_interval: float = 2.0  # s between budget checks while the remaining trials run on other workers
+    # Pruning: e.g. {_target_: optuna.pruners.MedianPruner, n_startup_trials: 5, n_warmup_steps: 20}; each trial's job
+    # reports prune_metric (default: eval.select_metric) at every epoch and stops when the pruner says so (PRUNED)
+    pruner: Optional[Dict[str, Any]] = None
+    prune_metric: Optional[str] = None
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="leverplus_optuna", node=ResumableOptunaSweeperConf,
@@ -94,7 +100,8 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
                  n_trials: int, n_jobs: int, max_failure_rate: float, custom_search_space: Optional[str],
                  params: Optional[DictConfig], counted_states: Sequence[str], retry_interrupted: bool,
                  enqueue: Sequence[Any], objective_prefix: str, heartbeat_interval: int = 10,
-                 grace_period: Optional[int] = 60, poll_interval: float = 2.0) -> None:
+                 grace_period: Optional[int] = 60, poll_interval: float = 2.0, pruner: Optional[Any] = None,
+                 prune_metric: Optional[str] = None) -> None:
         super().__init__(None, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
                          custom_search_space, params)
         self.sampler_cfg = sampler  # built in sweep(): its seed depends on the study's history
@@ -104,6 +111,8 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
                         for p in (enqueue or [])]
         self.objective_prefix = objective_prefix
         self.heartbeat_interval, self.grace_period, self.poll_interval = heartbeat_interval, grace_period, poll_interval
+        self.pruner = OmegaConf.to_container(pruner, resolve=True) if OmegaConf.is_config(pruner) else pruner
+        self.prune_metric = prune_metric
 
     def _checked_directions(self) -> List[str]:
         """The study's one direction, after checking the objective and that the study can be resumed."""
@@ -142,6 +151,17 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
                 "config": stable_hash(shared), "objective": str(cfg.objective),
                 "direction": directions[0], "data": load_data(job_cfg).fingerprint, "code": code_version()}
 
+    def _export_pruning(self, study: Any, storage: str) -> None:
+        """With a pruner: hand each trial's job the storage, the pruner and the metric to report (environment)."""
+        for var in (OPTUNA_STORAGE_VAR, OPTUNA_PRUNER_VAR, OPTUNA_PRUNE_METRIC_VAR):
+            os.environ.pop(var, None)
+        if not self.pruner:
+            return
+        study.pruner = make_pruner(self.pruner)  # checks the config now, before any trial runs
+        os.environ[OPTUNA_STORAGE_VAR] = storage
+        os.environ[OPTUNA_PRUNER_VAR] = json.dumps(self.pruner)
+        os.environ[OPTUNA_PRUNE_METRIC_VAR] = self.prune_metric or str(self.config.eval.select_metric)
+
     def sweep(self, arguments: List[str]) -> None:
         cfg = self.config
         os.environ[LAUNCH_DIR_VAR] = str(Path(cfg.hydra.runtime.cwd).resolve())
@@ -156,6 +176,7 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
         study = load_study(self.study_name, open_storage(storage, on_stale, self.heartbeat_interval,
                                                          self.grace_period), directions, identity, storage)
         settings = self._settings()
+        self._export_pruning(study, storage)
         tracker = open_tracker(cfg, study, settings, tracking_uri=tracking_uri, storage=storage,
                                direction=directions[0], sweep_dir=sweep_dir, distributions=distributions)
         status = "FAILED"

@@ -199,20 +199,29 @@ def open_tracker(cfg: DictConfig, study: Any, s: StudySettings, *, tracking_uri:
 # ---------------------------------------------------------------------------------------------- trials
 
 
-def _objective(ret: Any) -> Tuple[Optional[float], Optional[str]]:
-    """(value, None) for a finite objective, else (None, error)."""
+def _objective(ret: Any) -> Tuple[Optional[float], Optional[str], bool]:
+    """(value, None, False) for a finite objective; (None, error, pruned) otherwise."""
     try:
         value = float(ret.return_value)  # re-raises the job's exception when it failed
         if not math.isfinite(value):
             raise ValueError(f"the objective is not finite ({value})")
-        return value, None
+        return value, None, False
+    except optuna.TrialPruned as e:
+        return None, f"TrialPruned: {e}", True
     except Exception as e:
-        return None, f"{type(e).__name__}: {e}"
+        return None, f"{type(e).__name__}: {e}", False
 
 
 def tell(study: Any, trial: Any, ret: Any, tracker: Optional[StudyTracker]) -> str:
-    """Report one job's outcome to Optuna (COMPLETE or FAIL) and to its MLflow child run."""
-    value, error = _objective(ret)
+    """Report one job's outcome to Optuna (COMPLETE, PRUNED or FAIL) and to its MLflow child run."""
+    value, error, pruned = _objective(ret)
+    if pruned:
+        log.info(f"[{study.study_name}] trial {trial.number} PRUNED: {error}")
+        if tracker is not None:
+            trial.set_user_attr(RUN_ID_ATTR, tracker.record_trial(trial.number, "PRUNED", trial.params, None, None,
+                                                                  best_with(study, None)))
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return "PRUNED"
     if error:
         log.warning(f"[{study.study_name}] trial {trial.number} FAILED: {error}")
     out_dir = OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir") if ret.hydra_cfg else None

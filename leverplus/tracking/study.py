@@ -136,6 +136,8 @@ class StudyTracker:
         status = with_retries(lambda: self.client.get_run(run_id)).info.status
         if state == "FAIL" and status != "FAILED":  # e.g. a non-finite objective from a run that ended normally
             with_retries(lambda: self.client.set_terminated(run_id, "FAILED"))
+        elif state == "PRUNED" and status == "FAILED":  # stopped by the pruner, not broken
+            with_retries(lambda: self.client.set_terminated(run_id, "KILLED"))
         elif created:
             with_retries(lambda: self.client.set_terminated(run_id, "FINISHED"))
         metrics = {"trial_objective": value} if value is not None else {}
