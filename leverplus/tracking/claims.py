@@ -116,3 +116,22 @@ class Heartbeat:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def claim_or_wait(open_run: Callable[[], Any], client: Any, experiment_id: str, key: str, grace_s: float,
+                  poll_s: float) -> "tuple[Optional[Any], Optional[str]]":
+    """Open this job's run and claim ``key``. Returns ``(run, None)`` when this job owns the key and should train, or
+    ``(None, finished_run_id)`` when another run trained it (this job's own run withdrawn). While another live run
+    owns the key, waits for it; when that owner dies, claims again."""
+    while True:
+        run = open_run()
+        claim = resolve_claim(client, experiment_id, key, run.run_id, grace_s)
+        if claim.mine:
+            return run, None
+        with_retries(lambda: client.delete_run(run.run_id))  # withdrawn: the owner's run stands for this arm
+        if claim.finished:
+            return None, claim.finished
+        log.info(f"run key {key} is being trained by run {claim.owner} (another invocation): waiting for it")
+        finished = wait_for_owner(client, experiment_id, key, grace_s, poll_s)
+        if finished:
+            return None, finished
