@@ -18,3 +18,13 @@ SWEEP_FAILED_JOBS_VAR = "LEVERPLUS_SWEEP_FAILED_JOBS"
 CACHE_VAR = "LEVERPLUS_CACHE"
 #: MLflow's own variable for the tracking URI (read when ``tracking.uri`` is not set)
 MLFLOW_TRACKING_URI_VAR = "MLFLOW_TRACKING_URI"
+#: the name of this machine for an Optuna worker's same-host liveness check (default: the hostname); set it where
+#: several machines share one hostname (e.g. identical containers), so their trials are left to the heartbeat check
+WORKER_HOST_VAR = "LEVERPLUS_WORKER_HOST"
+#: an Optuna study's storage URL, exported by the resumable sweeper to its jobs when the study has a pruner (a URL
+#: may carry a password, so it travels in the environment, never in a tag)
+OPTUNA_STORAGE_VAR = "LEVERPLUS_OPTUNA_STORAGE"
+#: the per-epoch validation metric a trial's job reports to its pruner
+OPTUNA_PRUNE_METRIC_VAR = "LEVERPLUS_OPTUNA_PRUNE_METRIC"
+#: the study's pruner config (JSON, a ``_target_`` under ``optuna.pruners``), rebuilt by each trial's job
+OPTUNA_PRUNER_VAR = "LEVERPLUS_OPTUNA_PRUNER"

@@ -6,13 +6,16 @@ Returns the objective (``objective=`` names a metric, validation data only) as a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import hydra
+import mlflow
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,6 +28,8 @@ from leverplus.data.loading import LoadedData
 from leverplus.env import PARENT_RUN_ID_VAR
 from leverplus.errors import LeverPlusInputError, printed_input_errors
 from leverplus.pipeline import RunOutcome, load_data, train_and_evaluate
+from leverplus.tracking.claims import HEARTBEAT_TAG, Heartbeat, claim_or_wait
+from leverplus.tracking.pruning import trial_reporter
 from leverplus.tracking.run import MlflowRun, find_finished_run, flatten, record_reused_run, run_name, standard_tags
 from leverplus.tracking.store import get_or_create_experiment, resolve_artifact_root, resolve_tracking_uri
 
@@ -68,7 +73,7 @@ def summary_lines(metrics: Dict[str, float], objective: str) -> str:
 
 
 def _execute(cfg: DictConfig, data: LoadedData, out_dir: Path, logger: Any = None) -> Tuple[RunOutcome, float]:
-    outcome = train_and_evaluate(cfg, data, out_dir, logger=logger)
+    outcome = train_and_evaluate(cfg, data, out_dir, logger=trial_reporter(cfg, logger))
     return outcome, objective_value(outcome.metrics, cfg.objective)
 
 
@@ -113,7 +118,23 @@ def _tracked_run(cfg: DictConfig, data: LoadedData, out_dir: Path) -> float:
                                     run_name=name)
         print(f"[leverplus] run key {key} already FINISHED as MLflow run {metrics.pop('_source_run_id')}: skipped.")
         return objective_value(metrics, cfg.objective)
-    with MlflowRun(uri=uri, experiment_id=exp_id, run_name=name, tags=tags, parent_run_id=parent) as mrun:
+    def open_run() -> MlflowRun:
+        return MlflowRun(uri=uri, experiment_id=exp_id, run_name=name, tags={**tags, HEARTBEAT_TAG: f"{time.time():.3f}"},
+                         parent_run_id=parent)
+
+    if not t.skip_finished:
+        mrun = open_run()
+    else:  # a sweep: claim the key, so concurrent invocations on this store train the arm once
+        mrun, done = claim_or_wait(open_run, mlflow.MlflowClient(tracking_uri=uri), exp_id, key, t.claim_grace_s,
+                                   t.claim_poll_s)
+        if done is not None:
+            metrics = record_reused_run(uri, exp_id, done, tags=tags, params=flatten(resolved), parent_run_id=parent,
+                                        run_name=name)
+            print(f"[leverplus] run key {key} was trained by MLflow run {metrics.pop('_source_run_id')} (another "
+                  "invocation): reused.")
+            return objective_value(metrics, cfg.objective)
+    beats = Heartbeat(uri, mrun.run_id, t.claim_heartbeat_s) if t.skip_finished else contextlib.nullcontext()
+    with mrun, beats:
         mrun.log_params(flatten(resolved))
         outcome, value = _execute(cfg, data, out_dir, logger=mrun)
         _log_outcome(mrun, cfg, outcome, value, out_dir)

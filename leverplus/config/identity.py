@@ -38,7 +38,7 @@ def cosmetic_fields(schema: type = TrainConfig, prefix: str = "") -> Tuple[str, 
 COSMETIC: Tuple[str, ...] = cosmetic_fields()
 
 
-def _drop_path(c: Dict[str, Any], path: str) -> None:
+def drop_path(c: Dict[str, Any], path: str) -> None:
     """Remove the dotted ``path`` from the nested dict ``c`` (in place; nothing happens where it is absent)."""
     *parents, leaf = path.split(".")
     for key in parents:
@@ -70,7 +70,7 @@ def canonical_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     """The parts of a resolved config that decide results, with ignored knobs removed (for run keys)."""
     c = copy.deepcopy(dict(cfg))
     for path in COSMETIC:
-        _drop_path(c, path)
+        drop_path(c, path)
     c["reward"] = _reward_knobs_read(c.get("reward", {}))
     if int(c.get("grpo", {}).get("epochs", 0)) <= 0:
         c["grpo"] = {"epochs": 0}

@@ -244,6 +244,12 @@ class TrackingConfig:
     role: str = "arm"  # "baseline" | "arm"
     parent_run_id: Optional[str] = None  # set by the sweep callback
     skip_finished: bool = False  # sweeps: skip a run whose key already has a FINISHED MLflow run
+    # with skip_finished, concurrent invocations on one store claim each run key so it trains once
+    # (leverplus/tracking/claims.py): the owner refreshes a heartbeat tag every claim_heartbeat_s seconds; an owner
+    # silent for claim_grace_s seconds counts as dead and its key is claimed again
+    claim_heartbeat_s: float = 30.0
+    claim_grace_s: float = 180.0
+    claim_poll_s: float = 5.0
     extra_tags: Dict[str, str] = field(default_factory=dict)
 
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
+import typing
 from typing import Any
 
+from omegaconf import DictConfig
+
+from leverplus.config.schema import TrainConfig
 from leverplus.errors import LeverPlusInputError
 
 #: the model-free baselines of the downstream evaluation (``eval.baselines``)
@@ -16,13 +22,37 @@ EVAL_SPLITS = ("val", "test")
 def validate_config(cfg: Any) -> None:
     """Range checks the type system cannot express; raises LeverPlusInputError naming the field and the fix.
 
-    The checks run section by section (training phases, GRPO, data, model, reward, eval); the first failure raises."""
+    The checks run section by section (keys, training phases, GRPO, data, model, reward, eval); the first failure
+    raises."""
+    check_known_keys(cfg)
     _check_phases(cfg)
     _check_grpo(cfg.grpo)
     _check_data(cfg.data)
     _check_model(cfg.model)
     _check_reward_and_eval(cfg.reward, cfg.eval)
     _check_run(cfg)
+
+
+def check_known_keys(cfg: Any, schema: type = TrainConfig, prefix: str = "") -> None:
+    """Refuse keys the schema does not declare, even when added with ``+`` (Hydra lets ``+grpo.lrr=1e-5`` through,
+    and a typo would then be logged, ignored and left out of the run key). Only the free-form maps (``Dict`` fields
+    such as ``data.files.rl_json`` and ``tracking.extra_tags``) take any key."""
+    if not isinstance(cfg, DictConfig):
+        return
+    hints = typing.get_type_hints(schema)
+    declared = {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in declared:
+            close = difflib.get_close_matches(str(key), list(declared), n=1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            raise LeverPlusInputError(
+                f"unknown config key {name!r} (a '+' override adds keys the schema does not know; it would be "
+                f"ignored); valid keys here: {', '.join(sorted(declared))}", field=name,
+                fix=f"{hint}drop the '+' and use an existing key")
+        kind = declared[key]
+        if dataclasses.is_dataclass(kind):
+            check_known_keys(cfg[key], kind, f"{name}.")
 
 
 def _need(ok: bool, name: str, problem: str, fix: str) -> None:

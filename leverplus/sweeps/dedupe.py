@@ -14,6 +14,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from leverplus.config.identity import canonical_config, to_container
+from leverplus.config.validation import check_known_keys
 from leverplus.pipeline import reward_signature
 from leverplus.sweeps.grid import Job
 from leverplus.utils import stable_hash
@@ -92,6 +93,8 @@ def _signature(job: Job, cfg: DictConfig, memo: Dict[str, Any]) -> Any:
 def dedupe(jobs: List[Job], compose: Composer, alias_identical_rewards: bool, aliases: Dict[str, str]) -> List[Job]:
     """The distinct jobs, in grid order; ``aliases`` gets arm -> the arm whose run stands for it."""
     cfgs = [compose(job.overrides) for job in jobs]
+    for cfg in cfgs:  # a bad value or an unknown key fails the whole sweep now, before any job trains
+        check_known_keys(cfg)
     keep = _first_of_each(jobs, [stable_hash(canonical_config(to_container(c))) for c in cfgs], aliases)
     jobs, cfgs = [jobs[i] for i in keep], [cfgs[i] for i in keep]
     if alias_identical_rewards:

@@ -54,18 +54,38 @@ class StudyTracker:
             except Exception as e:  # deleted, or another store: start a new parent
                 log.warning(f"[{study.study_name}] parent run {parent} not usable ({e}); creating a new one")
         if tracker is None:
-            g = git_info()
-            run = MlflowRun(uri=tracking_uri, experiment_id=exp_id, run_name=f"study:{study.study_name}",
-                            tags={"sweep": study.study_name, "role": "parent", STUDY_TAG: study.study_name,
-                                  "optuna_storage": storage, "git_commit": g["commit"], "git_dirty": g["dirty"]})
-            study.set_user_attr(cls.PARENT_ATTR, run.run_id)
-            tracker = cls(tracking_uri, exp_id, run.run_id, study.study_name)
-            log.info(f"[{study.study_name}] MLflow parent run {run.run_id} in experiment {experiment}")
+            tracker = cls._create_parent(study, tracking_uri, exp_id, experiment, storage)
         tracker.set_tags(tags)
         os.environ[PARENT_RUN_ID_VAR] = tracker.parent_run_id
         os.environ[TRACKING_URI_VAR] = tracking_uri
         os.environ[SWEEP_VAR] = study.study_name
         return tracker
+
+    @classmethod
+    def _create_parent(cls, study: Any, tracking_uri: str, exp_id: str, experiment: str,
+                       storage: str) -> "StudyTracker":
+        """The study's parent run when the study names none yet. Workers starting together each create one, then
+        all adopt the earliest parent of the study found in the experiment (a worker's search runs after its own
+        run is stored, so the later one always sees the earlier) and delete their own if it lost; the winner's id
+        is recorded on the study."""
+        g = git_info()
+        run = MlflowRun(uri=tracking_uri, experiment_id=exp_id, run_name=f"study:{study.study_name}",
+                        tags={"sweep": study.study_name, "role": "parent", STUDY_TAG: study.study_name,
+                              "optuna_storage": storage, "optuna_study_id": study._study_id,
+                              "git_commit": g["commit"], "git_dirty": g["dirty"]})
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        flt = (f"tags.role = 'parent' and tags.{STUDY_TAG} = '{study.study_name}' and "
+               f"tags.optuna_study_id = '{study._study_id}'")
+        found = with_retries(lambda: client.search_runs([exp_id], filter_string=flt, max_results=1000))
+        live = [r for r in found if r.info.lifecycle_stage == "active"] or [client.get_run(run.run_id)]
+        winner = min(live, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+        if winner != run.run_id:
+            with_retries(lambda: client.delete_run(run.run_id))
+            log.info(f"[{study.study_name}] another worker created the study's parent run first: using {winner}")
+        else:
+            log.info(f"[{study.study_name}] MLflow parent run {winner} in experiment {experiment}")
+        study.set_user_attr(cls.PARENT_ATTR, winner)
+        return cls(tracking_uri, exp_id, winner, study.study_name)
 
     def close(self, status: str = "FINISHED") -> None:
         with_retries(lambda: self.client.set_terminated(self.parent_run_id, status))
@@ -116,6 +136,8 @@ class StudyTracker:
         status = with_retries(lambda: self.client.get_run(run_id)).info.status
         if state == "FAIL" and status != "FAILED":  # e.g. a non-finite objective from a run that ended normally
             with_retries(lambda: self.client.set_terminated(run_id, "FAILED"))
+        elif state == "PRUNED" and status == "FAILED":  # stopped by the pruner, not broken
+            with_retries(lambda: self.client.set_terminated(run_id, "KILLED"))
         elif created:
             with_retries(lambda: self.client.set_terminated(run_id, "FINISHED"))
         metrics = {"trial_objective": value} if value is not None else {}

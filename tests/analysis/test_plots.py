@@ -314,7 +314,7 @@ def test_study_figures_no_caveat_with_enough_trials_and_explicit_name_wins():
 
 def test_load_study_stores_the_metric_name(tmp_path):
     storage = f"sqlite:///{tmp_path / 'o.db'}"
-    cfg = OmegaConf.create({"_target_": "optuna.samplers.RandomSampler", "seed": 0})
-    load_study("s", storage, ["maximize"], cfg, metric_name="val/downstream_acc")
+    load_study("s", storage, ["maximize"], {"objective": "val/downstream_acc"}, storage,
+               metric_name="val/downstream_acc")
     again = optuna.load_study(study_name="s", storage=storage)  # what optuna-dashboard reads
     assert again.metric_names == ["val/downstream_acc"]

@@ -40,3 +40,19 @@ def test_a_bad_value_trains_nothing(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "eval.downstream_splits" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("override, name, suggestion", [
+    ("+grpo.lrr=1e-5", "grpo.lrr", "grpo.lr"),
+    ("+data.sim.num_tran=10", "data.sim.num_tran", "data.sim.num_train"),
+    ("+bogus_top=1", "bogus_top", ""),
+])
+def test_unknown_keys_are_refused_even_with_plus(compose_cfg, override, name, suggestion):
+    with pytest.raises(LeverPlusInputError) as info:
+        validate_config(compose_cfg([override]))
+    assert info.value.field == name and "unknown config key" in info.value.problem
+    assert suggestion in info.value.fix
+
+
+def test_free_form_maps_take_any_key(compose_cfg):
+    validate_config(compose_cfg(["data=files", "+data.files.rl_json.3=/x/rl3.json", "+tracking.extra_tags.team=vqa"]))

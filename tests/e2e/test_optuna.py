@@ -59,15 +59,39 @@ def test_failure_budget_is_a_fraction_of_the_whole_study():
         S.failure_budget(10, 1.5)
 
 
-def test_trials_to_run_completes_the_total_not_n_more():
-    assert S.trials_to_run(4, 0) == 4
-    assert S.trials_to_run(4, 3) == 1  # 3 counted -> 1 more
-    assert S.trials_to_run(4, 4) == 0 and S.trials_to_run(4, 6) == 0  # never negative
-    assert S.trials_to_run(30, 10, running_elsewhere=2) == 18  # 30 - 10 - 2
+def _trial(state, number=0, **attrs):
+    t = create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None, user_attrs=attrs)
+    t.number = number
+    return t
 
 
-def _trial(state, **attrs):
-    return create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None, user_attrs=attrs)
+def test_a_trial_asked_past_the_budget_is_surplus():
+    """n_trials=3. Ahead of trial 5: 0 COMPLETE, 1 FAIL (counted), 2 interrupted (retried, not counted), 3 RUNNING
+    on another worker, 4 surplus (released): 3 counted/running -> trial 5 is surplus; trial 4 would not have been
+    (only 0, 1, 3 ahead of it = 3 -> surplus too); trial 3 is within (0 and 1 ahead)."""
+    trials = [_trial(TrialState.COMPLETE, 0), _trial(TrialState.FAIL, 1), _trial(TrialState.FAIL, 2, interrupted=True),
+              _trial(TrialState.RUNNING, 3), _trial(TrialState.FAIL, 4, surplus=True)]
+    assert S.is_surplus(5, trials, 3)
+    assert S.is_surplus(4, trials, 3)
+    assert not S.is_surplus(3, trials, 3)
+    assert not S.is_surplus(5, trials, 4)  # a budget of 4: one slot left
+    # a WAITING (enqueued) trial ahead will be run, so it holds a slot
+    assert S.is_surplus(2, [_trial(TrialState.COMPLETE, 0), _trial(TrialState.WAITING, 1)], 2)
+    # interrupted recorded on the study (another worker's heartbeat check) frees the slot
+    assert not S.is_surplus(5, trials, 3, interrupted={1, 3})
+    assert S.n_failed(trials) == 1 and S.n_counted(trials) == 2  # surplus and interrupted: neither
+
+
+def test_a_resumed_study_keeps_its_identity():
+    ident = {"search_space": {"grpo.lr": "FloatDistribution(1e-06, 0.0001, log=True)"}, "objective": "val/a",
+             "data": "d1", "code": "c1"}
+    S.check_identity(None, ident, "s", "sqlite:////x/o.db")  # a study from before identities: accepted
+    S.check_identity(dict(ident), ident, "s", "sqlite:////x/o.db")
+    assert S.identity_mismatch({**ident, "data": "d0"}, ident) == ["data"]
+    with pytest.raises(LeverPlusInputError) as e:
+        S.check_identity({**ident, "data": "d0", "code": "c0"}, ident, "grpo_optuna", "sqlite:////x/o.db")
+    assert e.value.field == "hydra.sweeper.study_name" and "code, data" in e.value.problem
+    assert "hydra.sweeper.study_name=grpo_optuna_v2" in e.value.fix and "delete-study" in e.value.fix
 
 
 def test_which_trials_count_toward_the_budget():
@@ -87,13 +111,13 @@ def test_stale_trials_are_running_ones_whose_sweeper_process_is_gone():
     # our own pid recorded: left by an earlier process that had the same pid
     assert S.is_stale(running(sweeper_host="h", sweeper_pid=os.getpid()), host="h", my_pid=os.getpid())
     assert not S.is_stale(running(sweeper_host="other", sweeper_pid=dead.pid), host="h", my_pid=os.getpid())
-    assert S.is_stale(running(), host="h", my_pid=os.getpid())  # no sweeper attrs
+    assert not S.is_stale(running(), host="h", my_pid=os.getpid())  # just asked, not yet tagged: left alone
     assert not S.is_stale(_trial(TrialState.COMPLETE, sweeper_host="h", sweeper_pid=dead.pid), host="h")
 
 
-def test_sampler_seed_is_offset_by_the_trials_already_in_the_study():
-    assert S.sampler_seed(1234, 0) == 1234  # a fresh study: the seed as configured
-    assert S.sampler_seed(1234, 3) == 1237  # resumed after 3 trials
+def test_sampler_seed_is_offset_by_the_trial_number():
+    assert S.sampler_seed(1234, 0) == 1234  # trial 0: the seed as configured
+    assert S.sampler_seed(1234, 3) == 1237  # trial 3 (whichever worker asks it)
     assert S.sampler_seed(None, 3) is None
     def draw(seed):
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
