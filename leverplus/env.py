@@ -18,3 +18,9 @@ SWEEP_FAILED_JOBS_VAR = "LEVERPLUS_SWEEP_FAILED_JOBS"
 CACHE_VAR = "LEVERPLUS_CACHE"
 #: MLflow's own variable for the tracking URI (read when ``tracking.uri`` is not set)
 MLFLOW_TRACKING_URI_VAR = "MLFLOW_TRACKING_URI"
+#: how many jobs the running sweep launches, and when it started (epoch seconds): each job's ``[k/N] ... ETA`` line
+SWEEP_JOBS_VAR = "LEVERPLUS_SWEEP_JOBS"
+SWEEP_START_VAR = "LEVERPLUS_SWEEP_START"
+#: a plain multirun (Hydra's basic sweeper): the swept keys that name a job's arm (JSON list) and the baseline arm
+SWEEP_ARM_KEYS_VAR = "LEVERPLUS_SWEEP_ARM_KEYS"
+SWEEP_BASELINE_ARM_VAR = "LEVERPLUS_SWEEP_BASELINE_ARM"
