@@ -28,3 +28,9 @@ OPTUNA_STORAGE_VAR = "LEVERPLUS_OPTUNA_STORAGE"
 OPTUNA_PRUNE_METRIC_VAR = "LEVERPLUS_OPTUNA_PRUNE_METRIC"
 #: the study's pruner config (JSON, a ``_target_`` under ``optuna.pruners``), rebuilt by each trial's job
 OPTUNA_PRUNER_VAR = "LEVERPLUS_OPTUNA_PRUNER"
+#: how many jobs the running sweep launches, and when it started (epoch seconds): each job's ``[k/N] ... ETA`` line
+SWEEP_JOBS_VAR = "LEVERPLUS_SWEEP_JOBS"
+SWEEP_START_VAR = "LEVERPLUS_SWEEP_START"
+#: a plain multirun (Hydra's basic sweeper): the swept keys that name a job's arm (JSON list) and the baseline arm
+SWEEP_ARM_KEYS_VAR = "LEVERPLUS_SWEEP_ARM_KEYS"
+SWEEP_BASELINE_ARM_VAR = "LEVERPLUS_SWEEP_BASELINE_ARM"

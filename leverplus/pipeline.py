@@ -9,6 +9,7 @@ simulated path differ only in where the files come from; everything after the re
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -124,7 +125,7 @@ def train_and_evaluate(
     data: LoadedData,
     output_dir: Path,
     logger=None,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = logging.getLogger(__name__).info,
 ) -> RunOutcome:
     """Train (SFT if needed, RCE, GRPO) and evaluate. Deterministic for a given config and seed on CPU."""
     seed_everything(int(cfg.seed))

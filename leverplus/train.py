@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -25,15 +27,27 @@ from leverplus.config.store import conf_dir, register_configs
 from leverplus.config.validation import validate_config
 from leverplus.data.formats.io import atomic_open, atomic_write_json, atomic_write_text
 from leverplus.data.loading import LoadedData
-from leverplus.env import PARENT_RUN_ID_VAR
+from leverplus.env import PARENT_RUN_ID_VAR, SWEEP_ARM_KEYS_VAR, SWEEP_BASELINE_ARM_VAR, SWEEP_VAR
 from leverplus.errors import LeverPlusInputError, printed_input_errors
 from leverplus.pipeline import RunOutcome, load_data, train_and_evaluate
+from leverplus.sweeps.plain import arm_label
+from leverplus.sweeps.progress import job_line, job_position
 from leverplus.tracking.claims import HEARTBEAT_TAG, Heartbeat, claim_or_wait
+from leverplus.tracking.lifecycle import run_url
 from leverplus.tracking.pruning import trial_reporter
 from leverplus.tracking.run import MlflowRun, find_finished_run, flatten, record_reused_run, run_name, standard_tags
 from leverplus.tracking.store import get_or_create_experiment, resolve_artifact_root, resolve_tracking_uri
+from leverplus.utils import enum_value
 
 register_configs()
+
+log = logging.getLogger("leverplus.train")  # not __main__ under python -m
+
+# Hydra 1.4 warns on every instantiate() of a config target when no execution whitelist is active; the sweep
+# callback registered in conf/train.yaml is leverplus's own code, so that warning is silenced for leverplus targets
+# only (other targets still warn)
+warnings.filterwarnings("ignore", message=r"hydra\.utils\.instantiate\(\) resolved _target_='leverplus\.",
+                        category=UserWarning)
 
 #: offline metrics (``val/offline/<name>``) in the printed summary, besides the objective and downstream accuracies
 SUMMARY_OFFLINE = ("top1_acc", "oracle_acc", "mean_acc", "top1_reward")
@@ -87,13 +101,26 @@ def run(cfg: DictConfig) -> float:
         return _tracked_run(cfg, data, out_dir)
     outcome, value = _execute(cfg, data, out_dir)
     _write_artifacts(cfg, outcome, value, out_dir)
-    _print_summary(outcome, cfg.objective, value)
+    _report(cfg, outcome, value, run_id=None)
     return value
+
+
+def _sweep_identity(cfg: DictConfig) -> Tuple[Optional[str], Optional[str], str]:
+    """(sweep, arm, role) of the run: from ``tracking``, or for a job of a plain multirun (no ``tracking.sweep``)
+    from the sweep callback's name, the job's swept overrides and the baseline arm (``leverplus.sweeps.plain``)."""
+    t = cfg.tracking
+    keys = os.environ.get(SWEEP_ARM_KEYS_VAR)
+    if t.arm is not None or keys is None or job_position() is None:
+        return t.sweep, t.arm, t.role
+    arm = arm_label(list(HydraConfig.get().overrides.task), json.loads(keys))
+    role = "baseline" if arm == os.environ.get(SWEEP_BASELINE_ARM_VAR) else "arm"
+    return t.sweep or os.environ.get(SWEEP_VAR), arm, role
 
 
 def _run_tags(cfg: DictConfig, data: LoadedData, key: str) -> Dict[str, Any]:
     t = cfg.tracking
-    tags = standard_tags(sweep=t.sweep, arm=t.arm, role=t.role, shot_nums=list(cfg.data.shot_nums),
+    sweep, arm, role = _sweep_identity(cfg)
+    tags = standard_tags(sweep=sweep, arm=arm, role=role, shot_nums=list(cfg.data.shot_nums),
                          seed=int(cfg.seed), data_fingerprint=data.fingerprint, key=key, data_source=data.source)
     tags.update(t.extra_tags or {})
     return tags
@@ -109,18 +136,22 @@ def _tracked_run(cfg: DictConfig, data: LoadedData, out_dir: Path) -> float:
     exp_id = get_or_create_experiment(t.experiment or f"leverplus-{data.source}", uri,
                                       resolve_artifact_root(t.artifact_root))
     tags = _run_tags(cfg, data, key)
-    name = t.run_name or run_name(arm=t.arm, shot_nums=list(cfg.data.shot_nums), seed=int(cfg.seed),
+    name = t.run_name or run_name(arm=tags["arm"], shot_nums=list(cfg.data.shot_nums), seed=int(cfg.seed),
                                   data_source=data.source)
     parent = t.parent_run_id or os.environ.get(PARENT_RUN_ID_VAR)
     done = find_finished_run(uri, exp_id, key) if t.skip_finished else None
     if done is not None:
         metrics = record_reused_run(uri, exp_id, done, tags=tags, params=flatten(resolved), parent_run_id=parent,
                                     run_name=name)
-        print(f"[leverplus] run key {key} already FINISHED as MLflow run {metrics.pop('_source_run_id')}: skipped.")
-        return objective_value(metrics, cfg.objective)
+        source = metrics.pop("_source_run_id")
+        log.info(f"run key {key} already FINISHED as MLflow run {source}: skipped.")
+        value = objective_value(metrics, cfg.objective)
+        _log_job_line(cfg, tags, value, source)
+        return value
+
     def open_run() -> MlflowRun:
-        return MlflowRun(uri=uri, experiment_id=exp_id, run_name=name, tags={**tags, HEARTBEAT_TAG: f"{time.time():.3f}"},
-                         parent_run_id=parent)
+        return MlflowRun(uri=uri, experiment_id=exp_id, run_name=name,
+                         tags={**tags, HEARTBEAT_TAG: f"{time.time():.3f}"}, parent_run_id=parent)
 
     if not t.skip_finished:
         mrun = open_run()
@@ -130,15 +161,20 @@ def _tracked_run(cfg: DictConfig, data: LoadedData, out_dir: Path) -> float:
         if done is not None:
             metrics = record_reused_run(uri, exp_id, done, tags=tags, params=flatten(resolved), parent_run_id=parent,
                                         run_name=name)
-            print(f"[leverplus] run key {key} was trained by MLflow run {metrics.pop('_source_run_id')} (another "
-                  "invocation): reused.")
-            return objective_value(metrics, cfg.objective)
+            source = metrics.pop("_source_run_id")
+            log.info(f"run key {key} was trained by MLflow run {source} (another invocation): reused.")
+            value = objective_value(metrics, cfg.objective)
+            _log_job_line(cfg, tags, value, source)
+            return value
     beats = Heartbeat(uri, mrun.run_id, t.claim_heartbeat_s) if t.skip_finished else contextlib.nullcontext()
     with mrun, beats:
+        url = run_url(uri, exp_id, mrun.run_id)
+        log.info(f"MLflow run {mrun.run_id} ({name}): {url}")
         mrun.log_params(flatten(resolved))
         outcome, value = _execute(cfg, data, out_dir, logger=mrun)
         _log_outcome(mrun, cfg, outcome, value, out_dir)
-    _print_summary(outcome, cfg.objective, value)
+    _report(cfg, outcome, value, run_id=mrun.run_id, tags=tags)
+    log.info(f"MLflow run {mrun.run_id} FINISHED: {url}")
     return value
 
 
@@ -174,16 +210,31 @@ def _write_artifacts(cfg, outcome, value: float, out_dir: Path) -> None:
         training_curves(outcome.history, out_dir / "training_curves.png")
 
 
-def _print_summary(outcome, objective: str, value: float) -> None:
-    print()
-    print(summary_lines(outcome.metrics, objective))
-    if outcome.summary_table:
-        print()
-        print(outcome.summary_table)
-    print(f"\nobjective {objective} = {value:.4f}   (outputs: {outcome.output_dir})")
+def _log_job_line(cfg: DictConfig, tags: Dict[str, Any], value: float, run_id: Optional[str]) -> None:
+    """In a multirun: the job's ``[k/N] arm shot seed objective run_id elapsed ETA`` line."""
+    pos = job_position()
+    if pos is not None:
+        log.info(job_line(pos[0], pos[1], arm=str(tags.get("arm") or "-"), shot=str(tags.get("shot_num")),
+                          seed=int(cfg.seed), objective=cfg.objective, value=value, run_id=run_id))
 
 
-@hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)
+def _report(cfg: DictConfig, outcome: RunOutcome, value: float, run_id: Optional[str],
+            tags: Optional[Dict[str, Any]] = None) -> None:
+    """The end of a run on the console and in ``train.log``: the full table for a single run (``summary``: auto), or
+    on request; a multirun job's one line; the objective and where the outputs are."""
+    mode, single = str(enum_value(cfg.summary)), job_position() is None
+    if mode == "always" or (mode == "auto" and single):
+        tables = "\n\n".join(x for x in (summary_lines(outcome.metrics, cfg.objective), outcome.summary_table) if x)
+        log.info("\n" + tables)
+    if single or mode == "always":
+        log.info(f"objective {cfg.objective} = {value:.4f}   (outputs: {outcome.output_dir})")
+    if tags is None:
+        _, arm, _ = _sweep_identity(cfg)
+        tags = {"arm": arm, "shot_num": ",".join(str(s) for s in cfg.data.shot_nums)}
+    _log_job_line(cfg, tags, value, run_id)
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="train")
 def main(cfg: DictConfig) -> Optional[float]:
     with printed_input_errors():
         return run(cfg)

@@ -120,9 +120,9 @@ def default_cache_dir() -> Path:
 
 
 def progress(iterable: Iterable, *, enabled: Optional[bool], **kwargs):
-    """tqdm progress bar, quiet when stdout is not a TTY (unless forced on)."""
+    """tqdm progress bar, quiet when stdout is not a TTY (unless forced on); a finished bar keeps its final state."""
     show = sys.stdout.isatty() if enabled is None else enabled
-    return tqdm(iterable, disable=not show, dynamic_ncols=True, leave=False, **kwargs)
+    return tqdm(iterable, disable=not show, dynamic_ncols=True, leave=True, **kwargs)
 
 
 def enum_value(x):

@@ -70,6 +70,14 @@ class EvalPool(str, Enum):
     train_pool = "train_pool"  # the whole train pool
 
 
+class SummaryMode(str, Enum):
+    """What a run prints at its end (``summary``)."""
+
+    auto = "auto"  # the full metrics table for a single run; one ``[k/N] ...`` line per job in a multirun
+    always = "always"  # the full table in a multirun too
+    never = "never"  # the objective line only (a multirun job still prints its ``[k/N]`` line)
+
+
 @dataclass
 class FilesConfig:
     """Paths to existing Lever-Plus files (``data.source=files``). All paths may be relative to the launch dir."""
@@ -278,4 +286,5 @@ class TrainConfig:
     # keep freed tensor memory in the heap (glibc mallopt; see leverplus.utils.tune_malloc): fewer page faults, ~10%
     # faster training steps on CPU, identical results
     tune_malloc: bool = field(default=True, metadata=COSMETIC)
+    summary: SummaryMode = field(default=SummaryMode.auto, metadata=COSMETIC)  # the end-of-run table: see SummaryMode
 

@@ -243,7 +243,7 @@ def merge_main(argv: List[str]) -> None:
     merge_cli(LABEL, "beam-data", merge, argv)
 
 
-@hydra.main(config_path=str(conf_dir() / "generate"), config_name="beam_data", version_base=None)
+@hydra.main(config_path=str(conf_dir() / "generate"), config_name="beam_data")
 def main(cfg: DictConfig) -> None:
     with printed_input_errors():
         run(cfg)

@@ -381,7 +381,7 @@ def merge_main(argv: List[str]) -> None:
     merge_cli(LABEL, "RL-data", merge, argv)
 
 
-@hydra.main(config_path=str(conf_dir() / "generate"), config_name="rl_data", version_base=None)
+@hydra.main(config_path=str(conf_dir() / "generate"), config_name="rl_data")
 def main(cfg: DictConfig) -> None:
     with printed_input_errors():
         run(cfg)

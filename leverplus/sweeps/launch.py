@@ -14,7 +14,7 @@ from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf
 
 from leverplus.data.formats.io import atomic_write_json
-from leverplus.env import PARENT_RUN_ID_VAR, SWEEP_FAILED_JOBS_VAR, TRACKING_URI_VAR
+from leverplus.env import PARENT_RUN_ID_VAR, SWEEP_FAILED_JOBS_VAR, SWEEP_JOBS_VAR, TRACKING_URI_VAR
 from leverplus.sweeps.grid import Job
 from leverplus.tracking.store import with_retries
 
@@ -52,6 +52,7 @@ def launch_all(launcher: Launcher, sweep_name: str, batches: List[List[str]], ma
     """Launch in batches of ``max_batch_size`` (all at once when unset); the failed-job count goes to the sweep
     callback through ``SWEEP_FAILED_JOBS_VAR``."""
     size = max_batch_size or len(batches) or 1
+    os.environ[SWEEP_JOBS_VAR] = str(len(batches))  # each job's "[k/N]" line
     returns, failed, idx = [], 0, 0
     for start in range(0, len(batches), size):
         batch = batches[start : start + size]  # (no validate_batch_is_legal: dedupe composed every job already)

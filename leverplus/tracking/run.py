@@ -17,6 +17,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 
+from leverplus.tracking.lifecycle import process_tags
 from leverplus.tracking.store import with_retries
 from leverplus.utils import code_version, git_info
 
@@ -98,6 +99,7 @@ class MlflowRun:
             all_tags["mlflow.parentRunId"] = parent_run_id
         if run_name:
             all_tags["mlflow.runName"] = run_name
+        all_tags.update(process_tags())  # who owns the run: a later sweep closes it KILLED once that process is gone
         run = with_retries(lambda: self.client.create_run(experiment_id, tags=all_tags, run_name=run_name))
         self.run_id = run.info.run_id
         self.artifact_uri = run.info.artifact_uri

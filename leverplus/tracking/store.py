@@ -19,6 +19,7 @@ import mlflow
 from filelock import FileLock
 
 from leverplus.env import MLFLOW_TRACKING_URI_VAR
+from leverplus.errors import LeverPlusInputError
 from leverplus.utils import launch_dir
 
 T = TypeVar("T")
@@ -65,7 +66,43 @@ def _lock_path(uri: str) -> Optional[Path]:
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
+#: stores this process has opened (MLflow caches the store per URI, so the schema check runs once per process)
+_OPENED: set = set()
+
+#: what sqlite says about a file that is not an sqlite database, or a damaged one
+_CORRUPT_DB = ("file is not a database", "database disk image is malformed")
+
+
+def init_store(uri: str) -> None:
+    """Open the store once per process, holding the store's file lock for a sqlite file.
+
+    MLflow creates (and migrates) the sqlite schema when a client first opens the store; two processes doing that
+    at once on a fresh file race ("table ... already exists"), so opening is serialised like experiment creation.
+    A file that is not an sqlite database is reported as bad input naming the file."""
+    if uri in _OPENED:
+        return
+    lock = _lock_path(uri)
+    try:
+        if lock is None:
+            mlflow.MlflowClient(tracking_uri=uri)
+        else:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(lock), timeout=300):
+                mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as e:
+        if lock is not None and any(m in str(e) for m in _CORRUPT_DB):
+            db = uri[len("sqlite:///") :]
+            raise LeverPlusInputError(
+                "is not a readable MLflow sqlite store (sqlite: "
+                f"{next(m for m in _CORRUPT_DB if m in str(e))})", file=db,
+                fix=f"move it aside (mv {db} {db}.corrupt) to start a fresh store there, or point tracking.uri "
+                    "(or MLFLOW_TRACKING_URI) at another store") from e
+        raise
+    _OPENED.add(uri)
+
+
 def get_or_create_experiment(name: str, uri: str, artifact_root: str) -> str:
+    init_store(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
 
     def create() -> str:

@@ -8,6 +8,7 @@ The trainer owns optimisers, schedules, checkpoints and metric emission; the los
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from leverplus.training.schedules import (
     rce_temperature,
 )
 from leverplus.utils import enum_value, progress
+
+log = logging.getLogger(__name__)
 
 BACKBONE_PARTS = ("input_proj", "query_proj", "cand_proj")
 
@@ -186,6 +189,15 @@ def top_k_schedule(raw) -> List[Tuple[Optional[int], Optional[int]]]:
     return [(None if e < 0 else int(e), None if k < 0 else int(k)) for e, k in (tuple(x) for x in raw)]
 
 
+def epoch_line(phase: str, epoch: int, epochs: int, metrics: Dict[str, float], val_metric: Optional[str]) -> str:
+    """The console line of one finished epoch: phase, epoch k/N, loss, KL and β for GRPO, the validation metric."""
+    parts = [f"{phase.upper()} epoch {epoch + 1}/{epochs}"]
+    for key, label in ((f"{phase}/loss", "loss"), ("grpo/kl", "KL"), ("grpo/beta", "beta"), (val_metric, None)):
+        if key and key in metrics:
+            parts.append(f"{label or key} {metrics[key]:.4f}")
+    return "  ".join(parts)
+
+
 class Trainer:
     """Runs the phases on prepared groups. ``cfg`` is the full TrainConfig (DictConfig or dataclass)."""
 
@@ -197,7 +209,7 @@ class Trainer:
         val_groups: List[Group],
         output_dir: Path,
         logger: Optional[MetricLogger] = None,
-        say: Callable[[str], None] = print,
+        say: Callable[[str], None] = log.info,
         start_step: int = 0,
         *,
         validate: Optional[Callable[[PointerSelector], Dict[str, float]]] = None,
@@ -255,6 +267,8 @@ class Trainer:
     def _end_epoch(self, model, phase: str, epoch: int, train_metrics: Dict[str, float], select: bool) -> None:
         val = self.validate(model)
         self.last_val = val
+        self.say(epoch_line(phase, epoch, int(getattr(self.cfg, phase).epochs), {**train_metrics, **val},
+                            self.cfg.eval.select_metric))
         self.logger.log_metrics({**train_metrics, **val}, step=self.epoch_counter)
         if self.cfg.checkpoint_every_epoch:
             path = self.output_dir / "checkpoints" / f"{phase}_epoch{epoch + 1}.pt"
@@ -299,6 +313,7 @@ class Trainer:
                 total, n = total + loss * len(chunk), n + len(chunk)
                 bar.set_postfix(loss=f"{loss:.4f}")
             self.logger.log_metrics({"sft/loss": total / max(n, 1)}, step=self.epoch_counter)
+            self.say(epoch_line("sft", epoch, int(cfg.epochs), {"sft/loss": total / max(n, 1)}, None))
             self.epoch_counter += 1
 
     # ------------------------------------------------------------------ RCE

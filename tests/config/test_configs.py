@@ -169,13 +169,14 @@ def test_the_cosmetic_fields_are_those_the_run_key_always_ignored():
     by_hand = {"tracking", "progress", "output_dir", "num_threads", "objective", "device", "checkpoint_every_epoch",
                "plot_curves", "tune_malloc", "eval.bootstrap_samples"}
     by_hand |= {"eval.answer_cache_path"}  # added with the answer store: where it lives changes no answer
+    by_hand |= {"summary"}  # what a run prints at its end
     assert set(COSMETIC) == set(cosmetic_fields()) == by_hand
 
 
 COSMETIC_CHANGES = ["tracking.enabled=false", "tracking.experiment=other", "progress=true", "output_dir=/tmp/x",
                     "num_threads=3", "objective=val/offline/top1_acc", "device=cuda", "checkpoint_every_epoch=false",
                     "plot_curves=false", "tune_malloc=false", "eval.bootstrap_samples=500",
-                    "eval.answer_cache_path=/tmp/answers.sqlite"]
+                    "eval.answer_cache_path=/tmp/answers.sqlite", "summary=always"]
 RESULT_CHANGES = ["seed=1", "rce.lr=2e-4", "sft.epochs=3", "model.hidden_dim=64", "eval.pool=train_pool",
                   "data.batch_size=8", "reward.hard_weight=0.5", "grpo.epochs=1", "eval.max_queries=10",
                   "eval.answer_cache=true"]
