@@ -83,6 +83,8 @@ MDE_POWER: float = 0.8
 #: one family per shot_num
 BH_FAMILIES = ("all", "shot")
 PP = 100.0  # accuracy units -> percentage points
+#: pooled per-query pairs up to which the sign-flip p is exact (sign_flip_test's max_exact default)
+SIGN_FLIP_MAX_EXACT = 16
 
 
 # ------------------------------------------------------------------------------------------------ report types
@@ -112,6 +114,8 @@ class ArmSummary:
     delta_q: Optional[float] = None  # Benjamini-Hochberg q of the seed-level p within the cell's BH family
     delta_q_family: str = ""  # that family: "all" or "shot_num=S"
     query_p_signflip: Optional[float] = None  # calibrated sign-flip p of the pooled per-query differences
+    query_p_bootstrap: Optional[float] = None  # the bootstrap's inverted-CI p of the same pairs (not calibrated)
+    query_q: Optional[float] = None  # Benjamini-Hochberg q of the per-query sign-flip p within the BH family
     margin: Optional[MarginVerdict] = None  # four-way verdict of the seed-paired differences against the margin
     mde_seed: Optional[float] = None  # seed-level paired t MDE at MDE_POWER (accuracy units)
     mde_query: Optional[float] = None  # per-query z MDE at MDE_POWER over the pooled pairs (accuracy units)
@@ -196,6 +200,8 @@ def _new_columns(c: ArmSummary) -> Dict[str, object]:
     m = c.margin
     return {
         "query_delta_p_signflip": _opt(c.query_p_signflip),
+        "query_delta_p_bootstrap": _opt(c.query_p_bootstrap),
+        "query_delta_q": _opt(c.query_q),
         "margin_verdict": c.margin_verdict,
         "equivalence_margin_pp": math.nan if m is None else PP * m.margin,
         "margin_eq_lo": math.nan if m is None else m.eq_lo,
@@ -342,6 +348,7 @@ def compare_runs(
     cells = [cell for arm in order for cell in _arm_cells(df, arm, level_cols, aliases, ctx)]
 
     cells, n_tests, n_sig, n_sig_q = _with_fdr(cells, baseline_arm, confidence, bh_family)
+    cells = _with_query_fdr(cells, baseline_arm, bh_family)
     if n_tests > 1:
         within = "" if bh_family == "all" else ", one family per shot"
         notes.append(f"multiple comparisons: {n_sig} of {n_tests} arm cells have p < {1 - confidence:.2g}; after "
@@ -515,6 +522,22 @@ def _with_fdr(cells: List[ArmSummary], baseline_arm: str, confidence: float, bh_
     return out, len(idx), int((ps < alpha).sum()), int((qs < alpha).sum())
 
 
+def _with_query_fdr(cells: List[ArmSummary], baseline_arm: str, bh_family: str) -> List[ArmSummary]:
+    """Attach BH q-values of the per-query sign-flip p-values (``query_q``), within the same families as the
+    seed-level q (arm cells with a finite per-query p only)."""
+    idx = [i for i, c in enumerate(cells) if c.arm != baseline_arm and c.query_p_signflip is not None
+           and math.isfinite(c.query_p_signflip)]
+    if not idx:
+        return cells
+    by = "all" if bh_family == "all" else "shot_num"
+    families = family_labels([{"shot_num": cells[i].shot_num} for i in idx], by)
+    qs = bh_by_family([cells[i].query_p_signflip for i in idx], families)
+    out = list(cells)
+    for i, q in zip(idx, qs):
+        out[i] = replace(cells[i], query_q=float(q))
+    return out
+
+
 def _finite_estimate(values: np.ndarray, confidence: float) -> Optional[Estimate]:
     values = values[np.isfinite(values)]
     return mean_ci(values, confidence) if values.size else None
@@ -545,10 +568,18 @@ def _summarise_cell(arm: str, shot: int, role: str, levels: Mapping[str, str], r
         arm=arm, shot_num=shot, role=role, levels=dict(levels), seeds=seeds, objective=obj, acc=acc, delta=delta,
         objective_delta=obj_delta, query_delta=qd, query_seeds=query.seeds, n_unmatched_queries=query.unmatched,
         verdict=verdict(delta, better=ctx.better) if delta is not None else NO_PAIR,
-        query_verdict=verdict(qd, better=ctx.better) if qd is not None else None,
+        query_verdict=_calibrated_verdict(qd, ctx) if qd is not None else None,
         missing_baseline_seeds=missing_base, missing_arm_seeds=missing_arm, aliases=aliases,
-        query_p_signflip=query.p_signflip, margin=margin, mde_seed=mde_seed, mde_query=query.mde, shift=query.shift,
+        query_p_signflip=query.p_signflip, query_p_bootstrap=query.p_bootstrap, margin=margin, mde_seed=mde_seed, mde_query=query.mde, shift=query.shift,
     )
+
+
+def _calibrated_verdict(r: PairedResult, ctx: _CellContext) -> str:
+    """The per-query verdict: "better"/"worse" only when the bootstrap CI excludes 0 *and* the calibrated sign-flip
+    p (``r.p_value``) is below α; else "no significant difference" (a claim must pass both procedures)."""
+    if r.significant and math.isfinite(r.p_value) and r.p_value < ctx.alpha:
+        return verdict(r, better=ctx.better)
+    return NO_DIFFERENCE
 
 
 def _sd(d: np.ndarray) -> float:
@@ -568,10 +599,11 @@ def _seed_margin_and_mde(d: np.ndarray, ctx: _CellContext) -> Tuple[MarginVerdic
 class _QueryView:
     """The per-query side of a cell: bootstrap Δ (CI), its calibrated sign-flip p, the z MDE, the policy shift."""
 
-    result: Optional[PairedResult] = None  # paired bootstrap (interval; its p is the inverted-CI one)
+    result: Optional[PairedResult] = None  # bootstrap interval with the sign-flip p (paired_permutation_test)
     seeds: Tuple[int, ...] = ()
     unmatched: int = 0
     p_signflip: Optional[float] = None
+    p_bootstrap: Optional[float] = None  # the bootstrap's inverted-CI p, kept for reference
     mde: Optional[float] = None
     shift: Optional[PolicyShift] = None
 
@@ -631,10 +663,14 @@ def _query_delta(arm: str, shot: int, paired: Sequence[Tuple[pd.Series, pd.Serie
     if xs:
         x, y = np.concatenate(xs), np.concatenate(ys)
         d = x - y
+        boot = paired_bootstrap(x, y, n_boot=ctx.n_boot, seed=ctx.seed, confidence=ctx.confidence)
+        p = sign_flip_test(d, max_exact=SIGN_FLIP_MAX_EXACT, seed=ctx.seed)  # = paired_permutation_test(x, y, ...) without a second bootstrap
+        method = "sign_flip_exact" if d.size <= SIGN_FLIP_MAX_EXACT else "sign_flip_mc"
         view = replace(
             view,
-            result=paired_bootstrap(x, y, n_boot=ctx.n_boot, seed=ctx.seed, confidence=ctx.confidence),
-            p_signflip=sign_flip_test(d, seed=ctx.seed),
+            result=replace(boot, p_value=p, method=method),
+            p_signflip=p,
+            p_bootstrap=boot.p_value,
             mde=mde_paired(_sd(d), int(d.size), ctx.alpha, MDE_POWER, "z") if d.size >= 2 else None,
         )
     if unmatched:
@@ -698,7 +734,7 @@ def report_markdown(report: ComparisonReport) -> str:
         f"Margin verdict ({margin}): the seed-level paired t-test ({conf} CI) and TOST "
         f"({round(100 * (1 - 2 * (1 - report.confidence)))}% CI) give better / worse / equivalent / inconclusive. "
         f"q: Benjamini-Hochberg within {family}. Per-query p: sign-flip permutation test (calibrated; the CI stays "
-        f"the bootstrap's). MDE: smallest |Δ| detected with {MDE_POWER:.0%} power (seed: paired t over the seeds; "
+        f"the bootstrap's; the per-query verdict needs both). MDE: smallest |Δ| detected with {MDE_POWER:.0%} power (seed: paired t over the seeds; "
         "per-query: z over the pooled queries). Policy moved: share of test queries whose selected ICD sequence "
         "differs from the baseline's (same shot and seed), mean over seeds; under a deterministic LVLM it bounds "
         "|Δ|.",
