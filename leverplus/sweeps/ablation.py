@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from leverplus.sweeps.dedupe import dedupe, fast_composer
 from leverplus.sweeps.grid import GridSpec, Job, expand
 from leverplus.sweeps.launch import job_overrides, launch_all, print_dry_run, record_aliases
+from leverplus.sweeps.power import default_spreads, plan_sweep, planned_queries, planned_seeds, power_lines, read_pilot
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,12 @@ class AblationSweeperConf:
     max_batch_size: Optional[int] = None
     fail_fast: bool = False
     dry_run: bool = False  # print the distinct jobs and the aliases, launch nothing
+    # pre-sweep power (printed by the dry run): a pilot sweep's comparison.csv for the spreads (None: the embedded
+    # world's defaults, leverplus.sweeps.power), the effect to plan for (pp), and the evaluation queries per run when
+    # the config cannot tell (file-based data)
+    pilot: Optional[str] = None
+    power_target_pp: float = 0.5
+    power_n_queries: Optional[int] = None
 
 
 ConfigStore.instance().store(
@@ -69,7 +76,8 @@ def _plain(node: Any) -> Any:
 class AblationSweeper(Sweeper):
     def __init__(self, sweep_name: str, factors, paired_by, baseline, baseline_label, arm_overrides,
                  alias_identical_rewards: bool, max_batch_size: Optional[int], fail_fast: bool,
-                 dry_run: bool = False) -> None:
+                 dry_run: bool = False, pilot: Optional[str] = None, power_target_pp: float = 0.5,
+                 power_n_queries: Optional[int] = None) -> None:
         super().__init__()
         self.sweep_name = sweep_name
         self.grid = GridSpec(factors={k: list(v) for k, v in dict(_plain(factors)).items()},
@@ -79,6 +87,9 @@ class AblationSweeper(Sweeper):
         self.max_batch_size = max_batch_size
         self.fail_fast = fail_fast
         self.dry_run = dry_run
+        self.pilot = pilot
+        self.power_target_pp = float(power_target_pp)
+        self.power_n_queries = power_n_queries
         self.aliases: Dict[str, str] = {}
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -106,6 +117,19 @@ class AblationSweeper(Sweeper):
         compose = fast_composer(self._load, self._parser(), fixed, jobs[-1].overrides, self.sweep_name)
         return dedupe(jobs, compose, self.alias_identical_rewards, self.aliases)
 
+    def print_power(self, jobs: List[Job], fixed: List[str]) -> None:
+        """The planned design's minimum detectable effects (:mod:`leverplus.sweeps.power`)."""
+        if not jobs:
+            return
+        spreads = read_pilot(self.pilot) if self.pilot else default_spreads()
+        n_seeds = planned_seeds([j.pair for j in jobs])
+        n_queries = self.power_n_queries
+        if n_queries is None:
+            n_queries = planned_queries(self._load(fixed + jobs[-1].overrides))
+        plan = plan_sweep(spreads, n_seeds, n_queries, self.power_target_pp)
+        print("\n".join([f"[{self.sweep_name}] " + line if i == 0 else line
+                         for i, line in enumerate(power_lines(plan, spreads.source, n_seeds))]))
+
     def sweep(self, arguments: List[str]) -> Any:
         jobs, fixed = self.expand(arguments)
         n_total = len(jobs)
@@ -116,5 +140,6 @@ class AblationSweeper(Sweeper):
         batches = job_overrides(self.sweep_name, fixed, jobs)
         if self.dry_run:
             print_dry_run(self.sweep_name, batches, n_total, len(self.aliases))
+            self.print_power(jobs, fixed)
             return []
         return launch_all(self.launcher, self.sweep_name, batches, self.max_batch_size, self.fail_fast)
