@@ -156,6 +156,10 @@ class ComparisonReport:
     notes: List[str] = field(default_factory=list)
     bh_family: str = "all"  # see BH_FAMILIES
     equivalence_margin_pp: float = DEFAULT_EQUIVALENCE_MARGIN_PP
+    # adaptive sweeps (leverplus.sweeps.adaptive): the sequential design and, per arm cell, its seeds, its verdict
+    # at alpha / K and why it got that many seeds (empty for a fixed-seed sweep)
+    allocation_design: Dict[str, object] = field(default_factory=dict)
+    seed_allocation: List[Dict[str, object]] = field(default_factory=list)
 
     def cell(self, arm: str, shot_num: int) -> ArmSummary:
         """The cell of ``arm`` (or of the arm it is an alias of) at ``shot_num``."""
@@ -171,6 +175,12 @@ class ComparisonReport:
         for c in self.cells:
             rows.append(_cell_row(c, c.arm, ""))
             rows += [_cell_row(c, alias, c.arm) for alias in c.aliases]
+        if self.seed_allocation:
+            by = {(str(a["arm"]), int(a["shot_num"])): a for a in self.seed_allocation}
+            for r in rows:
+                a = by.get((r["alias_of"] or r["arm"], int(r["shot_num"])), {})
+                r.update({"adaptive_n_seeds": a.get("n_seeds", math.nan), "adaptive_verdict": a.get("verdict", ""),
+                          "adaptive_reason": a.get("reason", "")})
         return pd.DataFrame(rows)
 
     def main_effects_frame(self) -> pd.DataFrame:
@@ -822,6 +832,14 @@ def _markdown_sections(report: ComparisonReport) -> List[str]:
     if report.missing_baseline:
         lines += ["", "### Missing baseline pairs (left out of Δ)", ""]
         lines += [f"- arm {a}, shot {s}, seed {sd}" for a, s, sd in report.missing_baseline]
+    if report.seed_allocation:
+        d = report.allocation_design
+        lines += ["", f"### Adaptive seeds (looks at {d.get('looks')} seeds, alpha {d.get('alpha_per_look', 0):.3g} per "
+                  f"look = {d.get('alpha')} / {len(d.get('looks') or []) or 1}, margin ±{d.get('margin_pp')} pp; "
+                  "read these verdicts, not the fixed-alpha ones, for a sequential sweep)", "",
+                  "| arm | shot | seeds | verdict at alpha/K | why |", "|---|---|---|---|---|"]
+        lines += [f"| {_md(a['arm'])} | {a['shot_num']} | {a['n_seeds']} | {a['verdict']} | {_md(a['reason'])} |"
+                  for a in report.seed_allocation]
     if report.notes:
         lines += ["", "### Notes", ""] + [f"- {n}" for n in report.notes]
     return lines
@@ -1135,6 +1153,27 @@ def load_aliases(tracking_uri: str, parent_run_ids: Sequence[str], *, artifact: 
     return merged
 
 
+def load_allocation(tracking_uri: str, parent_run_ids: Sequence[str], *, artifact: str = "adaptive.json") -> dict:
+    """The adaptive sweep's record (design and per-cell seeds, verdict and reason) of the first parent run that has
+    one; {} for a fixed-seed sweep."""
+    client = _client(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():
+        for run_id in parent_run_ids:
+            if artifact not in {f.path for f in with_retries(partial(client.list_artifacts, run_id))}:
+                continue
+            local = with_retries(partial(client.download_artifacts, run_id, artifact, tmp))
+            try:
+                data = json.loads(Path(local).read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise LeverPlusInputError(f"malformed JSON ({e.msg})", file=f"run {run_id}: {artifact}",
+                                          fix="re-run the adaptive sweep, or delete the artifact") from None
+            if not isinstance(data, dict) or not isinstance(data.get("cells", []), list):
+                raise LeverPlusInputError("expected {\"design\": {...}, \"cells\": [...]}",
+                                          file=f"run {run_id}: {artifact}", fix="re-run the adaptive sweep")
+            return data
+    return {}
+
+
 def _known_sweeps(client, exp_ids: List[str], limit: int = 1000) -> List[str]:
     if not exp_ids:
         return []
@@ -1173,6 +1212,10 @@ def compare_sweep(
     per_query = load_per_query(uri, df["run_id"].unique())
     report = compare_runs(df, per_query, factors=factors, aliases=aliases, n_boot=n_boot, seed=seed,
                           bh_family=bh_family, equivalence_margin_pp=equivalence_margin_pp)
+    record = load_allocation(uri, parents[:1])
+    if record:
+        report.allocation_design = dict(record.get("design", {}))
+        report.seed_allocation = list(record.get("cells", []))
     out = Path(out_dir) if out_dir is not None else launch_dir() / "outputs" / "compare" / sweep
     paths = write_report(report, out)
     print(report_markdown(report))
