@@ -47,6 +47,7 @@ from leverplus.analysis.policy_shift import ICDS_COL, PolicyShift, policy_shift
 from leverplus.config.schema import EvalConfig
 from leverplus.data.formats.io import atomic_write_json, atomic_write_text
 from leverplus.errors import LeverPlusInputError
+from leverplus.evaluation.policy_kl import KL_METRIC
 from leverplus.evaluation.stats import (
     Estimate,
     MarginVerdict,
@@ -83,6 +84,8 @@ MDE_POWER: float = 0.8
 #: one family per shot_num
 BH_FAMILIES = ("all", "shot")
 PP = 100.0  # accuracy units -> percentage points
+#: runs-table column of the run metric KL(π_arm ‖ π_sft) of the first pointer step on validation groups (nats)
+KL_COL = "kl_from_sft"
 #: pooled per-query pairs up to which the sign-flip p is exact (sign_flip_test's max_exact default)
 SIGN_FLIP_MAX_EXACT = 16
 
@@ -120,6 +123,7 @@ class ArmSummary:
     mde_seed: Optional[float] = None  # seed-level paired t MDE at MDE_POWER (accuracy units)
     mde_query: Optional[float] = None  # per-query z MDE at MDE_POWER over the pooled pairs (accuracy units)
     shift: Optional[PolicyShift] = None  # share of queries whose ICD sequence differs from the baseline's
+    kl_from_sft: Optional[Estimate] = None  # mean over the cell's seeds of the runs' KL(π ‖ π_sft), first step
 
     @property
     def n_seeds(self) -> int:
@@ -218,6 +222,7 @@ def _new_columns(c: ArmSummary) -> Dict[str, object]:
         "margin_eq_hi": math.nan if m is None else m.eq_hi,
         "mde80_seed_pp": _opt(c.mde_seed, PP),
         "mde80_query_pp": _opt(c.mde_query, PP),
+        "kl_from_sft": math.nan if c.kl_from_sft is None else c.kl_from_sft.mean,
         "changed_frac": math.nan if c.shift is None else c.shift.mean_fraction,
         "changed_n_seeds": 0 if c.shift is None else len(c.shift.seeds),
         "delta_bound_pp": math.nan if c.shift is None else PP * c.shift.bound,
@@ -561,6 +566,8 @@ def _summarise_cell(arm: str, shot: int, role: str, levels: Mapping[str, str], r
     acc = mean_ci(rows[metric].astype(float).to_numpy(), confidence)
     obj = _finite_estimate(pd.to_numeric(rows[objective], errors="coerce").to_numpy(float), confidence) \
         if objective else None
+    kl = _finite_estimate(pd.to_numeric(rows[KL_COL], errors="coerce").to_numpy(float), confidence) \
+        if KL_COL in rows.columns else None
 
     paired, missing_base, missing_arm = _seed_pairs(rows, shot, seeds, ctx.base_by)
     ctx.missing_baseline.extend((arm, shot, s) for s in missing_base)
@@ -580,7 +587,7 @@ def _summarise_cell(arm: str, shot: int, role: str, levels: Mapping[str, str], r
         verdict=verdict(delta, better=ctx.better) if delta is not None else NO_PAIR,
         query_verdict=_calibrated_verdict(qd, ctx) if qd is not None else None,
         missing_baseline_seeds=missing_base, missing_arm_seeds=missing_arm, aliases=aliases,
-        query_p_signflip=query.p_signflip, query_p_bootstrap=query.p_bootstrap, margin=margin, mde_seed=mde_seed, mde_query=query.mde, shift=query.shift,
+        query_p_signflip=query.p_signflip, query_p_bootstrap=query.p_bootstrap, margin=margin, kl_from_sft=kl, mde_seed=mde_seed, mde_query=query.mde, shift=query.shift,
     )
 
 
@@ -747,7 +754,7 @@ def report_markdown(report: ComparisonReport) -> str:
         f"the bootstrap's; the per-query verdict needs both). MDE: smallest |Δ| detected with {MDE_POWER:.0%} power (seed: paired t over the seeds; "
         "per-query: z over the pooled queries). Policy moved: share of test queries whose selected ICD sequence "
         "differs from the baseline's (same shot and seed), mean over seeds; under a deterministic LVLM it bounds "
-        "|Δ|.",
+        "|Δ|; KL: KL(π_arm ‖ π_sft) of the first pointer step on validation queries, mean over seeds (nats).",
         "",
         f"| arm | shot | n | {report.objective} (mean) | {report.metric} (%) [{conf} CI] "
         f"| Δ{report.metric} (pp) [{conf} CI] | policy moved | p | q (BH) | verdict | margin verdict ({margin}) "
@@ -771,11 +778,13 @@ def _pct_short(x: float) -> str:
 
 
 def _shift_text(c: ArmSummary) -> str:
-    """'changed 3.1% of queries, |Δ| ≤ 3.1 pp' (n/a without ICD sequences on both sides)."""
+    """'changed 3.1% of queries, |Δ| ≤ 3.1 pp; KL 0.012' (KL(π ‖ π_sft) of the first step, mean over seeds; each
+    part n/a without its data)."""
+    kl = "" if c.kl_from_sft is None else f"KL {c.kl_from_sft.mean:.3g}"
     if c.shift is None:
-        return "n/a"
+        return kl or "n/a"
     share = _pct_short(c.shift.mean_fraction)
-    return f"changed {share}% of queries, |Δ| ≤ {share} pp"
+    return f"changed {share}% of queries, |Δ| ≤ {share} pp" + (f"; {kl}" if kl else "")
 
 
 def _pp(x: Optional[float]) -> str:
@@ -1012,7 +1021,7 @@ def load_sweep_runs(
 
 #: the columns of :func:`load_sweep_runs` before the params
 RUN_COLUMNS = ["run_id", "tracking_run_id", "arm", "role", "shot_num", "seed", "run_key", "parent_run_id", "status",
-               "start_time", "objective", "acc"]
+               "start_time", "objective", "acc", "kl_from_sft"]
 
 
 def _wanted_run(run, wanted: set, parent_run_id: Optional[str], seen_keys: set) -> bool:
@@ -1052,6 +1061,7 @@ def _run_rows(run, metric_key: str, shot_metric_key: str, objective_key: str) ->
             "run_key": tags.get("run_key") or "", "parent_run_id": tags.get("mlflow.parentRunId", ""),
             "status": run.info.status, "start_time": run.info.start_time,
             "objective": metrics.get(objective_key, math.nan), "acc": metrics.get(name, math.nan),
+            KL_COL: metrics.get(KL_METRIC, math.nan),
             **{f"params.{k}": v for k, v in run.data.params.items()},
         })
     return rows
