@@ -156,6 +156,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="planted-"))
+    print(f"working in {work} (runs.jsonl: one line per finished run)", flush=True)
     os.environ.setdefault("LEVERPLUS_CACHE", str(work / "cache"))
     seeds = list(range(args.seeds))
     planted = [f"data.sim.fallback_fraction={args.fallback_fraction}", "data.sim.fallback_noise=1.0",
@@ -169,6 +170,9 @@ def main(argv=None) -> int:
                 overrides = SIZES[args.size] + planted + args.regime.split() + args.extra + ov + [
                     f"data.sim.seed={w}", f"seed={s}", "data.shot_nums=[2]"]
                 res[arm][s] = run_arm(overrides, work / f"w{w}" / arm / str(s))
+                with open(work / "runs.jsonl", "a") as f:  # each run as it ends, so a stopped study keeps its runs
+                    f.write(json.dumps({"world": w, "arm": arm, "seed": s, "acc": res[arm][s]["acc"],
+                                        "kl": res[arm][s]["kl"]}) + "\n")
         worlds.append(analyse_world(res, seeds, args.margin_pp / 100, args.alpha))
         print(f"world {w}: " + json.dumps({a: {k: round(v, 4) if isinstance(v, float) else v
                                                for k, v in worlds[-1][a].items()}
