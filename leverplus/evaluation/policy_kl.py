@@ -8,7 +8,7 @@ one forward pass; the whole-sequence KL would need a sum over K!/(K−S)! sequen
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -21,9 +21,9 @@ KL_METRIC = "val/kl_from_sft"
 
 
 def first_step_log_probs(model, groups: Sequence[Group], embeddings: torch.Tensor,
-                         batch_size: int = 64) -> List[torch.Tensor]:
+                         batch_size: int = 64) -> list[torch.Tensor]:
     """Per group (in ``iterate_batches`` order, the same for the same groups), log π(first candidate | query, pool) over its pool ``[K]`` (eval mode, no gradient)."""
-    out: List[torch.Tensor] = []
+    out: list[torch.Tensor] = []
     with eval_mode(model), torch.no_grad():
         for chunk in iterate_batches(list(groups), batch_size, shuffle=False):
             b = collate(chunk, embeddings)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import mlflow
 import numpy as np
@@ -43,13 +43,13 @@ class AdaptiveConf:
     initial_seeds: int = 3  # seeds every arm starts on (the first look)
     step: int = 2  # seeds added per look to an arm still inconclusive
     max_seeds: int = 9  # the last look
-    budget: Optional[int] = None  # total arm-cell seed-runs (baseline not counted); None = cells x max_seeds
+    budget: int | None = None  # total arm-cell seed-runs (baseline not counted); None = cells x max_seeds
     margin_pp: float = 0.5  # equivalence margin of the four-way verdict, accuracy points
     alpha: float = 0.05  # per-arm error rate, split as alpha / K over the K looks
     seed_key: str = "seed"
 
 
-Cell = Tuple[str, int]  # (arm label, shot_num)
+Cell = tuple[str, int]  # (arm label, shot_num)
 
 
 def _seed_of(job: Job, seed_key: str) -> int:
@@ -61,7 +61,7 @@ def _seed_of(job: Job, seed_key: str) -> int:
                               field="hydra.sweeper.paired_by", fix=f"pair the sweep by {seed_key}")
 
 
-def _shots_of(job: Job) -> Tuple[int, ...]:
+def _shots_of(job: Job) -> tuple[int, ...]:
     for p in job.overrides:
         k, _, v = p.partition("=")
         if k == "data.shot_nums":
@@ -69,13 +69,13 @@ def _shots_of(job: Job) -> Tuple[int, ...]:
     return ()
 
 
-def _pair_key(job: Job, seed_key: str) -> Tuple[str, ...]:
+def _pair_key(job: Job, seed_key: str) -> tuple[str, ...]:
     return tuple(p for p in job.pair if p.partition("=")[0] != seed_key)
 
 
-def cell_differences(runs: pd.DataFrame, cells: Sequence[Cell], metric: str = "acc") -> Dict[Cell, List[float]]:
+def cell_differences(runs: pd.DataFrame, cells: Sequence[Cell], metric: str = "acc") -> dict[Cell, list[float]]:
     """Per arm cell, the paired differences arm − baseline at the same (shot, seed), in ascending seed order."""
-    out: Dict[Cell, List[float]] = {c: [] for c in cells}
+    out: dict[Cell, list[float]] = {c: [] for c in cells}
     if runs.empty:
         return out
     base = runs[runs["role"] == "baseline"]
@@ -94,27 +94,27 @@ class AdaptiveRun:
     """The state of an adaptive sweep: the seed numbers launched per (arm, pair) and the plans so far."""
 
     conf: AdaptiveConf
-    jobs: List[Job]  # every distinct job, over seeds 0..max_seeds-1
+    jobs: list[Job]  # every distinct job, over seeds 0..max_seeds-1
     launched: set = field(default_factory=set)  # indices into jobs
-    plans: List[AllocationPlan] = field(default_factory=list)
+    plans: list[AllocationPlan] = field(default_factory=list)
 
-    def cells(self) -> List[Cell]:
+    def cells(self) -> list[Cell]:
         return list(dict.fromkeys((j.arm, s) for j in self.jobs if j.role != "baseline" for s in _shots_of(j)))
 
-    def seeds_wanted(self, plan: AllocationPlan, have: Mapping[Cell, int]) -> Dict[Cell, int]:
+    def seeds_wanted(self, plan: AllocationPlan, have: Mapping[Cell, int]) -> dict[Cell, int]:
         """Per cell, the number of paired seeds it should have after this round."""
         return {cell: have.get(cell, 0) + a.add for cell, a in zip(self._cell_keys(plan), plan.arms.values())}
 
     @staticmethod
-    def _cell_keys(plan: AllocationPlan) -> List[Cell]:
+    def _cell_keys(plan: AllocationPlan) -> list[Cell]:
         return [tuple(json.loads(k)) for k in plan.arms]  # type: ignore[misc]
 
-    def round_jobs(self, wanted: Mapping[Cell, int]) -> List[int]:
+    def round_jobs(self, wanted: Mapping[Cell, int]) -> list[int]:
         """Indices of the not yet launched jobs this round needs: an arm job at seed s when one of its cells wants
         more than s seeds (seeds are 0, 1, 2, ... in order), and the baseline job of each pair up to the largest
         seed count of its arms."""
         key = self.conf.seed_key
-        need: Dict[Tuple[str, ...], int] = {}  # pair without seed -> baseline seeds needed
+        need: dict[tuple[str, ...], int] = {}  # pair without seed -> baseline seeds needed
         idx = []
         for i, j in enumerate(self.jobs):
             if j.role == "baseline":
@@ -129,7 +129,7 @@ class AdaptiveRun:
                 idx.append(i)
         return sorted(idx)
 
-    def plan(self, diffs: Mapping[Cell, List[float]]) -> AllocationPlan:
+    def plan(self, diffs: Mapping[Cell, list[float]]) -> AllocationPlan:
         c = self.conf
         cells = self.cells()
         budget = c.budget if c.budget is not None else len(cells) * c.max_seeds
@@ -169,11 +169,11 @@ def _check_conf(c: AdaptiveConf) -> None:
 
 def run_adaptive(
     run: AdaptiveRun,
-    launch: Callable[[List[Job]], object],
+    launch: Callable[[list[Job]], object],
     sweep_name: str,
     sweep_dir: Path,
-    read_runs: Optional[Callable[[], pd.DataFrame]] = None,
-) -> List[object]:
+    read_runs: Callable[[], pd.DataFrame] | None = None,
+) -> list[object]:
     """Rounds until the rule stops: plan, launch the round's jobs (``launch`` takes a list of jobs), read back."""
     if read_runs is None:
         _check_conf(run.conf)
@@ -181,8 +181,8 @@ def run_adaptive(
 
         def read_runs() -> pd.DataFrame:
             return load_sweep_runs(uri, sweep_name, parent_run_id=parent)
-    returns: List[object] = []
-    diffs: Dict[Cell, List[float]] = {c: [] for c in run.cells()}
+    returns: list[object] = []
+    diffs: dict[Cell, list[float]] = {c: [] for c in run.cells()}
     while True:
         plan = run.plan(diffs)
         run.plans.append(plan)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,9 +34,9 @@ PLAN_POWER: float = 0.8
 class PilotSpreads:
     """Per-cell spreads read from a pilot comparison: seed-level sd of Δ, per-query sd, queries per seed."""
 
-    seed_sds: List[float]
-    query_sds: List[float]
-    queries_per_seed: Optional[float]
+    seed_sds: list[float]
+    query_sds: list[float]
+    queries_per_seed: float | None
     source: str
 
 
@@ -94,7 +94,7 @@ def default_spreads() -> PilotSpreads:
                         f"{DEFAULT_QUERY_SD:.2f})")
 
 
-def plan_sweep(spreads: PilotSpreads, n_seeds: int, n_queries: Optional[int], target_pp: float,
+def plan_sweep(spreads: PilotSpreads, n_seeds: int, n_queries: int | None, target_pp: float,
                alpha: float = 0.05) -> PilotPlan:
     """The planned design's MDEs (:func:`plan_from_pilot`, spreads pooled as the rms over cells) and the seeds needed
     for ``target_pp``. ``n_queries`` falls back to the pilot's queries per seed."""
@@ -106,7 +106,7 @@ def plan_sweep(spreads: PilotSpreads, n_seeds: int, n_queries: Optional[int], ta
                            alpha=alpha, power=PLAN_POWER)
 
 
-def power_lines(plan: PilotPlan, source: str, n_seeds: int) -> List[str]:
+def power_lines(plan: PilotPlan, source: str, n_seeds: int) -> list[str]:
     """The dry run's power report, one line each."""
     pp = 100.0
     lines = [f"power at {PLAN_POWER:.0%}, two-sided alpha {plan.alpha:g}, spreads from {source}:"]
@@ -132,7 +132,7 @@ def planned_seeds(pairs: Sequence[Sequence[str]], seed_key: str = "seed") -> int
     return len({p for pair in pairs for p in pair if p.split("=", 1)[0] == seed_key})
 
 
-def planned_queries(cfg) -> Optional[int]:
+def planned_queries(cfg) -> int | None:
     """Evaluation (test) queries per run of a composed job config: the simulated world's ``num_test`` capped by
     ``eval.max_queries``; None when it cannot be known before loading the data (file-based data, uncapped)."""
     cap = cfg.eval.get("max_queries") if "eval" in cfg else None

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
-from test_compare import A, runs_frame  # noqa: E402
+from test_compare import A, runs_frame
 
-from leverplus.analysis.compare import compare_runs, report_markdown  # noqa: E402
-from leverplus.data.groups import Group  # noqa: E402
-from leverplus.evaluation.policy_kl import first_step_log_probs, kl_divergence, mean_kl  # noqa: E402
+from leverplus.analysis.compare import compare_runs, report_markdown
+from leverplus.data.groups import Group
+from leverplus.evaluation.policy_kl import first_step_log_probs, kl_divergence, mean_kl
 
 
 def test_kl_by_hand():

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
-from test_compare import runs_frame  # noqa: E402
+from test_compare import runs_frame
 
-from leverplus.analysis.compare import compare_runs, write_report  # noqa: E402
-from leverplus.errors import LeverPlusInputError  # noqa: E402
-from leverplus.sweeps.power import (  # noqa: E402
+from leverplus.analysis.compare import compare_runs, write_report
+from leverplus.errors import LeverPlusInputError
+from leverplus.sweeps.power import (
     DEFAULT_QUERY_SD,
     DEFAULT_SEED_SD,
     default_spreads,
