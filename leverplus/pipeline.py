@@ -24,6 +24,7 @@ from leverplus.data.loading import LoadedData, PreparedGroups, file_state, load_
 from leverplus.evaluation.answer_cache import AnswerCache, CachedScorer, scorer_identity
 from leverplus.evaluation.downstream import evaluate_splits
 from leverplus.evaluation.ranking import offline_metrics, validation_metrics
+from leverplus.evaluation.policy_kl import KL_METRIC, first_step_log_probs, mean_kl
 from leverplus.model.build import build_model, load_model
 from leverplus.model.pointer import PointerSelector
 from leverplus.sim.lvlm import SimLVLM
@@ -137,8 +138,11 @@ def train_and_evaluate(
     keys = stage_keys(cfg, data, groups)
     cache = _stage_cache(cfg)
     model, sft_hit, sft_history = _initial_model(cfg, data, groups, cache, keys["sft"], output_dir, logger, say)
+    sft_first_step = first_step_log_probs(model, groups.val, data.embeddings) if groups.val else None
     result, rce_hit = _post_train(cfg, data, groups, model, cache, keys["rce"], output_dir, logger, say)
     metrics, per_query, tables = _evaluate(cfg, data, groups, result.model, say)
+    if sft_first_step is not None:  # how far RCE/GRPO moved the policy (leverplus.evaluation.policy_kl)
+        metrics[KL_METRIC] = mean_kl(first_step_log_probs(result.model, groups.val, data.embeddings), sft_first_step)
     metrics.update({f"train/{k}": v for k, v in result.timings.items()})
     if result.best:
         metrics["best/epoch"] = float(result.best.get("global_epoch", -1))

@@ -47,6 +47,7 @@ from leverplus.analysis.policy_shift import ICDS_COL, PolicyShift, policy_shift
 from leverplus.config.schema import EvalConfig
 from leverplus.data.formats.io import atomic_write_json, atomic_write_text
 from leverplus.errors import LeverPlusInputError
+from leverplus.evaluation.policy_kl import KL_METRIC
 from leverplus.evaluation.stats import (
     Estimate,
     MarginVerdict,
@@ -83,6 +84,10 @@ MDE_POWER: float = 0.8
 #: one family per shot_num
 BH_FAMILIES = ("all", "shot")
 PP = 100.0  # accuracy units -> percentage points
+#: runs-table column of the run metric KL(π_arm ‖ π_sft) of the first pointer step on validation groups (nats)
+KL_COL = "kl_from_sft"
+#: pooled per-query pairs up to which the sign-flip p is exact (sign_flip_test's max_exact default)
+SIGN_FLIP_MAX_EXACT = 16
 
 
 # ------------------------------------------------------------------------------------------------ report types
@@ -112,10 +117,13 @@ class ArmSummary:
     delta_q: Optional[float] = None  # Benjamini-Hochberg q of the seed-level p within the cell's BH family
     delta_q_family: str = ""  # that family: "all" or "shot_num=S"
     query_p_signflip: Optional[float] = None  # calibrated sign-flip p of the pooled per-query differences
+    query_p_bootstrap: Optional[float] = None  # the bootstrap's inverted-CI p of the same pairs (not calibrated)
+    query_q: Optional[float] = None  # Benjamini-Hochberg q of the per-query sign-flip p within the BH family
     margin: Optional[MarginVerdict] = None  # four-way verdict of the seed-paired differences against the margin
     mde_seed: Optional[float] = None  # seed-level paired t MDE at MDE_POWER (accuracy units)
     mde_query: Optional[float] = None  # per-query z MDE at MDE_POWER over the pooled pairs (accuracy units)
     shift: Optional[PolicyShift] = None  # share of queries whose ICD sequence differs from the baseline's
+    kl_from_sft: Optional[Estimate] = None  # mean over the cell's seeds of the runs' KL(π ‖ π_sft), first step
 
     @property
     def n_seeds(self) -> int:
@@ -152,6 +160,10 @@ class ComparisonReport:
     notes: List[str] = field(default_factory=list)
     bh_family: str = "all"  # see BH_FAMILIES
     equivalence_margin_pp: float = DEFAULT_EQUIVALENCE_MARGIN_PP
+    # adaptive sweeps (leverplus.sweeps.adaptive): the sequential design and, per arm cell, its seeds, its verdict
+    # at alpha / K and why it got that many seeds (empty for a fixed-seed sweep)
+    allocation_design: Dict[str, object] = field(default_factory=dict)
+    seed_allocation: List[Dict[str, object]] = field(default_factory=list)
 
     def cell(self, arm: str, shot_num: int) -> ArmSummary:
         """The cell of ``arm`` (or of the arm it is an alias of) at ``shot_num``."""
@@ -167,6 +179,12 @@ class ComparisonReport:
         for c in self.cells:
             rows.append(_cell_row(c, c.arm, ""))
             rows += [_cell_row(c, alias, c.arm) for alias in c.aliases]
+        if self.seed_allocation:
+            by = {(str(a["arm"]), int(a["shot_num"])): a for a in self.seed_allocation}
+            for r in rows:
+                a = by.get((r["alias_of"] or r["arm"], int(r["shot_num"])), {})
+                r.update({"adaptive_n_seeds": a.get("n_seeds", math.nan), "adaptive_verdict": a.get("verdict", ""),
+                          "adaptive_reason": a.get("reason", "")})
         return pd.DataFrame(rows)
 
     def main_effects_frame(self) -> pd.DataFrame:
@@ -196,12 +214,15 @@ def _new_columns(c: ArmSummary) -> Dict[str, object]:
     m = c.margin
     return {
         "query_delta_p_signflip": _opt(c.query_p_signflip),
+        "query_delta_p_bootstrap": _opt(c.query_p_bootstrap),
+        "query_delta_q": _opt(c.query_q),
         "margin_verdict": c.margin_verdict,
         "equivalence_margin_pp": math.nan if m is None else PP * m.margin,
         "margin_eq_lo": math.nan if m is None else m.eq_lo,
         "margin_eq_hi": math.nan if m is None else m.eq_hi,
         "mde80_seed_pp": _opt(c.mde_seed, PP),
         "mde80_query_pp": _opt(c.mde_query, PP),
+        "kl_from_sft": math.nan if c.kl_from_sft is None else c.kl_from_sft.mean,
         "changed_frac": math.nan if c.shift is None else c.shift.mean_fraction,
         "changed_n_seeds": 0 if c.shift is None else len(c.shift.seeds),
         "delta_bound_pp": math.nan if c.shift is None else PP * c.shift.bound,
@@ -342,6 +363,7 @@ def compare_runs(
     cells = [cell for arm in order for cell in _arm_cells(df, arm, level_cols, aliases, ctx)]
 
     cells, n_tests, n_sig, n_sig_q = _with_fdr(cells, baseline_arm, confidence, bh_family)
+    cells = _with_query_fdr(cells, baseline_arm, bh_family)
     if n_tests > 1:
         within = "" if bh_family == "all" else ", one family per shot"
         notes.append(f"multiple comparisons: {n_sig} of {n_tests} arm cells have p < {1 - confidence:.2g}; after "
@@ -515,6 +537,22 @@ def _with_fdr(cells: List[ArmSummary], baseline_arm: str, confidence: float, bh_
     return out, len(idx), int((ps < alpha).sum()), int((qs < alpha).sum())
 
 
+def _with_query_fdr(cells: List[ArmSummary], baseline_arm: str, bh_family: str) -> List[ArmSummary]:
+    """Attach BH q-values of the per-query sign-flip p-values (``query_q``), within the same families as the
+    seed-level q (arm cells with a finite per-query p only)."""
+    idx = [i for i, c in enumerate(cells) if c.arm != baseline_arm and c.query_p_signflip is not None
+           and math.isfinite(c.query_p_signflip)]
+    if not idx:
+        return cells
+    by = "all" if bh_family == "all" else "shot_num"
+    families = family_labels([{"shot_num": cells[i].shot_num} for i in idx], by)
+    qs = bh_by_family([cells[i].query_p_signflip for i in idx], families)
+    out = list(cells)
+    for i, q in zip(idx, qs):
+        out[i] = replace(cells[i], query_q=float(q))
+    return out
+
+
 def _finite_estimate(values: np.ndarray, confidence: float) -> Optional[Estimate]:
     values = values[np.isfinite(values)]
     return mean_ci(values, confidence) if values.size else None
@@ -528,6 +566,8 @@ def _summarise_cell(arm: str, shot: int, role: str, levels: Mapping[str, str], r
     acc = mean_ci(rows[metric].astype(float).to_numpy(), confidence)
     obj = _finite_estimate(pd.to_numeric(rows[objective], errors="coerce").to_numpy(float), confidence) \
         if objective else None
+    kl = _finite_estimate(pd.to_numeric(rows[KL_COL], errors="coerce").to_numpy(float), confidence) \
+        if KL_COL in rows.columns else None
 
     paired, missing_base, missing_arm = _seed_pairs(rows, shot, seeds, ctx.base_by)
     ctx.missing_baseline.extend((arm, shot, s) for s in missing_base)
@@ -545,10 +585,18 @@ def _summarise_cell(arm: str, shot: int, role: str, levels: Mapping[str, str], r
         arm=arm, shot_num=shot, role=role, levels=dict(levels), seeds=seeds, objective=obj, acc=acc, delta=delta,
         objective_delta=obj_delta, query_delta=qd, query_seeds=query.seeds, n_unmatched_queries=query.unmatched,
         verdict=verdict(delta, better=ctx.better) if delta is not None else NO_PAIR,
-        query_verdict=verdict(qd, better=ctx.better) if qd is not None else None,
+        query_verdict=_calibrated_verdict(qd, ctx) if qd is not None else None,
         missing_baseline_seeds=missing_base, missing_arm_seeds=missing_arm, aliases=aliases,
-        query_p_signflip=query.p_signflip, margin=margin, mde_seed=mde_seed, mde_query=query.mde, shift=query.shift,
+        query_p_signflip=query.p_signflip, query_p_bootstrap=query.p_bootstrap, margin=margin, kl_from_sft=kl, mde_seed=mde_seed, mde_query=query.mde, shift=query.shift,
     )
+
+
+def _calibrated_verdict(r: PairedResult, ctx: _CellContext) -> str:
+    """The per-query verdict: "better"/"worse" only when the bootstrap CI excludes 0 *and* the calibrated sign-flip
+    p (``r.p_value``) is below α; else "no significant difference" (a claim must pass both procedures)."""
+    if r.significant and math.isfinite(r.p_value) and r.p_value < ctx.alpha:
+        return verdict(r, better=ctx.better)
+    return NO_DIFFERENCE
 
 
 def _sd(d: np.ndarray) -> float:
@@ -568,10 +616,11 @@ def _seed_margin_and_mde(d: np.ndarray, ctx: _CellContext) -> Tuple[MarginVerdic
 class _QueryView:
     """The per-query side of a cell: bootstrap Δ (CI), its calibrated sign-flip p, the z MDE, the policy shift."""
 
-    result: Optional[PairedResult] = None  # paired bootstrap (interval; its p is the inverted-CI one)
+    result: Optional[PairedResult] = None  # bootstrap interval with the sign-flip p (paired_permutation_test)
     seeds: Tuple[int, ...] = ()
     unmatched: int = 0
     p_signflip: Optional[float] = None
+    p_bootstrap: Optional[float] = None  # the bootstrap's inverted-CI p, kept for reference
     mde: Optional[float] = None
     shift: Optional[PolicyShift] = None
 
@@ -631,10 +680,14 @@ def _query_delta(arm: str, shot: int, paired: Sequence[Tuple[pd.Series, pd.Serie
     if xs:
         x, y = np.concatenate(xs), np.concatenate(ys)
         d = x - y
+        boot = paired_bootstrap(x, y, n_boot=ctx.n_boot, seed=ctx.seed, confidence=ctx.confidence)
+        p = sign_flip_test(d, max_exact=SIGN_FLIP_MAX_EXACT, seed=ctx.seed)  # = paired_permutation_test(x, y, ...) without a second bootstrap
+        method = "sign_flip_exact" if d.size <= SIGN_FLIP_MAX_EXACT else "sign_flip_mc"
         view = replace(
             view,
-            result=paired_bootstrap(x, y, n_boot=ctx.n_boot, seed=ctx.seed, confidence=ctx.confidence),
-            p_signflip=sign_flip_test(d, seed=ctx.seed),
+            result=replace(boot, p_value=p, method=method),
+            p_signflip=p,
+            p_bootstrap=boot.p_value,
             mde=mde_paired(_sd(d), int(d.size), ctx.alpha, MDE_POWER, "z") if d.size >= 2 else None,
         )
     if unmatched:
@@ -698,10 +751,10 @@ def report_markdown(report: ComparisonReport) -> str:
         f"Margin verdict ({margin}): the seed-level paired t-test ({conf} CI) and TOST "
         f"({round(100 * (1 - 2 * (1 - report.confidence)))}% CI) give better / worse / equivalent / inconclusive. "
         f"q: Benjamini-Hochberg within {family}. Per-query p: sign-flip permutation test (calibrated; the CI stays "
-        f"the bootstrap's). MDE: smallest |Δ| detected with {MDE_POWER:.0%} power (seed: paired t over the seeds; "
+        f"the bootstrap's; the per-query verdict needs both). MDE: smallest |Δ| detected with {MDE_POWER:.0%} power (seed: paired t over the seeds; "
         "per-query: z over the pooled queries). Policy moved: share of test queries whose selected ICD sequence "
         "differs from the baseline's (same shot and seed), mean over seeds; under a deterministic LVLM it bounds "
-        "|Δ|.",
+        "|Δ|; KL: KL(π_arm ‖ π_sft) of the first pointer step on validation queries, mean over seeds (nats).",
         "",
         f"| arm | shot | n | {report.objective} (mean) | {report.metric} (%) [{conf} CI] "
         f"| Δ{report.metric} (pp) [{conf} CI] | policy moved | p | q (BH) | verdict | margin verdict ({margin}) "
@@ -725,11 +778,13 @@ def _pct_short(x: float) -> str:
 
 
 def _shift_text(c: ArmSummary) -> str:
-    """'changed 3.1% of queries, |Δ| ≤ 3.1 pp' (n/a without ICD sequences on both sides)."""
+    """'changed 3.1% of queries, |Δ| ≤ 3.1 pp; KL 0.012' (KL(π ‖ π_sft) of the first step, mean over seeds; each
+    part n/a without its data)."""
+    kl = "" if c.kl_from_sft is None else f"KL {c.kl_from_sft.mean:.3g}"
     if c.shift is None:
-        return "n/a"
+        return kl or "n/a"
     share = _pct_short(c.shift.mean_fraction)
-    return f"changed {share}% of queries, |Δ| ≤ {share} pp"
+    return f"changed {share}% of queries, |Δ| ≤ {share} pp" + (f"; {kl}" if kl else "")
 
 
 def _pp(x: Optional[float]) -> str:
@@ -786,6 +841,14 @@ def _markdown_sections(report: ComparisonReport) -> List[str]:
     if report.missing_baseline:
         lines += ["", "### Missing baseline pairs (left out of Δ)", ""]
         lines += [f"- arm {a}, shot {s}, seed {sd}" for a, s, sd in report.missing_baseline]
+    if report.seed_allocation:
+        d = report.allocation_design
+        lines += ["", f"### Adaptive seeds (looks at {d.get('looks')} seeds, alpha {d.get('alpha_per_look', 0):.3g} per "
+                  f"look = {d.get('alpha')} / {len(d.get('looks') or []) or 1}, margin ±{d.get('margin_pp')} pp; "
+                  "read these verdicts, not the fixed-alpha ones, for a sequential sweep)", "",
+                  "| arm | shot | seeds | verdict at alpha/K | why |", "|---|---|---|---|---|"]
+        lines += [f"| {_md(a['arm'])} | {a['shot_num']} | {a['n_seeds']} | {a['verdict']} | {_md(a['reason'])} |"
+                  for a in report.seed_allocation]
     if report.notes:
         lines += ["", "### Notes", ""] + [f"- {n}" for n in report.notes]
     return lines
@@ -1011,7 +1074,7 @@ def load_sweep_runs(
 
 #: the columns of :func:`load_sweep_runs` before the params
 RUN_COLUMNS = ["run_id", "tracking_run_id", "arm", "role", "shot_num", "seed", "run_key", "parent_run_id", "status",
-               "start_time", "objective", "acc"]
+               "start_time", "objective", "acc", "kl_from_sft"]
 
 
 def _wanted_run(run, wanted: set, parent_run_id: Optional[str], seen_keys: set) -> bool:
@@ -1051,6 +1114,7 @@ def _run_rows(run, metric_key: str, shot_metric_key: str, objective_key: str) ->
             "run_key": tags.get("run_key") or "", "parent_run_id": tags.get("mlflow.parentRunId", ""),
             "status": run.info.status, "start_time": run.info.start_time,
             "objective": metrics.get(objective_key, math.nan), "acc": metrics.get(name, math.nan),
+            KL_COL: metrics.get(KL_METRIC, math.nan),
             **{f"params.{k}": v for k, v in run.data.params.items()},
         })
     return rows
@@ -1152,6 +1216,27 @@ def load_aliases(tracking_uri: str, parent_run_ids: Sequence[str], *, artifact: 
     return merged
 
 
+def load_allocation(tracking_uri: str, parent_run_ids: Sequence[str], *, artifact: str = "adaptive.json") -> dict:
+    """The adaptive sweep's record (design and per-cell seeds, verdict and reason) of the first parent run that has
+    one; {} for a fixed-seed sweep."""
+    client = _client(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():
+        for run_id in parent_run_ids:
+            if artifact not in {f.path for f in with_retries(partial(client.list_artifacts, run_id))}:
+                continue
+            local = with_retries(partial(client.download_artifacts, run_id, artifact, tmp))
+            try:
+                data = json.loads(Path(local).read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise LeverPlusInputError(f"malformed JSON ({e.msg})", file=f"run {run_id}: {artifact}",
+                                          fix="re-run the adaptive sweep, or delete the artifact") from None
+            if not isinstance(data, dict) or not isinstance(data.get("cells", []), list):
+                raise LeverPlusInputError("expected {\"design\": {...}, \"cells\": [...]}",
+                                          file=f"run {run_id}: {artifact}", fix="re-run the adaptive sweep")
+            return data
+    return {}
+
+
 def _known_sweeps(client, exp_ids: List[str], limit: int = 1000) -> List[str]:
     if not exp_ids:
         return []
@@ -1190,6 +1275,10 @@ def compare_sweep(
     per_query = load_per_query(uri, df["run_id"].unique())
     report = compare_runs(df, per_query, factors=factors, aliases=aliases, n_boot=n_boot, seed=seed,
                           bh_family=bh_family, equivalence_margin_pp=equivalence_margin_pp)
+    record = load_allocation(uri, parents[:1])
+    if record:
+        report.allocation_design = dict(record.get("design", {}))
+        report.seed_allocation = list(record.get("cells", []))
     out = Path(out_dir) if out_dir is not None else launch_dir() / "outputs" / "compare" / sweep
     paths = write_report(report, out)
     print(report_markdown(report))

@@ -23,7 +23,9 @@ de-duplication ``dedupe``, the launching ``launch``."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
@@ -33,9 +35,12 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from leverplus.env import SWEEP_FAILED_JOBS_VAR
+from leverplus.sweeps.adaptive import AdaptiveConf, AdaptiveRun, run_adaptive
 from leverplus.sweeps.dedupe import dedupe, fast_composer
 from leverplus.sweeps.grid import GridSpec, Job, expand
 from leverplus.sweeps.launch import job_overrides, launch_all, print_dry_run, record_aliases
+from leverplus.sweeps.power import default_spreads, plan_sweep, planned_queries, planned_seeds, power_lines, read_pilot
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,14 @@ class AblationSweeperConf:
     max_batch_size: Optional[int] = None
     fail_fast: bool = False
     dry_run: bool = False  # print the distinct jobs and the aliases, launch nothing
+    # pre-sweep power (printed by the dry run): a pilot sweep's comparison.csv for the spreads (None: the embedded
+    # world's defaults, leverplus.sweeps.power), the effect to plan for (pp), and the evaluation queries per run when
+    # the config cannot tell (file-based data)
+    pilot: Optional[str] = None
+    power_target_pp: float = 0.5
+    power_n_queries: Optional[int] = None
+    # adaptive seeds: start every arm on a few seeds, add seeds only where the verdict is open (leverplus.sweeps.adaptive)
+    adaptive: AdaptiveConf = field(default_factory=AdaptiveConf)
 
 
 ConfigStore.instance().store(
@@ -69,7 +82,8 @@ def _plain(node: Any) -> Any:
 class AblationSweeper(Sweeper):
     def __init__(self, sweep_name: str, factors, paired_by, baseline, baseline_label, arm_overrides,
                  alias_identical_rewards: bool, max_batch_size: Optional[int], fail_fast: bool,
-                 dry_run: bool = False) -> None:
+                 dry_run: bool = False, pilot: Optional[str] = None, power_target_pp: float = 0.5,
+                 power_n_queries: Optional[int] = None, adaptive: Any = None) -> None:
         super().__init__()
         self.sweep_name = sweep_name
         self.grid = GridSpec(factors={k: list(v) for k, v in dict(_plain(factors)).items()},
@@ -79,6 +93,10 @@ class AblationSweeper(Sweeper):
         self.max_batch_size = max_batch_size
         self.fail_fast = fail_fast
         self.dry_run = dry_run
+        self.pilot = pilot
+        self.power_target_pp = float(power_target_pp)
+        self.power_n_queries = power_n_queries
+        self.adaptive = AdaptiveConf(**(_plain(adaptive) or {}))
         self.aliases: Dict[str, str] = {}
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -106,7 +124,51 @@ class AblationSweeper(Sweeper):
         compose = fast_composer(self._load, self._parser(), fixed, jobs[-1].overrides, self.sweep_name)
         return dedupe(jobs, compose, self.alias_identical_rewards, self.aliases)
 
+    def print_power(self, jobs: List[Job], fixed: List[str], alpha: float = 0.05) -> None:
+        """The planned design's minimum detectable effects (:mod:`leverplus.sweeps.power`)."""
+        if not jobs:
+            return
+        spreads = read_pilot(self.pilot) if self.pilot else default_spreads()
+        n_seeds = planned_seeds([j.pair for j in jobs])
+        n_queries = self.power_n_queries
+        if n_queries is None:
+            n_queries = planned_queries(self._load(fixed + jobs[-1].overrides))
+        plan = plan_sweep(spreads, n_seeds, n_queries, self.power_target_pp, alpha)
+        print("\n".join([f"[{self.sweep_name}] " + line if i == 0 else line
+                         for i, line in enumerate(power_lines(plan, spreads.source, n_seeds))]))
+
+    def _launch_jobs(self, fixed: List[str], jobs: List[Job]) -> List[Any]:
+        """One adaptive round through the launcher; the failed-job count accumulates over the rounds."""
+        before = int(os.environ.get(SWEEP_FAILED_JOBS_VAR, "0") or 0)
+        out = launch_all(self.launcher, self.sweep_name, job_overrides(self.sweep_name, fixed, jobs),
+                         self.max_batch_size, self.fail_fast)
+        os.environ[SWEEP_FAILED_JOBS_VAR] = str(before + int(os.environ.get(SWEEP_FAILED_JOBS_VAR, "0") or 0))
+        return out
+
+    def sweep_adaptive(self, arguments: List[str]) -> Any:
+        """The adaptive mode: the grid over seeds 0..max_seeds-1, launched round by round as the rule asks."""
+        a = self.adaptive
+        seeds = ",".join(str(s) for s in range(a.max_seeds))
+        jobs, fixed = self.expand(list(arguments) + [f"{a.seed_key}={seeds}"])
+        n_total = len(jobs)
+        jobs = self.dedupe(jobs, fixed)
+        record_aliases(self.config, self.aliases)
+        state = AdaptiveRun(a, jobs)
+        if self.dry_run:
+            plan = state.plan({})
+            print(f"[{self.sweep_name}] adaptive dry run: {n_total} jobs over seeds 0..{a.max_seeds - 1}, "
+                  f"{len(jobs)} distinct; looks at {list(plan.schedule)} seeds, alpha {plan.alpha_per_look:.3g} per "
+                  f"look, budget {plan.budget} arm seed-runs; round 0 launches "
+                  f"{len(state.round_jobs(state.seeds_wanted(plan, {})))} jobs")
+            self.print_power(jobs, fixed, plan.alpha_per_look)  # at the last look, alpha / K
+            return []
+        os.environ[SWEEP_FAILED_JOBS_VAR] = "0"
+        return run_adaptive(state, lambda js: self._launch_jobs(fixed, js), self.sweep_name,
+                            Path(self.config.hydra.sweep.dir))
+
     def sweep(self, arguments: List[str]) -> Any:
+        if self.adaptive.enabled:
+            return self.sweep_adaptive(arguments)
         jobs, fixed = self.expand(arguments)
         n_total = len(jobs)
         jobs = self.dedupe(jobs, fixed)
@@ -116,5 +178,6 @@ class AblationSweeper(Sweeper):
         batches = job_overrides(self.sweep_name, fixed, jobs)
         if self.dry_run:
             print_dry_run(self.sweep_name, batches, n_total, len(self.aliases))
+            self.print_power(jobs, fixed)
             return []
         return launch_all(self.launcher, self.sweep_name, batches, self.max_batch_size, self.fail_fast)

@@ -228,14 +228,16 @@ def test_per_query_bootstrap_pools_seeds_matched_by_query():
     assert rep.cell(A, 1).n_unmatched_queries == 1 and rep.cell(A, 1).query_seeds == (0, 1, 2)
     # the bootstrap mean is Binomial(12, 1/4)/12: P(mean <= 0) = (3/4)^12 = 0.0317 -> p ≈ 2·0.0317 = 0.0634;
     # P(X <= 0) = 0.0317 > 0.025 -> lo = 0;  P(X <= 5) = 0.946 < 0.975 <= P(X <= 6) = 0.986 -> hi = 6/12
-    assert q.p_value == pytest.approx(2 * 0.75**12, abs=0.02)
+    # the p is the calibrated sign-flip test's (exact: 2 · 1/8), the bootstrap's inverted-CI p is kept apart
+    assert q.p_value == pytest.approx(0.25) and q.method == "sign_flip_exact"
+    assert rep.cell(A, 1).query_p_bootstrap == pytest.approx(2 * 0.75**12, abs=0.02)
     assert q.lo == 0.0 and q.hi == 0.5
     assert rep.cell(A, 1).query_verdict == "no significant difference"
     # exactly stats.paired_bootstrap on the pooled pairs in (seed, query_index) order
     a = [1, 1, 0, 1] + [1, 1, 0, 1] + [0, 1, 1, 1]
     b = PQ_BASE[0] + PQ_BASE[1] + PQ_BASE[2]
     ref = paired_bootstrap(a, b, n_boot=2000, seed=0)
-    assert (q.lo, q.hi, q.p_value) == (ref.lo, ref.hi, ref.p_value)
+    assert (q.lo, q.hi, rep.cell(A, 1).query_p_bootstrap) == (ref.lo, ref.hi, ref.p_value)
     # cells without per-query rows get none, and say so
     assert rep.cell(C, 1).query_delta is None
     assert any(f"arm {C!r} shot 1: no per-query rows" in n and "seed(s) 0, 1, 2" in n for n in rep.notes)
@@ -248,7 +250,9 @@ def test_per_query_bootstrap_constant_difference_is_significant():
     pq.update({_rid(C, 2, s): _pq([1.0] * 3, shot=2) for s in range(3)})
     rep = compare_runs(runs_frame(), pq, n_boot=100)
     q = rep.cell(C, 2).query_delta
-    assert (q.delta, q.lo, q.hi, q.p_value, q.n) == (0.5, 0.5, 0.5, 0.0, 9)
+    # sign-flip p, exact: only the all-plus (and all-minus) pattern of 9 reaches |mean| = .5 -> 2/2^9 = 1/256
+    assert (q.delta, q.lo, q.hi, q.p_value, q.n) == (0.5, 0.5, 0.5, 1 / 256, 9)
+    assert rep.cell(C, 2).query_p_bootstrap == 0.0
     assert rep.cell(C, 2).query_verdict == "better"
 
 

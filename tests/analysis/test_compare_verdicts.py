@@ -52,9 +52,12 @@ def test_per_query_p_is_the_sign_flip_test_and_the_interval_stays_the_bootstrap(
     perm = paired_permutation_test(a, b, n_boot=2000, seed=0)
     assert c.query_p_signflip == perm.p_value and perm.method == "sign_flip_exact"
     boot = paired_bootstrap(a, b, n_boot=2000, seed=0)
-    assert (c.query_delta.lo, c.query_delta.hi, c.query_delta.p_value) == (boot.lo, boot.hi, boot.p_value)
+    assert (c.query_delta.lo, c.query_delta.hi) == (boot.lo, boot.hi)
+    assert (c.query_delta.p_value, c.query_p_bootstrap) == (perm.p_value, boot.p_value)
+    assert c.query_delta == perm  # the cell's per-query result is exactly paired_permutation_test's
     row = rep.to_frame().query("arm == @A and shot_num == 1").iloc[0]
-    assert row["query_delta_p_signflip"] == pytest.approx(0.25) and row["query_delta_p"] == boot.p_value
+    assert row["query_delta_p_signflip"] == pytest.approx(0.25) and row["query_delta_p"] == pytest.approx(0.25)
+    assert row["query_delta_p_bootstrap"] == boot.p_value
     assert _table(report_markdown(rep))[A, "1"][13] == "0.25"  # the "per-query p (sign-flip)" column
     assert rep.cell(C, 1).query_p_signflip is None  # no per-query rows there
 
