@@ -23,6 +23,8 @@ class RewardModeSpec:
     reads: Tuple[str, ...]  # RewardConfig fields the formula uses; the other mode knobs are ignored (and dropped)
     candidate_fields: Tuple[str, ...]  # pointer_candidates fields the formula reads (reference#formats-rl-json)
     needs_infoscores: bool = False  # needs a per-candidate ``info`` (group-scaled InfoScore, from the beam JSON)
+    #: candidate fields the formula reads but defines a value for when absent (not required per candidate)
+    optional_fields: Tuple[str, ...] = ()
 
 
 _HS = ("hard_weight", "soft_weight")
@@ -39,7 +41,8 @@ REWARD_MODE_SPECS: Dict[str, RewardModeSpec] = {
     "hard01_plus_gtprob_separated": RewardModeSpec(_HS, _H_P),
     "hard_plus_gtprob_plus_rel": RewardModeSpec(_HS + ("rel_weight",), _H_P + ("vqa_rel_score",)),
     "legacy": RewardModeSpec(("reward_alpha", "reward_beta", "correctness_mode", "use_logprob"),
-                             _H_S + ("logprob_score", "beam_score")),
+                             _H_S + ("logprob_score", "beam_score"),  # each has a documented "absent" value
+                             optional_fields=_H_S + ("logprob_score", "beam_score")),
     "hybrid": RewardModeSpec(_HS + ("info_weight",), _H_S, needs_infoscores=True),
 }
 
