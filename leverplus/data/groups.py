@@ -14,7 +14,7 @@ import torch
 
 from leverplus.config.reward_modes import REWARD_MODE_SPECS, needs_infoscores
 from leverplus.data.formats.beam_json import BeamRecord
-from leverplus.data.formats.rl_json import RLData
+from leverplus.data.formats.rl_json import VARIANT_ABSENT_FIELDS, RLData
 from leverplus.data.rewards import compute_reward, hybrid_info_values, normalize_group, sequence_diversity
 from leverplus.errors import LeverPlusInputError
 from leverplus.utils import enum_value
@@ -233,12 +233,14 @@ def required_candidate_fields(mode: str) -> Tuple[str, ...]:
 
 
 def check_reward_fields(rl: RLData, skeletons: Sequence[GroupSkeleton], mode: str) -> None:
-    """Every kept candidate carries the fields the reward mode reads (a missing or null one would count as 0).
+    """Every kept candidate of ``skeletons`` carries the fields the reward mode reads (a missing or null one would
+    count as 0). Called by :func:`build_groups` and, once per file over both splits, by ``prepare_groups``.
 
     * no kept candidate has any of them (renamed or missing reward fields): refused, naming the first candidate;
-    * a field present in some candidates and missing in others: refused, naming the first candidate lacking it;
-    * a field missing from every candidate while another required one is present (the "balanced" variant without
-      ``vqa_correct``): a warning naming the file and field, which then counts as 0 (reference behaviour).
+    * a field missing in some or all candidates: refused, naming the first candidate lacking it;
+    * except a field a file variant lacks by design (``VARIANT_ABSENT_FIELDS``: the "balanced" files have no
+      ``vqa_correct``) missing from every candidate while another required field is present: a warning naming the
+      file and field, which then counts as 0 (reference behaviour).
     """
     required = required_candidate_fields(mode)
     if not required or not skeletons:
@@ -262,11 +264,12 @@ def check_reward_fields(rl: RLData, skeletons: Sequence[GroupSkeleton], mode: st
             f"no candidate has any field reward.mode={mode} reads ({', '.join(required)}); every reward would be 0",
             file=rl.path, record=f"query {qid}, candidate {idx}", field=required[0], fix=fix)
     for f in required:
-        if 0 < present[f] < total:
-            qid, idx = first_missing[f]
-            raise LeverPlusInputError(
-                f"missing or null in {total - present[f]} of {total} candidates (reward.mode={mode} reads it; it "
-                "would silently count as 0)", file=rl.path, record=f"query {qid}, candidate {idx}", field=f, fix=fix)
+        if present[f] == total or (present[f] == 0 and f in VARIANT_ABSENT_FIELDS):
+            continue
+        qid, idx = first_missing[f]
+        raise LeverPlusInputError(
+            f"missing or null in {total - present[f]} of {total} candidates (reward.mode={mode} reads it; it would "
+            "silently count as 0)", file=rl.path, record=f"query {qid}, candidate {idx}", field=f, fix=fix)
     absent = [f for f in required if present[f] == 0]
     if absent:
         warnings.warn(f"{rl.path}: no candidate has {', '.join(absent)} (read by reward.mode={mode}); it counts as 0 "
@@ -328,7 +331,6 @@ def groups_from_skeletons(
     if needs_infoscores(opts.reward_mode) and not infoscores:
         # Still works (falls back to beam_score), but say so once.
         warnings.warn("reward.mode=hybrid without a beam JSON: info falls back to each candidate's beam_score")
-    check_reward_fields(rl, skeletons, opts.reward_mode)
     for sk in skeletons:
         qid, kept = sk.query_id, sk.kept
         info_vals = _info_values(sk, opts, infoscores)
@@ -374,6 +376,7 @@ def build_groups(
     """
     stats = stats if stats is not None else FilterStats()
     skeletons = group_skeletons(rl, opts, fallback_pools=fallback_pools, query_ids=query_ids, stats=stats)
+    check_reward_fields(rl, skeletons, opts.reward_mode)
     return groups_from_skeletons(rl, skeletons, opts, embeddings=embeddings, infoscores=infoscores, stats=stats)
 
 

@@ -24,6 +24,7 @@ from leverplus.data.groups import (
     GroupOptions,
     GroupSkeleton,
     beam_groups,
+    check_reward_fields,
     group_skeletons,
     groups_from_skeletons,
     infoscore_lookup,
@@ -190,8 +191,10 @@ def prepare_groups(cfg, data: LoadedData, *, with_sft: bool = True) -> PreparedG
     for shot, rl in sorted(data.rl.items()):
         train_ids, val_ids = split_query_ids(list(rl.queries), cfg.data.train_fraction, cfg.data.split_file)
         st = FilterStats()
-        for split, ids, out in (("train", train_ids, train), ("val", val_ids, val)):
-            sks, sk_stats = _cached_skeletons(data, rl, opts, (shot, split, tuple(ids)) + filter_key, ids)
+        splits = [(ids, out, _cached_skeletons(data, rl, opts, (shot, split, tuple(ids)) + filter_key, ids))
+                  for split, ids, out in (("train", train_ids, train), ("val", val_ids, val))]
+        check_reward_fields(rl, [sk for _, _, (sks, _) in splits for sk in sks], opts.reward_mode)
+        for ids, out, (sks, sk_stats) in splits:
             st.add(sk_stats)
             out += groups_from_skeletons(rl, sks, opts, embeddings=data.embeddings, infoscores=infos, stats=st)
         stats[shot] = st
