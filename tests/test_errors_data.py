@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from leverplus.data.formats.beam_json import write_beam_json
 from leverplus.data.formats.embeddings import read_embeddings
 from leverplus.data.formats.io import atomic_write_json, remove_stale_temps, temp_prefix
 from leverplus.data.formats.rl_json import write_rl_json
@@ -33,9 +34,9 @@ def _candidates(qid: int, rewards):
              "vqa_eval_mode": "vqaEval"} for j, (h, s) in enumerate(rewards)]
 
 
-def make_files(tmp_path: Path, edit=None, emb=None):
-    """A tiny Lever-Plus input set (embeddings + one RL file, no beams): 10 queries of 4 candidates each.
-    ``edit(records)`` changes the records before they are written."""
+def make_files(tmp_path: Path, edit=None, emb=None, beams=False):
+    """A tiny Lever-Plus input set (embeddings + one RL file; with ``beams`` a beam JSON too, so SFT runs): 10 queries
+    of 4 candidates each. ``edit(records)`` changes the records before they are written."""
     torch.manual_seed(0)
     emb_path = tmp_path / "emb.pt"
     torch.save(torch.randn(N, D) if emb is None else emb, emb_path)
@@ -46,6 +47,9 @@ def make_files(tmp_path: Path, edit=None, emb=None):
         edit(records)
     rl_path = tmp_path / "rl.json"
     write_rl_json(rl_path, records, {"notes": "test"})
+    if beams:
+        write_beam_json(tmp_path / "beams.json", {q: {"id_list": [c["pointer"] + [q] for c in r["pointer_candidates"][:2]],
+                                                      "score_list": [0.2, 0.1]} for q, r in records.items()})
     return emb_path, rl_path
 
 
@@ -352,3 +356,85 @@ def test_an_edited_stage_cache_entry_fails_its_hash(tmp_path):
     with pytest.warns(UserWarning, match="does not match its stored sha256"):
         assert cache.get("rce", "k") is None
     assert not path.exists()
+
+
+def _results(tmp_path: Path) -> dict:
+    """The run's metrics without its timings."""
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
+    return {k: v for k, v in metrics.items() if not k.endswith("_s")}
+
+
+def test_damaged_sft_and_rce_cache_entries_are_recomputed_with_the_same_result(tmp_path, compose_cfg):
+    emb, rl = make_files(tmp_path, beams=True)
+    extra = [f"data.files.beam_json={tmp_path / 'beams.json'}", "rce.cache=true", "sft.epochs=1"]
+    run(files_cfg(compose_cfg, tmp_path, emb, rl, *extra))
+    clean = _results(tmp_path)
+    sft, rce = (next((tmp_path / "cache" / "stages" / stage).glob("*.pt")) for stage in ("sft", "rce"))
+    data = bytearray(sft.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])  # flipped bytes
+    sft.write_bytes(bytes(data))
+    rce.write_bytes(rce.read_bytes()[:-300])  # truncated
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(files_cfg(compose_cfg, tmp_path, emb, rl, *extra))
+    told = [str(w.message) for w in caught if "stage cache entry" in str(w.message)]
+    assert len(told) == 2 and str(sft) in told[0] and str(rce) in told[1], told
+    assert all("deleted, the stage is recomputed" in m for m in told)
+    assert _results(tmp_path) == clean
+    # recomputed entries are sound again: a third run hits both without a word
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(files_cfg(compose_cfg, tmp_path, emb, rl, *extra))
+    assert not [w for w in caught if "stage cache entry" in str(w.message)]
+
+
+# ---------------------------------------------------------------------------------------------- simulated world
+
+
+@pytest.fixture
+def tiny_params(compose_cfg):
+    from omegaconf import OmegaConf
+
+    from leverplus.config.sim_params import SimParams
+
+    return SimParams.from_mapping(OmegaConf.to_container(compose_cfg(["data=sim_tiny"]).data.sim))
+
+
+def test_an_edited_world_file_is_detected_and_the_world_regenerated(tmp_path, tiny_params):
+    from leverplus.sim.source import verified_world
+
+    paths = verified_world(tiny_params, tmp_path)
+    rl = paths.rl_json[2]
+    original = rl.read_bytes()
+    obj = json.loads(original)
+    for key, rec in obj.items():  # valid JSON, rewards inverted
+        if not key.startswith("_"):
+            for c in rec["pointer_candidates"]:
+                c["vqa_correct"] = 1 - c["vqa_correct"]
+    rl.write_text(json.dumps(obj))
+    with pytest.warns(UserWarning, match=f"simulated world {paths.root}: {rl} does not match the sha256 its manifest"):
+        again = verified_world(tiny_params, tmp_path)
+    assert again == paths and rl.read_bytes() == original  # regenerated: the same bytes as first generated
+    # a truncated tensor file is caught the same way
+    paths.eval_embeddings["val"].write_bytes(paths.eval_embeddings["val"].read_bytes()[:200])
+    with pytest.warns(UserWarning, match="val_embeddings.pt: is a damaged or truncated torch file"):
+        verified_world(tiny_params, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        verified_world(tiny_params, tmp_path)  # sound again: no warning
+
+
+def test_temp_folders_of_a_killed_world_generation_are_removed(tmp_path, tiny_params):
+    from leverplus.config.sim_params import params_hash
+    from leverplus.sim.source import verified_world
+
+    h = params_hash(tiny_params)
+    tmp_path.mkdir(exist_ok=True)
+    stale = tmp_path / f".{h}.tmp-abc123"
+    (stale / "half").mkdir(parents=True)
+    (stale / "half" / "train_embeddings.pt").write_bytes(b"PK")
+    with pytest.warns(UserWarning, match=f"removing {stale}, left by an interrupted world generation"):
+        paths = verified_world(tiny_params, tmp_path)
+    assert not stale.exists() and paths.manifest.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([h, f"{h}.lock"])
