@@ -48,8 +48,9 @@ def make_files(tmp_path: Path, edit=None, emb=None, beams=False):
     rl_path = tmp_path / "rl.json"
     write_rl_json(rl_path, records, {"notes": "test"})
     if beams:
-        write_beam_json(tmp_path / "beams.json", {q: {"id_list": [c["pointer"] + [q] for c in r["pointer_candidates"][:2]],
-                                                      "score_list": [0.2, 0.1]} for q, r in records.items()})
+        beam_records = {q: {"id_list": [c["pointer"] + [q] for c in r["pointer_candidates"][:2]],
+                            "score_list": [0.2, 0.1]} for q, r in records.items()}
+        write_beam_json(tmp_path / "beams.json", beam_records)
     return emb_path, rl_path
 
 
