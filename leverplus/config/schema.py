@@ -96,6 +96,10 @@ class DataConfig:
     filter_gen_methods: Optional[List[str]] = None
     require_positive_query: bool = False
     positive_reward_threshold: float = 1.0  # reference: any(r >= 1.0) on the *reward* (mode-dependent)
+    # Curation (reference#data-surgery; leverplus/data/curation.py), on the candidates the filters keep; off = all.
+    mixed_queries: bool = False  # keep only queries with >= 1 correct and >= 1 wrong candidate (the "balanced" filter)
+    positive_ratio_min: float = 0.0  # keep queries whose share of correct candidates is in [min, max]
+    positive_ratio_max: float = 1.0  # (VQAv2 "balanced" data: [0.4, 0.6])
     max_pool_size: int = 64  # reference truncates pools to 64; a pointer outside the truncated pool is an error
     # Group normalisation (reference#reward-normalisation).
     normalize_method: NormalizeMethod = NormalizeMethod.z_score_clamp

@@ -21,7 +21,8 @@ NORMALIZATION_MODES = ("official", "lever_plus")
 
 #: Bump whenever generated files would change for the same parameters (invalidates every cache entry).
 #: "2": the official VQA accuracy follows vqaEval.py at a013f00 (vqa_acc_score / vqa_correct of the RL files moved).
-GENERATOR_VERSION = "2"
+#: "3": every RL candidate carries ``info_score`` (its ICDs' InfoScore, for the ``hybrid`` reward).
+GENERATOR_VERSION = "3"
 
 #: Answer types the world knows (their vocabularies live in ``leverplus.sim.world.VOCABULARY``).
 KNOWN_ANSWER_TYPES = ("yes/no", "number", "color", "object", "other")

@@ -61,6 +61,9 @@ def _check_data(d: Any) -> None:
     _need(len(d.shot_nums) > 0 and all(s >= 1 for s in d.shot_nums), "data.shot_nums", "must list shot counts >= 1",
           "e.g. [2]")
     _need(d.max_pool_size >= 1, "data.max_pool_size", f"must be >= 1, got {d.max_pool_size}", "e.g. 64")
+    _need(0.0 <= d.positive_ratio_min <= d.positive_ratio_max <= 1.0, "data.positive_ratio_min",
+          f"needs 0 <= positive_ratio_min <= positive_ratio_max <= 1, got [{d.positive_ratio_min}, "
+          f"{d.positive_ratio_max}]", "e.g. data.positive_ratio_min=0.4 data.positive_ratio_max=0.6")
     _need(d.split_file is not None or 0.0 < d.train_fraction < 1.0, "data.train_fraction",
           f"must be in (0, 1), got {d.train_fraction}", "e.g. data.train_fraction=0.8")
 

@@ -12,10 +12,17 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from leverplus.config.reward_modes import REWARD_MODE_SPECS, needs_infoscores
+from leverplus.config.reward_modes import REWARD_MODE_SPECS, info_field, needs_infoscores
+from leverplus.data.curation import Curation
 from leverplus.data.formats.beam_json import BeamRecord
 from leverplus.data.formats.rl_json import VARIANT_ABSENT_FIELDS, RLData
-from leverplus.data.rewards import compute_reward, hybrid_info_values, normalize_group, sequence_diversity
+from leverplus.data.rewards import (
+    compute_reward,
+    group_info_scores,
+    hybrid_info_values,
+    normalize_group,
+    sequence_diversity,
+)
 from leverplus.errors import LeverPlusInputError
 from leverplus.utils import enum_value
 
@@ -63,8 +70,15 @@ class GroupOptions:
     require_positive_query: bool = False
     positive_reward_threshold: float = 1.0
     max_pool_size: int = 64
+    mixed_queries: bool = False
+    positive_ratio_min: float = 0.0
+    positive_ratio_max: float = 1.0
     normalize_method: str = "z_score_clamp"
     normalize_clamp: float = 3.0
+
+    @property
+    def curation(self) -> Curation:
+        return Curation(self.mixed_queries, self.positive_ratio_min, self.positive_ratio_max)
 
     @classmethod
     def from_config(cls, data_cfg, reward_cfg) -> "GroupOptions":
@@ -86,6 +100,9 @@ class GroupOptions:
             require_positive_query=data_cfg.require_positive_query,
             positive_reward_threshold=data_cfg.positive_reward_threshold,
             max_pool_size=data_cfg.max_pool_size,
+            mixed_queries=data_cfg.mixed_queries,
+            positive_ratio_min=data_cfg.positive_ratio_min,
+            positive_ratio_max=data_cfg.positive_ratio_max,
             normalize_method=enum_value(data_cfg.normalize_method),
             normalize_clamp=data_cfg.normalize_clamp,
         )
@@ -200,10 +217,12 @@ def group_skeletons(
     query_ids: Optional[Sequence[int]] = None,
     stats: Optional[FilterStats] = None,
 ) -> List[GroupSkeleton]:
-    """Filter the candidates and build pools and labels (the first half of :func:`build_groups`). Reads only the
-    filter and pool options of ``opts``; records queries/candidates in and every filter drop in ``stats``."""
+    """Filter the candidates, then the queries (curation, leverplus/data/curation.py), and build pools and labels
+    (the first half of :func:`build_groups`). Reads only the filter, curation and pool options of ``opts``; records
+    queries/candidates in and every filter drop in ``stats``."""
     stats = stats if stats is not None else FilterStats()
     wanted = set(query_ids) if query_ids is not None else None
+    curation = opts.curation
     out: List[GroupSkeleton] = []
     for qid, q in rl.queries.items():
         if wanted is not None and qid not in wanted:
@@ -212,6 +231,10 @@ def group_skeletons(
         kept = _kept_candidates(q, opts, stats)
         if not kept:
             stats.drop("empty_query")
+            continue
+        reason = curation.drop_reason([c.raw for c in kept])
+        if reason is not None:
+            stats.drop(reason)
             continue
         pool = _query_pool(qid, q, kept, opts, fallback_pools)
         labels = _local_labels(rl, qid, kept, pool, opts)
@@ -305,9 +328,24 @@ def _candidate_reward(rl: RLData, qid: int, c: Any, info: Optional[float], opts:
     return float(r)
 
 
-def _info_values(sk: GroupSkeleton, opts: GroupOptions,
+def _field_info_values(rl: RLData, sk: GroupSkeleton, name: str, mode: str) -> List[Optional[float]]:
+    """``group_info_scores`` of the kept candidates' ``name`` field; a candidate without it names the file."""
+    for c in sk.kept:
+        if c.raw.get(name) is None:
+            raise LeverPlusInputError(
+                f"reward.mode={mode} needs {name} on every candidate and this one has none (a file written before "
+                "the RL-data generator stored it?)", file=rl.path, record=f"query {sk.query_id}, candidate {c.index}",
+                field=name, fix="regenerate the RL data with leverplus.generate_rl_data, or use "
+                                "reward.mode=hybrid_legacy (beam-JSON InfoScores, else beam_score)")
+    return list(group_info_scores([c.raw for c in sk.kept], name))
+
+
+def _info_values(rl: RLData, sk: GroupSkeleton, opts: GroupOptions,
                  infoscores: Optional[Mapping[int, Mapping[Tuple[int, ...], float]]]) -> List[Optional[float]]:
-    """The hybrid reward's info term per kept candidate (None for every other reward mode)."""
+    """The hybrid rewards' info term per kept candidate (None for every other reward mode)."""
+    name = info_field(opts.reward_mode)
+    if name is not None:
+        return _field_info_values(rl, sk, name, opts.reward_mode)
     if not needs_infoscores(opts.reward_mode):
         return [None] * len(sk.kept)
     table = (infoscores or {}).get(sk.query_id, {})
@@ -330,10 +368,11 @@ def groups_from_skeletons(
     groups: List[Group] = []
     if needs_infoscores(opts.reward_mode) and not infoscores:
         # Still works (falls back to beam_score), but say so once.
-        warnings.warn("reward.mode=hybrid without a beam JSON: info falls back to each candidate's beam_score")
+        warnings.warn(f"reward.mode={opts.reward_mode} without a beam JSON: info falls back to each candidate's "
+                      "beam_score")
     for sk in skeletons:
         qid, kept = sk.query_id, sk.kept
-        info_vals = _info_values(sk, opts, infoscores)
+        info_vals = _info_values(rl, sk, opts, infoscores)
         rewards = [_candidate_reward(rl, qid, c, info, opts, embeddings) for c, info in zip(kept, info_vals)]
         if opts.require_positive_query and not any(r >= opts.positive_reward_threshold for r in rewards):
             stats.drop("no_positive")

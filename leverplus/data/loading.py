@@ -187,7 +187,8 @@ def prepare_groups(cfg, data: LoadedData, *, with_sft: bool = True) -> PreparedG
     infos = infoscore_lookup(data.beams) if needs_infoscores(opts.reward_mode) else None
     train, val, stats = [], [], {}
     filter_key = (opts.drop_eval_errors, opts.skip_fallback_reward,
-                  tuple(opts.filter_gen_methods) if opts.filter_gen_methods is not None else None, opts.max_pool_size)
+                  tuple(opts.filter_gen_methods) if opts.filter_gen_methods is not None else None, opts.max_pool_size,
+                  opts.curation)
     for shot, rl in sorted(data.rl.items()):
         train_ids, val_ids = split_query_ids(list(rl.queries), cfg.data.train_fraction, cfg.data.split_file)
         st = FilterStats()
@@ -202,7 +203,8 @@ def prepare_groups(cfg, data: LoadedData, *, with_sft: bool = True) -> PreparedG
         raise LeverPlusInputError(
             "no training query survived the filters",
             field="data",
-            fix="check data.skip_fallback_reward / filter_gen_methods / require_positive_query",
+            fix="check data.skip_fallback_reward / filter_gen_methods / require_positive_query / mixed_queries / "
+                "positive_ratio_min / positive_ratio_max",
         )
     check_reward_contrast(train, [data.rl[s].path for s in sorted(data.rl)], enum_value(cfg.reward.mode))
     sft_train: List[Group] = []

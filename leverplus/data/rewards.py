@@ -15,6 +15,8 @@ Candidate fields (reference#formats-rl-json), read as ``float(field or 0)`` so a
 * ``p = vqa_gt_prob``     (expected-accuracy probability, not bounded by 1)
 * ``ρ = vqa_rel_score``   (answer relevance)
 
+* ``info_score``         (InfoScore of the candidate's ICDs, written by the RL-data generator; ``hybrid`` only)
+
 ``normalize_group`` turns the raw rewards of one query's group into ``beam_rewards`` (reference#reward-normalisation).
 """
 
@@ -28,7 +30,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from leverplus.config.reward_modes import REWARD_MODE_SPECS
+from leverplus.config.reward_modes import REWARD_MODE_SPECS, takes_info
 from leverplus.errors import LeverPlusInputError
 
 RewardFn = Callable[..., float]
@@ -41,7 +43,7 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     """Decorator: add ``fn(candidate, *, <knobs>) -> float`` (unclipped) to ``REWARD_MODES`` under ``name``.
 
     ``name`` must be declared in ``REWARD_MODE_SPECS``, and ``fn``'s keyword-only arguments must be exactly the
-    declared ``reads`` (plus ``info`` for a mode that ``needs_infoscores``): what the run key drops as ignored is then
+    declared ``reads`` (plus ``info`` for a mode that ``takes_info``): what the run key drops as ignored is then
     what the formula really does not receive.
     """
 
@@ -53,7 +55,7 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
         if spec is None:
             raise LeverPlusInputError(f"reward mode {name!r} is not declared", field="reward_mode",
                                       fix="add it to REWARD_MODE_SPECS in leverplus/config/reward_modes.py")
-        declared = set(spec.reads) | ({"info"} if spec.needs_infoscores else set())
+        declared = set(spec.reads) | ({"info"} if takes_info(name) else set())
         if _keyword_args(fn) != declared:
             raise LeverPlusInputError(
                 f"reward mode {name!r}: the function takes {sorted(_keyword_args(fn))}, the declaration reads "
@@ -179,28 +181,42 @@ def legacy(c: Mapping, *, reward_alpha: float, reward_beta: float, correctness_m
     return reward_alpha * quality + reward_beta * correctness
 
 
-@register_reward("hybrid")
-def hybrid(c: Mapping, *, hard_weight: float, soft_weight: float, info: Optional[float], info_weight: float) -> float:
-    """``info_weight·info + (1 − info_weight)·corr`` with ``corr`` the ``separated`` reward.
-
-    The reference accepts ``hybrid`` on the CLI and then raises; the historical version (commit 78592f6) mixed in
-    the pointer-net ``beam_score``. Here ``info`` in [0, 1] is the group-scaled InfoScore computed by
-    ``hybrid_info_values`` and passed in by the caller; ``corr`` with hw = sw = 1 is the historical ``2 + s``.
-    """
+def _info_mix(c: Mapping, mode: str, helper: str, *, hard_weight: float, soft_weight: float, info: Optional[float],
+              info_weight: float) -> float:
+    """``info_weight·info + (1 − info_weight)·corr`` with ``corr`` the ``separated`` reward and ``info`` in [0, 1]."""
     if info is None:
         raise LeverPlusInputError(
-            "reward mode 'hybrid' needs an InfoScore value (info) for each candidate", field="info",
-            fix="compute per group with leverplus.rewards.hybrid_info_values(candidates, infoscores) and pass "
-                "info=values[i] to compute_reward")
+            f"reward mode {mode!r} needs a group-scaled InfoScore value (info) for each candidate", field="info",
+            fix=f"compute per group with leverplus.data.rewards.{helper} and pass info=values[i] to compute_reward")
     info = _to_float(info, "info")
     if not 0.0 <= info <= 1.0:
         raise LeverPlusInputError(f"info must lie in [0, 1], got {info}", field="info",
-                                  fix="pass the min-max scaled value from hybrid_info_values")
+                                  fix=f"pass the min-max scaled value from {helper}")
     if not 0.0 <= info_weight <= 1.0:
         raise LeverPlusInputError(f"info_weight must lie in [0, 1], got {info_weight}", field="info_weight",
                                   fix="choose a mixing weight between 0 (correctness only) and 1 (InfoScore only)")
     corr = separated(c, hard_weight=hard_weight, soft_weight=soft_weight)
     return info_weight * info + (1.0 - info_weight) * corr
+
+
+@register_reward("hybrid")
+def hybrid(c: Mapping, *, hard_weight: float, soft_weight: float, info: Optional[float], info_weight: float) -> float:
+    """``info_weight·info + (1 − info_weight)·corr`` with ``corr`` the ``separated`` reward (reference#reward-modes).
+
+    ``info`` in [0, 1] is the candidate's ``info_score`` min-max scaled against the other InfoScores of its group
+    (:func:`group_info_scores`, passed in by the caller); ``corr`` with hw = sw = 1 is the historical ``2 + s``.
+    """
+    return _info_mix(c, "hybrid", "group_info_scores(candidates)", hard_weight=hard_weight,
+                     soft_weight=soft_weight, info=info, info_weight=info_weight)
+
+
+@register_reward("hybrid_legacy")
+def hybrid_legacy(c: Mapping, *, hard_weight: float, soft_weight: float, info: Optional[float],
+                  info_weight: float) -> float:
+    """The same mix with the earlier ``info``: :func:`hybrid_info_values` (the beam JSON's InfoScore when the
+    pointer matches an InfoScore beam, else the pointer net's ``beam_score``, min-max scaled together)."""
+    return _info_mix(c, "hybrid_legacy", "hybrid_info_values(candidates, infoscores)", hard_weight=hard_weight,
+                     soft_weight=soft_weight, info=info, info_weight=info_weight)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,14 +260,37 @@ def compute_reward(
                  info_weight=info_weight)
     spec = REWARD_MODE_SPECS[mode]
     params = {k: knobs[k] for k in spec.reads}
-    if spec.needs_infoscores:
+    if takes_info(mode):
         params["info"] = info
     reward = REWARD_MODES[mode](candidate, **params)
     return max(-clip, min(clip, float(reward)))
 
 
+def group_info_scores(candidates: Sequence[Mapping], field: str = "info_score") -> list[float]:
+    """``hybrid``'s ``info``: each candidate's ``field`` min-max scaled against the group's other values, in [0, 1].
+
+    ``(x − min) / (max − min)`` over the group; 0.5 for every candidate when all values are equal (a single
+    candidate included: no ordering information). Every candidate must carry the field (the RL-data generator
+    writes it for all of them); a missing or null one raises ``LeverPlusInputError`` naming the candidate index.
+    """
+    raw: list[float] = []
+    for i, c in enumerate(candidates):
+        value = c.get(field) if isinstance(c, Mapping) else None
+        if value is None:
+            raise LeverPlusInputError(f"candidate {i} of the group has no {field}", field=field,
+                                      fix="regenerate the RL data (leverplus.generate_rl_data writes it for every "
+                                          "candidate) or use reward.mode=hybrid_legacy")
+        raw.append(_to_float(value, field))
+    if not raw:
+        return []
+    lo, hi = min(raw), max(raw)
+    if hi == lo:
+        return [0.5] * len(raw)
+    return [(x - lo) / (hi - lo) for x in raw]
+
+
 def hybrid_info_values(candidates: Sequence[Mapping], infoscores: Sequence[Optional[float]]) -> list[float]:
-    """Group-scaled InfoScore in [0, 1] for each candidate of one query, for ``hybrid``.
+    """Group-scaled InfoScore in [0, 1] for each candidate of one query, for ``hybrid_legacy``.
 
     Choice made here (the reference has no working ``hybrid``):
     * raw value = ``infoscores[i]`` when not None (the caller fills it from the beam JSON when the candidate's

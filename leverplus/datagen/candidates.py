@@ -198,8 +198,10 @@ def eval_mode_percent(counts: dict[str, int], ndigits: int = 2) -> dict[str, flo
 
 def candidate_record(cand: dict, pool_ids: Sequence[int], *, local_pool: bool, raw: str, pred: str, correct: int,
                      acc: float, gt_prob: float, rel: dict, mode: str, split_used: Optional[str],
-                     failed: bool, prompt: Optional[tuple[str, int]] = None) -> dict:
-    """The reference#formats-rl-json candidate dict, fields in the reference's order (file bytes depend on it)."""
+                     failed: bool, prompt: Optional[tuple[str, int]] = None,
+                     info_score: Optional[float] = None) -> dict:
+    """The reference#formats-rl-json candidate dict, fields in the reference's order (file bytes depend on it);
+    ``info_score`` (the ICDs' InfoScore, for the ``hybrid`` reward) follows the relevance fields when given."""
     positions = [int(i) for i in cand["pointer"]]
     glob = [int(pool_ids[i]) for i in positions]
     out: dict[str, Any] = {"pointer": positions if local_pool else glob}
@@ -211,8 +213,10 @@ def candidate_record(cand: dict, pool_ids: Sequence[int], *, local_pool: bool, r
                 "vqa_raw_generation": raw, "vqa_pred_answer": pred})
     if prompt is not None:
         out["vqa_prompt_text"], out["vqa_prompt_len"] = prompt[0], int(prompt[1])
-    out.update({"vqa_correct": int(correct), "vqa_acc_score": float(acc), "vqa_gt_prob": float(gt_prob), **rel,
-                "vqa_eval_mode": mode, "eval_split_used": split_used, "eval_failed": bool(failed)})
+    out.update({"vqa_correct": int(correct), "vqa_acc_score": float(acc), "vqa_gt_prob": float(gt_prob), **rel})
+    if info_score is not None:
+        out["info_score"] = float(info_score)
+    out.update({"vqa_eval_mode": mode, "eval_split_used": split_used, "eval_failed": bool(failed)})
     return out
 
 
@@ -296,7 +300,8 @@ def score_queries(scorer: "Scorer", split: str, jobs: Sequence[QueryJob], *, str
                   normalization: str = "official") -> tuple[dict[int, Optional[dict]], ScoreCounts]:
     """Answer and score every candidate of ``jobs`` (one scorer batch over all their prompts), reference#rldata-driver
     order: generate, score (reference#correctness), ``vqa_gt_prob`` (reference#gt-prob), relevance
-    (reference#relevance), then reference#formats-rl-json fields.
+    (reference#relevance), ``info_score`` (``Scorer.info_score_batch``: one teacher-forced pass per candidate, for
+    the ``hybrid`` reward), then reference#formats-rl-json fields.
 
     Correctness: the official VQA metric (``vqa_eval_mode="vqaEval"``) when ``scorer.official_answers`` has the
     query's annotations; otherwise strict evaluation drops the candidate (reference default) and non-strict uses
@@ -313,6 +318,7 @@ def score_queries(scorer: "Scorer", split: str, jobs: Sequence[QueryJob], *, str
     if flat_q:
         raws = scorer.generate(split, flat_q, flat_icds)
         gt_probs = scorer.vqa_gt_prob_batch(split, flat_q, flat_icds)
+        infos = scorer.info_score_batch(split, flat_q, flat_icds)
         prompts = scorer.prompts(split, flat_q, flat_icds) if save_prompts else None
     ctx = _Scoring(scorer, split, strict_eval, normalization, acc_cache, rel_cache, ScoreCounts())
     records: dict[int, Optional[dict]] = {}
@@ -325,7 +331,7 @@ def score_queries(scorer: "Scorer", split: str, jobs: Sequence[QueryJob], *, str
         official = scorer.official_answers(split, q)
         out = []
         for c in job.candidates:
-            raw, gt_prob, icds = raws[k], float(gt_probs[k]), flat_icds[k]
+            raw, gt_prob, icds, info = raws[k], float(gt_probs[k]), flat_icds[k], float(infos[k])
             prompt = prompts[k] if prompts is not None else None
             k += 1
             pred = vqa_postprocess(raw)
@@ -336,7 +342,7 @@ def score_queries(scorer: "Scorer", split: str, jobs: Sequence[QueryJob], *, str
             ctx.counts.modes[mode] += 1
             out.append(candidate_record(c, job.pool_ids, local_pool=job.local_pool, raw=raw, pred=pred,
                                         correct=correct, acc=acc, gt_prob=gt_prob, rel=rel, mode=mode,
-                                        split_used=split_used, failed=failed, prompt=prompt))
+                                        split_used=split_used, failed=failed, prompt=prompt, info_score=info))
         if not out:
             ctx.counts.empty_queries.append(q)
         records[q] = _query_record(job, query, out) if out else None

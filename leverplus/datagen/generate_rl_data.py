@@ -303,6 +303,7 @@ def _generation_block(cfg: DictConfig, *, query_desc: dict, pool_desc: dict, set
         "generator": f"leverplus.{LABEL}", "shot_num": int(cfg.shot_num), "seed": int(cfg.seed),
         "strict_eval": bool(cfg.strict_eval), "save_prompts": bool(cfg.save_prompts), "queries": query_desc,
         "vqa_normalization": norm,
+        "info_score": "P(answer | ICDs + query) - P(answer | query)",  # written for every candidate
         "pool": pool_desc, "candidates": settings.as_dict(),
         "selector": {"checkpoint": Path(cfg.selector.checkpoint).name,
                      "fingerprint": file_fingerprint(cfg.selector.checkpoint),

@@ -1,6 +1,7 @@
 """``python -m leverplus.inspect_data FILE [FILE ...]``: a data-quality report of RL-data JSON files (reference#formats-rl-json).
 
-Per file: queries, candidates per query, generator mix, eval-mode shares, positive ratio, and for each reward mode
+Per file: queries, candidates per query, generator mix, eval-mode shares, positive ratio, the ``hybrid`` reward's
+InfoScore coverage (the share of candidates with a real ``info_score``), and for each reward mode
 (reference#reward-modes, default weights) the histogram of reward levels and the share of zero-variance groups — computed on the
 *training view* (what ``leverplus.train`` keeps by default: ``eval_failed``/``error`` and ``fallback`` candidates
 dropped), since a group whose rewards are all equal teaches RCE/GRPO nothing. Problems are flagged; ``--strict``
@@ -17,7 +18,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from leverplus.data.formats.beam_json import read_beam_json
 from leverplus.data.formats.rl_json import RLData, read_rl_json
+from leverplus.data.groups import infoscore_lookup
 from leverplus.data.rewards import compute_reward
 from leverplus.errors import LeverPlusInputError
 
@@ -72,6 +75,24 @@ class FileReport:
     rewards: Dict[str, RewardStats]
     finished: bool  # the file has _meta (not an interim save)
     problems: List[str] = field(default_factory=list)
+    info_score_coverage: float = 0.0  # candidates with a finite info_score (hybrid needs 1.0)
+    beam_match_coverage: Optional[float] = None  # with a beam JSON: candidates equal to an InfoScore beam
+
+
+def beam_match_coverage(data: RLData, beam_json: str) -> float:
+    """The share of candidates whose pointer equals one of their query's InfoScore beams: the candidates that
+    ``hybrid_legacy`` gives a real InfoScore (the others fall back to ``beam_score``)."""
+    beams = infoscore_lookup(read_beam_json(beam_json))
+    hits = sum(c.pointer in beams.get(qid, {}) for qid, q in data.queries.items() for c in q.candidates)
+    return round(hits / data.num_candidates, 4) if data.num_candidates else 0.0
+
+
+def info_score_coverage(cands: Sequence[dict]) -> float:
+    """The share of candidates carrying a real (non-null) ``info_score``: what ``reward.mode=hybrid`` reads; it
+    refuses a file below 1.0 (``hybrid_legacy`` works without the field)."""
+    if not cands:
+        return 0.0
+    return round(sum(c.get("info_score") is not None for c in cands) / len(cands), 4)
 
 
 def _is_positive(c: dict) -> bool:
@@ -202,8 +223,9 @@ def _size_summary(sizes: List[int]) -> Dict[str, float]:
 
 def inspect_rl(path: str, *, shot_num: Optional[int] = None, modes: Sequence[str] = DEFAULT_MODES,
                ndigits: int = 4, max_levels: int = 12, zero_variance_warn: float = 0.5,
-               max_pool_size: int = 64) -> FileReport:
-    """Statistics and problems of one RL file (validated by ``read_rl_json`` first)."""
+               max_pool_size: int = 64, beam_json: Optional[str] = None) -> FileReport:
+    """Statistics and problems of one RL file (validated by ``read_rl_json`` first); with ``beam_json`` also the
+    share of candidates that match an InfoScore beam (``hybrid_legacy``'s coverage)."""
     data: RLData = read_rl_json(path, shot_num=shot_num)
     sizes = [len(q.candidates) for q in data.queries.values()]
     cands = [c.raw for q in data.queries.values() for c in q.candidates]
@@ -216,6 +238,10 @@ def inspect_rl(path: str, *, shot_num: Optional[int] = None, modes: Sequence[str
     kept_groups = _training_view(data)
     rewards = _reward_stats(kept_groups, modes, ndigits, max_levels)
     first, last = _meta_problems(data, path, modes_count)
+    coverage = info_score_coverage(cands)
+    if 0.0 < coverage < 1.0:
+        last.append(f"only {100 * coverage:.2f}% of candidates have info_score: reward.mode=hybrid refuses this file "
+                    "(regenerate it, or use hybrid_legacy)")
     problems = (first + _mode_problems(cands, modes_count, share)
                 + _group_problems(data, kept_groups, rewards, zero_variance_warn)
                 + _content_problems(data, cands, positives, max_pool_size) + last)
@@ -226,7 +252,8 @@ def inspect_rl(path: str, *, shot_num: Optional[int] = None, modes: Sequence[str
         positive_ratio=round(sum(positives) / n, 4) if n else 0.0, queries_all_positive=all_pos,
         queries_all_negative=all_neg,
         training_view={"queries": len(kept_groups), "candidates": sum(len(g) for g in kept_groups)},
-        rewards=rewards, finished=bool(data.meta), problems=problems)
+        rewards=rewards, finished=bool(data.meta), problems=problems, info_score_coverage=coverage,
+        beam_match_coverage=beam_match_coverage(data, beam_json) if beam_json else None)
 
 
 def format_report(r: FileReport) -> str:
@@ -241,6 +268,10 @@ def format_report(r: FileReport) -> str:
              f"all negative {r.queries_all_negative}",
              f"training view (default filters): {r.training_view['queries']} queries, "
              f"{r.training_view['candidates']} candidates",
+             f"hybrid InfoScore coverage {100 * r.info_score_coverage:.2f}% of candidates have info_score"
+             + ("" if r.info_score_coverage == 1.0 else " (reward.mode=hybrid needs 100%; hybrid_legacy does not)")
+             + ("" if r.beam_match_coverage is None else
+                f"; hybrid_legacy: {100 * r.beam_match_coverage:.2f}% match an InfoScore beam"),
              "reward levels (training view):"]
     for mode, s in r.rewards.items():
         kind = f"{s.distinct_levels} levels, binned" if s.binned else f"{s.distinct_levels} levels"
@@ -258,6 +289,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), help="reward modes to histogram")
     parser.add_argument("--zero-variance-warn", type=float, default=0.5,
                         help="flag when this share of groups has zero variance under hard_plus_soft")
+    parser.add_argument("--beam-json", default=None,
+                        help="InfoScore beam JSON: also report the share of candidates hybrid_legacy finds in it")
     parser.add_argument("--json", action="store_true", help="print the reports as JSON")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if any problem is flagged")
     args = parser.parse_args(argv)
@@ -265,7 +298,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         for path in args.files:
             reports.append(inspect_rl(path, shot_num=args.shot_num, modes=args.modes,
-                                      zero_variance_warn=args.zero_variance_warn))
+                                      zero_variance_warn=args.zero_variance_warn, beam_json=args.beam_json))
     except LeverPlusInputError as e:
         print(f"[leverplus] error: {e}", file=sys.stderr)
         return 2

@@ -82,7 +82,7 @@ class SimScorer(Scorer):
         if len(lengths) > 1:
             raise LeverPlusInputError(f"one batch must have one ICD count, got {sorted(lengths)}", field="icd_lists")
         q = np.asarray(query_indices, dtype=np.int64).reshape(-1)
-        icds = np.asarray([list(x) for x in icd_lists], dtype=np.int64).reshape(len(q), -1)
+        icds = np.asarray([list(x) for x in icd_lists], dtype=np.int64).reshape(len(q), lengths.pop() if lengths else 0)
         return q, icds
 
     def generate(self, split: str, query_indices: Sequence[int], icd_lists: Sequence[Sequence[int]]) -> List[str]:

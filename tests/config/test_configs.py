@@ -110,8 +110,8 @@ def test_the_reward_modes_agree_everywhere():
     assert set(REWARD_MODE_SPECS) == {m.value for m in RewardMode} == set(REWARD_MODES)
     mode_specific = {f for f in RewardConfig.__dataclass_fields__} - {"mode", "clip", "diversity_weight"}
     assert set(REWARD_KNOBS) == mode_specific
-    assert [m for m in REWARD_MODE_SPECS if needs_infoscores(m)] == ["hybrid"]
-    assert needs_infoscores(RewardMode.hybrid) and fields_read(RewardMode.legacy) == fields_read("legacy")
+    assert [m for m in REWARD_MODE_SPECS if needs_infoscores(m)] == ["hybrid_legacy"]
+    assert needs_infoscores(RewardMode.hybrid_legacy) and fields_read(RewardMode.legacy) == fields_read("legacy")
 
 
 def test_the_comparison_columns_are_the_logged_params_of_schema_fields(default):

@@ -63,8 +63,9 @@ def test_every_mode_positive_and_negative(mode, pos_w, neg_w, pos_d, neg_d):
 def test_registry_the_config_enum_and_the_hand_computed_cases_cover_the_same_modes():
     declared = set(REWARD_MODE_SPECS)
     assert set(REWARD_MODES) == declared == {m.value for m in RewardMode}
-    # every registered mode has a hand-computed case (hybrid: test_hybrid_reward_on_a_three_candidate_group)
-    assert {case[0] for case in MODE_CASES} | {"hybrid"} == set(REWARD_MODES)
+    # every registered mode has a hand-computed case (hybrid, hybrid_legacy: test_hybrid_reward_on_a_three_candidate_group
+    # and tests/data/test_hybrid_infoscore.py)
+    assert {case[0] for case in MODE_CASES} | {"hybrid", "hybrid_legacy"} == set(REWARD_MODES)
 
 
 # Every knob and candidate field set to a value that moves every formula reading it (clip out of the way).
@@ -104,10 +105,13 @@ def test_each_mode_reads_exactly_its_declared_candidate_fields(mode):
         return change
 
     every = sorted({f for spec in REWARD_MODE_SPECS.values() for f in spec.candidate_fields})
-    assert {"vqa_correct", "vqa_acc_score", "vqa_gt_prob", "vqa_rel_score", "logprob_score", "beam_score"} == set(every)
+    assert {"vqa_correct", "vqa_acc_score", "vqa_gt_prob", "vqa_rel_score", "logprob_score", "beam_score",
+            "info_score"} == set(every)
+    spec = REWARD_MODE_SPECS[mode]
     for name in every:
         moved = _moves(mode, [FULL_POS, FULL_NEG, NO_CORRECT], SETTINGS, bump(name))
-        assert moved == (name in REWARD_MODE_SPECS[mode].candidate_fields), (mode, name)
+        # an info_field is read through the group scaling (the info term), not by the per-candidate formula
+        assert moved == (name in spec.candidate_fields and name != spec.info_field), (mode, name)
 
 
 def test_rel_weight_scales_negative_relevance():
@@ -196,8 +200,10 @@ def test_hybrid_reward_on_a_three_candidate_group():
 
 
 def test_hybrid_errors():
-    with pytest.raises(LeverPlusInputError, match="hybrid_info_values"):
+    with pytest.raises(LeverPlusInputError, match="group_info_scores"):
         compute_reward(POS, "hybrid")
+    with pytest.raises(LeverPlusInputError, match="hybrid_info_values"):
+        compute_reward(POS, "hybrid_legacy")
     with pytest.raises(LeverPlusInputError, match=r"\[0, 1\]"):
         compute_reward(POS, "hybrid", info=1.5)
     with pytest.raises(LeverPlusInputError, match="info_weight"):

@@ -23,6 +23,7 @@ from leverplus.data.formats.embeddings import save_embeddings
 from leverplus.data.formats.rl_json import read_rl_json
 from leverplus.datagen import generate_beam_data as gb  # noqa: E402
 from leverplus.datagen import generate_rl_data as gr  # noqa: E402
+from leverplus.datagen.candidates import QueryJob, score_queries  # noqa: E402
 from leverplus.datagen.scorers.base import build_scorer
 from leverplus.datagen.scorers.config import HFScorerConfig, ScorerConfig
 from leverplus.datagen.scorers.hf import REFERENCE_SYSTEM_PROMPT, resolve_model_dir
@@ -274,3 +275,17 @@ def test_beam_generation_scores_infoscore_with_the_model(setup, tmp_path):
         # step-1 InfoScore = P(y | [c] + query) - P(y | query)
         assert rec.shot_scores[0][0] == pytest.approx(p1 - p0, rel=1e-4, abs=1e-7)
         assert all(a not in ids[:-1] for ids in rec.id_list)
+
+
+def test_every_rl_candidate_gets_its_infoscore_from_one_teacher_forced_pass(setup):
+    s = setup["scorer"]
+    got = s.info_score_batch("train", [0, 1, 0], [[2], [3], [4]])
+    y0, y1 = s.item("train", 0)["answer"], s.item("train", 1)["answer"]
+    p = s.answer_probs("train", [0, 1, 0, 0, 1], [[2], [3], [4], [], []], [y0, y1, y0, y0, y1])
+    # InfoScore = P(y | ICDs + query) − P(y | query)
+    assert got == pytest.approx([p[0] - p[3], p[1] - p[4], p[2] - p[3]], rel=1e-4, abs=1e-7)
+    cands = [{"gen_method": "random", "pointer": [i], "beam_rank": None, "beam_score": None, "logprob_score": None,
+              "temperature": None, "similarity_score": None} for i in (0, 1)]
+    recs, _ = score_queries(s, "train", [QueryJob(0, [2, 4], cands)], strict_eval=False)
+    assert [c["info_score"] for c in recs[0]["pointer_candidates"]] == pytest.approx([got[0], got[2]], rel=1e-4,
+                                                                                      abs=1e-7)

@@ -50,6 +50,7 @@ SWEEPS = {
     "skip_fallback": (ABLATION, {"data.skip_fallback_reward"} | PAIRS),
     "freeze_backbone": (ABLATION, {"grpo.freeze_backbone"} | PAIRS),
     "rce_vs_grpo_epochs": (ABLATION, {"rce.epochs", "grpo.epochs"} | PAIRS),
+    "data_curation": (ABLATION, {"data_variant"} | PAIRS),
     "grpo_optuna": (OPTUNA, {"grpo.lr", "grpo.epochs"}),
 }
 

@@ -37,7 +37,7 @@ SMALL = dict(num_train=240, num_anchors=40, num_val=12, num_test=15, candidate_n
 RL_FIELDS = {"pointer", "pointer_global", "pointer_pos", "gen_method", "beam_rank", "beam_score", "logprob_score",
              "temperature", "similarity_score", "vqa_raw_generation", "vqa_pred_answer", "vqa_correct",
              "vqa_acc_score", "vqa_gt_prob", "vqa_rel_token_f1", "vqa_rel_edit_sim", "vqa_rel_score",
-             "vqa_eval_mode", "eval_split_used", "eval_failed"}
+             "info_score", "vqa_eval_mode", "eval_split_used", "eval_failed"}
 
 
 @pytest.fixture(scope="module")

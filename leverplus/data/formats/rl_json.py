@@ -32,6 +32,7 @@ RL_NUMERIC_FIELDS = (
     "logprob_score",
     "similarity_score",
     "temperature",
+    "info_score",
 )
 #: Candidate fields that must be strings when present and not null.
 RL_STRING_FIELDS = ("gen_method", "vqa_eval_mode")

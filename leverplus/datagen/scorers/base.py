@@ -117,6 +117,21 @@ class Scorer(ABC):
         """One post-processed answer (the evaluator's ``Scorer`` protocol)."""
         return self.answer_batch(split, [query_index], [list(icd_ids)])[0]
 
+    def info_score_batch(self, split: str, query_indices: Sequence[int],
+                         icd_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """InfoScore of each prompt's ICDs: ``P(y | ICDs + query) − P(y | query)`` with ``y`` the item's ``answer``
+        (the beam search's target), by :meth:`answer_probs`: one teacher-forced pass per prompt plus one zero-shot
+        pass per distinct query. For an InfoScore beam this is the sum of its per-step ``shot_scores``."""
+        qs = [int(q) for q in query_indices]
+        if not qs:
+            return np.zeros(0, dtype=np.float64)
+        targets = {q: self.item(split, q)["answer"] for q in dict.fromkeys(qs)}
+        distinct = list(targets)
+        p0 = self.answer_probs(split, distinct, [[] for _ in distinct], [targets[q] for q in distinct])
+        zero_shot = {q: float(p) for q, p in zip(distinct, p0)}
+        p = self.answer_probs(split, qs, [[int(i) for i in icds] for icds in icd_lists], [targets[q] for q in qs])
+        return np.asarray([float(pi) - zero_shot[q] for pi, q in zip(p, qs)], dtype=np.float64)
+
     def vqa_gt_prob_batch(self, split: str, query_indices: Sequence[int],
                           icd_lists: Sequence[Sequence[int]]) -> np.ndarray:
         """reference#gt-prob for each prompt: the GT strings after ``vqa_postprocess``, each unique one scored once by
