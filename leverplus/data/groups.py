@@ -250,9 +250,12 @@ def group_skeletons(
 
 def required_candidate_fields(mode: str) -> Tuple[str, ...]:
     """The candidate fields ``mode`` needs in every candidate: its declared ``candidate_fields`` less its
-    ``optional_fields`` (leverplus/config/reward_modes.py), so a newly declared mode is checked automatically."""
+    ``optional_fields`` and its ``info_field`` (checked where it is scaled, with its own fix), from
+    leverplus/config/reward_modes.py, so a newly declared mode is checked automatically."""
     spec = REWARD_MODE_SPECS.get(str(enum_value(mode)))
-    return () if spec is None else tuple(f for f in spec.candidate_fields if f not in spec.optional_fields)
+    if spec is None:
+        return ()
+    return tuple(f for f in spec.candidate_fields if f not in spec.optional_fields and f != spec.info_field)
 
 
 def check_reward_fields(rl: RLData, skeletons: Sequence[GroupSkeleton], mode: str) -> None:
