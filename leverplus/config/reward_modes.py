@@ -25,6 +25,8 @@ class RewardModeSpec:
     needs_infoscores: bool = False  # needs a per-candidate ``info`` (group-scaled InfoScore, from the beam JSON)
     # the candidate field min-max scaled within the group and passed as ``info`` (group_info_scores in rewards.py)
     info_field: Optional[str] = None
+    #: candidate fields the formula reads but defines a value for when absent (not required per candidate)
+    optional_fields: Tuple[str, ...] = ()
 
 
 _HS = ("hard_weight", "soft_weight")
@@ -41,7 +43,8 @@ REWARD_MODE_SPECS: Dict[str, RewardModeSpec] = {
     "hard01_plus_gtprob_separated": RewardModeSpec(_HS, _H_P),
     "hard_plus_gtprob_plus_rel": RewardModeSpec(_HS + ("rel_weight",), _H_P + ("vqa_rel_score",)),
     "legacy": RewardModeSpec(("reward_alpha", "reward_beta", "correctness_mode", "use_logprob"),
-                             _H_S + ("logprob_score", "beam_score")),
+                             _H_S + ("logprob_score", "beam_score"),  # each has a documented "absent" value
+                             optional_fields=_H_S + ("logprob_score", "beam_score")),
     "hybrid": RewardModeSpec(_HS + ("info_weight",), _H_S + ("info_score",), info_field="info_score"),
     "hybrid_legacy": RewardModeSpec(_HS + ("info_weight",), _H_S, needs_infoscores=True),
 }

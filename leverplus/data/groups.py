@@ -12,10 +12,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from leverplus.config.reward_modes import info_field, needs_infoscores
+from leverplus.config.reward_modes import REWARD_MODE_SPECS, info_field, needs_infoscores
 from leverplus.data.curation import Curation
 from leverplus.data.formats.beam_json import BeamRecord
-from leverplus.data.formats.rl_json import RLData
+from leverplus.data.formats.rl_json import VARIANT_ABSENT_FIELDS, RLData
 from leverplus.data.rewards import (
     compute_reward,
     group_info_scores,
@@ -248,6 +248,60 @@ def group_skeletons(
     return out
 
 
+def required_candidate_fields(mode: str) -> Tuple[str, ...]:
+    """The candidate fields ``mode`` needs in every candidate: its declared ``candidate_fields`` less its
+    ``optional_fields`` and its ``info_field`` (checked where it is scaled, with its own fix), from
+    leverplus/config/reward_modes.py, so a newly declared mode is checked automatically."""
+    spec = REWARD_MODE_SPECS.get(str(enum_value(mode)))
+    if spec is None:
+        return ()
+    return tuple(f for f in spec.candidate_fields if f not in spec.optional_fields and f != spec.info_field)
+
+
+def check_reward_fields(rl: RLData, skeletons: Sequence[GroupSkeleton], mode: str) -> None:
+    """Every kept candidate of ``skeletons`` carries the fields the reward mode reads (a missing or null one would
+    count as 0). Called by :func:`build_groups` and, once per file over both splits, by ``prepare_groups``.
+
+    * no kept candidate has any of them (renamed or missing reward fields): refused, naming the first candidate;
+    * a field missing in some or all candidates: refused, naming the first candidate lacking it;
+    * except a field a file variant lacks by design (``VARIANT_ABSENT_FIELDS``: the "balanced" files have no
+      ``vqa_correct``) missing from every candidate while another required field is present: a warning naming the
+      file and field, which then counts as 0 (reference behaviour).
+    """
+    required = required_candidate_fields(mode)
+    if not required or not skeletons:
+        return
+    present = {f: 0 for f in required}
+    first_missing: Dict[str, Tuple[int, int]] = {}
+    total = 0
+    for sk in skeletons:
+        for c in sk.kept:
+            total += 1
+            for f in required:
+                if c.raw.get(f) is not None:
+                    present[f] += 1
+                elif f not in first_missing:
+                    first_missing[f] = (sk.query_id, c.index)
+    fix = (f"store {', '.join(required)} in every candidate (reference#formats-rl-json), or pick a reward.mode "
+           "whose fields the file has")
+    if not any(present.values()):
+        qid, idx = first_missing[required[0]]
+        raise LeverPlusInputError(
+            f"no candidate has any field reward.mode={mode} reads ({', '.join(required)}); every reward would be 0",
+            file=rl.path, record=f"query {qid}, candidate {idx}", field=required[0], fix=fix)
+    for f in required:
+        if present[f] == total or (present[f] == 0 and f in VARIANT_ABSENT_FIELDS):
+            continue
+        qid, idx = first_missing[f]
+        raise LeverPlusInputError(
+            f"missing or null in {total - present[f]} of {total} candidates (reward.mode={mode} reads it; it would "
+            "silently count as 0)", file=rl.path, record=f"query {qid}, candidate {idx}", field=f, fix=fix)
+    absent = [f for f in required if present[f] == 0]
+    if absent:
+        warnings.warn(f"{rl.path}: no candidate has {', '.join(absent)} (read by reward.mode={mode}); it counts as 0 "
+                      "for every candidate", stacklevel=2)
+
+
 def _candidate_reward(rl: RLData, qid: int, c: Any, info: Optional[float], opts: GroupOptions,
                       embeddings: Optional[torch.Tensor]) -> float:
     """One candidate's clipped reward (plus the optional diversity bonus, clipped again); a reward error names
@@ -364,6 +418,7 @@ def build_groups(
     """
     stats = stats if stats is not None else FilterStats()
     skeletons = group_skeletons(rl, opts, fallback_pools=fallback_pools, query_ids=query_ids, stats=stats)
+    check_reward_fields(rl, skeletons, opts.reward_mode)
     return groups_from_skeletons(rl, skeletons, opts, embeddings=embeddings, infoscores=infoscores, stats=stats)
 
 

@@ -5,6 +5,7 @@ world (``leverplus.sim.source``); everything after :func:`assemble` is shared.""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -23,13 +24,14 @@ from leverplus.data.groups import (
     GroupOptions,
     GroupSkeleton,
     beam_groups,
+    check_reward_fields,
     group_skeletons,
     groups_from_skeletons,
     infoscore_lookup,
     split_query_ids,
 )
 from leverplus.errors import LeverPlusInputError
-from leverplus.utils import launch_dir
+from leverplus.utils import enum_value, launch_dir
 
 
 @dataclass
@@ -157,6 +159,25 @@ def _sft_groups(cfg, data: LoadedData, val: List[Group]) -> List[Group]:
     return list(data.group_cache[key])
 
 
+def check_reward_contrast(train: Sequence[Group], files: Sequence[str], mode: str) -> int:
+    """Count the training groups whose candidates all get the same raw reward (nothing to prefer among them).
+
+    None with contrast: refused (RCE and GRPO would learn nothing from the rewards). Some without: a warning with
+    the count. Returns the count.
+    """
+    flat = sum(1 for g in train if g.size < 2 or bool((g.rewards_raw == g.rewards_raw[0]).all()))
+    where = ", ".join(map(str, files))
+    if train and flat == len(train):
+        raise LeverPlusInputError(
+            f"none of the {len(train)} training groups has reward contrast under reward.mode={mode}: every group's "
+            "candidates get the same reward, so there is nothing to learn", file=where, field="reward.mode",
+            fix="check the reward fields of the file (vqa_correct, vqa_acc_score, ...) or choose another reward.mode")
+    if flat:
+        warnings.warn(f"{where}: {flat} of {len(train)} training groups ({100.0 * flat / len(train):.0f}%) have no "
+                      f"reward contrast under reward.mode={mode} (all candidates get the same reward)", stacklevel=2)
+    return flat
+
+
 def prepare_groups(cfg, data: LoadedData, *, with_sft: bool = True) -> PreparedGroups:
     """RL train/val groups (filtered, rewards computed) and, when ``with_sft``, the SFT beam groups.
 
@@ -171,8 +192,10 @@ def prepare_groups(cfg, data: LoadedData, *, with_sft: bool = True) -> PreparedG
     for shot, rl in sorted(data.rl.items()):
         train_ids, val_ids = split_query_ids(list(rl.queries), cfg.data.train_fraction, cfg.data.split_file)
         st = FilterStats()
-        for split, ids, out in (("train", train_ids, train), ("val", val_ids, val)):
-            sks, sk_stats = _cached_skeletons(data, rl, opts, (shot, split, tuple(ids)) + filter_key, ids)
+        splits = [(ids, out, _cached_skeletons(data, rl, opts, (shot, split, tuple(ids)) + filter_key, ids))
+                  for split, ids, out in (("train", train_ids, train), ("val", val_ids, val))]
+        check_reward_fields(rl, [sk for _, _, (sks, _) in splits for sk in sks], opts.reward_mode)
+        for ids, out, (sks, sk_stats) in splits:
             st.add(sk_stats)
             out += groups_from_skeletons(rl, sks, opts, embeddings=data.embeddings, infoscores=infos, stats=st)
         stats[shot] = st
@@ -183,6 +206,7 @@ def prepare_groups(cfg, data: LoadedData, *, with_sft: bool = True) -> PreparedG
             fix="check data.skip_fallback_reward / filter_gen_methods / require_positive_query / mixed_queries / "
                 "positive_ratio_min / positive_ratio_max",
         )
+    check_reward_contrast(train, [data.rl[s].path for s in sorted(data.rl)], enum_value(cfg.reward.mode))
     sft_train: List[Group] = []
     if with_sft and data.beams is not None and data.sft_checkpoint is None:
         sft_train = _sft_groups(cfg, data, val)

@@ -7,7 +7,8 @@ reads (its ``reward.*`` knobs and candidate fields) is declared once in ``REWARD
 ``register_reward`` checks each function against its declaration. ``compute_reward`` looks the mode up, runs it on
 exactly the knobs it declares and clips the result to ``[-clip, clip]`` (reference#reward-modes, ``reward_clip``).
 
-Candidate fields (reference#formats-rl-json), read as ``float(field or 0)`` so a missing or null field counts as 0:
+Candidate fields (reference#formats-rl-json), read as ``float(field or 0)`` so a missing or null field counts as 0
+(the group builder first refuses files lacking a field the mode needs: ``check_reward_fields`` in groups.py):
 
 * ``h = vqa_correct``     (0/1; absent in the VQAv2 "balanced" data, so ``hard_plus_soft`` is the accuracy there)
 * ``s = vqa_acc_score``   (official VQA accuracy in [0, 1])

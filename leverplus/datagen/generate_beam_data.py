@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from leverplus.config.store import conf_dir
 from leverplus.data.formats.beam_json import read_beam_json
-from leverplus.data.formats.io import atomic_write_json, file_fingerprint
+from leverplus.data.formats.io import atomic_write_json, file_fingerprint, temp_prefix
 from leverplus.datagen.generation import (
     ResumableOutput,
     chunks,
@@ -183,7 +183,7 @@ def anchor_beams(scorer: Scorer, anchor: int, pool: list[int], beam_size: int, m
 def write_final(path: str, records: Dict[int, dict], meta: dict) -> None:
     """Beam JSON with ``_meta`` first, validated by ``read_beam_json`` before it replaces ``path``."""
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.final.tmp")
+    tmp = target.with_name(f"{temp_prefix(target)}final.tmp")  # removed by remove_stale_temps if the run is killed
     atomic_write_json(tmp, {"_meta": meta, **{str(k): records[k] for k in sorted(records)}})
     try:
         read_beam_json(tmp)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
-from leverplus.data.formats.io import atomic_write_json, load_json
+from leverplus.data.formats.io import atomic_write_json, load_json, remove_stale_temps
 from leverplus.errors import LeverPlusInputError
 
 PathLike = Union[str, Path]
@@ -72,6 +72,8 @@ class ResumableOutput:
         self.state: Dict[str, Any] = {"dropped": {}, "empty_queries": []}
         self.complete = False
         self.created_at = None if created_at == "now" else resolve_created_at(created_at)
+        for tmp in remove_stale_temps(self.path):  # left by a killed run of this generator
+            print(f"[leverplus] removed {tmp}, a temp file of an interrupted run", file=sys.stderr)
         if os.path.exists(self.path):
             if not resume:
                 raise LeverPlusInputError("the output file already exists", file=self.path,

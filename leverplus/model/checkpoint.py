@@ -17,6 +17,7 @@ from leverplus.data.formats.checkpoints import (
     INFERRED_KEYS,
     _list_keys,
     _read_checkpoint,
+    check_finite_weights,
     extract_pointer_state_dict,
     infer_model_config,
 )
@@ -41,6 +42,7 @@ def _extract(obj: Any, label: str) -> tuple[dict, str, list, dict]:
         inferred = infer_model_config(sd)
     except LeverPlusInputError as exc:
         raise LeverPlusInputError(exc.problem, file=label, field=exc.field, fix=exc.fix) from None
+    check_finite_weights(sd, label=label)
     if ignored:
         log.info("%s: ignored %d non-pointer-net keys (%s)", label, len(ignored), _list_keys(ignored))
     return sd, fmt, ignored, inferred
@@ -93,8 +95,17 @@ def _strict_error(model: PointerSelector, inferred: dict, fmt: str, problems: li
 def _checkpoint_info(obj: Any, label: str, fmt: str, ignored: list) -> dict:
     """Where the weights came from and the metadata the checkpoint carried (None where it has none)."""
     meta = obj if isinstance(obj, Mapping) else {}
-    return dict(path=label, format=fmt, ignored_keys=ignored,
+    info = dict(path=label, format=fmt, ignored_keys=ignored,
                 **{key: meta.get(key) for key in ("epoch", "phase", "kl_beta", "metrics")})
+    epoch = info["epoch"]
+    if fmt == "trainer_pt" and meta.get("epoch_base") != EPOCH_BASE and isinstance(epoch, int):
+        info["epoch"] = epoch + 1  # the reference (and earlier files) stored 0-based epochs: rce_epoch3.pt had 2
+    return info
+
+
+#: trainer ``.pt`` files store ``"epoch": N`` 1-based, as their name ``<phase>_epoch<N>.pt`` (with ``"epoch_base": 1``;
+#: files without it are 0-based and read as N + 1)
+EPOCH_BASE = 1
 
 
 def load_pointer_checkpoint(
@@ -157,7 +168,9 @@ def save_pointer_checkpoint(
     ``os.replace``; the file gets the process umask like every other output).
 
     Layout: the reference ``{"epoch", "phase", "model_state_dict", "kl_beta", "metrics"}`` plus our
-    ``"model_config"`` (so the model is rebuilt exactly) and any ``extra`` keys.
+    ``"model_config"`` (so the model is rebuilt exactly), ``"epoch_base": 1`` and any ``extra`` keys. ``epoch`` is the
+    1-based number of the epoch just finished, as in the file name ``<phase>_epoch<epoch>.pt`` (the reference stored
+    it 0-based; such files still load, see ``checkpoint_info``).
     """
     if not isinstance(phase, str) or not phase:
         raise LeverPlusInputError(f"phase must be a non-empty string, got {phase!r}", field="phase")
@@ -170,6 +183,7 @@ def save_pointer_checkpoint(
         "kl_beta": None if kl_beta is None else float(kl_beta),
         "metrics": _plain(metrics or {}, "metrics"),
         "model_config": dict(model.config),
+        "epoch_base": EPOCH_BASE,
     }
     clash = sorted(set(extra or {}) & set(obj))
     if clash:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from omegaconf import OmegaConf
 
-from leverplus.config.sim_params import SimParams
+from leverplus.config.sim_params import SimParams, params_hash
 from leverplus.data.eval_queries import EvalQuerySet
 from leverplus.data.loading import LoadedData, assemble, requested_shots
 from leverplus.errors import LeverPlusInputError
+from leverplus.sim.files import SimDataPaths, sim_data_paths, stale_temp_dirs, world_problem
 from leverplus.sim.generate import load_eval_queries, load_lvlm, load_or_generate
 from leverplus.utils import default_cache_dir
 
@@ -27,7 +31,7 @@ def load_sim(cfg: Any) -> LoadedData:
             fix="add them to data.sim.shot_nums",
         )
     cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
-    paths = load_or_generate(params, cache / "sim")
+    paths = verified_world(params, cache / "sim")
     eval_sets = {}
     for split in ("val", "test"):
         eq = load_eval_queries(paths, split)
@@ -35,3 +39,25 @@ def load_sim(cfg: Any) -> LoadedData:
     extra = [Path(paths.eval_queries)] + [Path(paths.eval_embeddings[s]) for s in ("val", "test")]
     return assemble("sim", Path(paths.embeddings), {s: Path(paths.rl_json[s]) for s in shot_nums},
                     Path(paths.beam_json), None, eval_sets=eval_sets, scorer=load_lvlm(paths), extra_files=extra)
+
+
+def verified_world(params: SimParams, cache_root: Path) -> SimDataPaths:
+    """The world's files, generated on first use, with every file checked against its manifest's hash.
+
+    Under the world's generation lock: temp folders left by a killed generation are removed, and a world whose
+    files do not match their hashes is reported, deleted and generated again (same parameters, same files).
+    """
+    h = params_hash(params)
+    paths = sim_data_paths(cache_root / h, params)
+    problem = world_problem(paths) if paths.manifest.is_file() else None
+    if problem is not None or stale_temp_dirs(cache_root, h):
+        with FileLock(str(cache_root / f"{h}.lock")):  # the lock load_or_generate generates under
+            for tmp in stale_temp_dirs(cache_root, h):
+                warnings.warn(f"removing {tmp}, left by an interrupted world generation", stacklevel=2)
+                shutil.rmtree(tmp, ignore_errors=True)
+            problem = world_problem(paths) if paths.manifest.is_file() else None
+            if problem is not None:
+                warnings.warn(f"simulated world {paths.root}: {problem}; deleting it and generating it again",
+                              stacklevel=2)
+                shutil.rmtree(paths.root)
+    return load_or_generate(params, cache_root)

@@ -1,17 +1,23 @@
 """Cached stage results (post-SFT and post-RCE weights), keyed by everything that determines them, shared by the
 runs of a sweep and across invocations.
+
+Each entry stores the sha256 of its tensors next to them and is verified on load: an entry that cannot be read
+(truncated, not a torch file) or whose content does not match its hash is reported, deleted and recomputed, so a
+damaged cache never changes a result and never blocks later runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import warnings
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from omegaconf import OmegaConf
 
-from leverplus.data.formats.io import atomic_torch_save
+from leverplus.data.formats.io import atomic_torch_save, remove_stale_temps
 from leverplus.data.loading import LoadedData, PreparedGroups
 from leverplus.utils import code_version, stable_hash
 
@@ -28,13 +34,59 @@ class StageCache:
         return self.root / stage / f"{key}.pt"
 
     def get(self, stage: str, key: str) -> Optional[dict]:
+        """The cached state, or None on a miss (also when the entry was damaged: it is then deleted)."""
         p = self.path(stage, key)
         if not p.exists():
             return None
-        return torch.load(p, weights_only=True, map_location="cpu")
+        try:
+            entry = torch.load(p, weights_only=True, map_location="cpu")
+        except Exception as e:  # truncated or overwritten files raise RuntimeError, EOFError, UnpicklingError, ...
+            return self._discard(p, f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        ok = isinstance(entry, dict) and entry.get("format") == ENTRY_FORMAT and isinstance(entry.get("state"), dict)
+        if not ok:
+            return self._discard(p, "is not a stage-cache entry of this version")
+        if content_sha256(entry["state"]) != entry.get("sha256"):
+            return self._discard(p, "does not match its stored sha256 (the file was modified or damaged)")
+        return entry["state"]
 
     def put(self, stage: str, key: str, state: dict) -> None:
-        atomic_torch_save(self.path(stage, key), state)
+        """Store ``state`` with the sha256 of its content (atomically: a reader sees the old entry or the new one)."""
+        remove_stale_temps(self.path(stage, key))  # left by a run killed while writing this entry
+        atomic_torch_save(self.path(stage, key), {"format": ENTRY_FORMAT, "sha256": content_sha256(state),
+                                                  "state": state})
+
+    @staticmethod
+    def _discard(path: Path, problem: str) -> None:
+        warnings.warn(f"stage cache entry {path} {problem}: deleted, the stage is recomputed", stacklevel=3)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return None
+
+
+#: the layout of a stage-cache file: {"format", "sha256", "state"}
+ENTRY_FORMAT = "leverplus-stage-cache/1"
+
+
+def content_sha256(state: Any) -> str:
+    """sha256 over a (nested) state dict's keys, tensor dtypes, shapes and bytes, in sorted key order."""
+    h = hashlib.sha256()
+
+    def add(obj: Any, where: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"{where}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                add(obj[k], f"{where}/{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                add(v, f"{where}[{i}]")
+        else:
+            h.update(f"{where}|{obj!r}|".encode())
+
+    add(state, "")
+    return h.hexdigest()
 
 
 def stage_keys(cfg, data: LoadedData, groups: PreparedGroups) -> Dict[str, str]:

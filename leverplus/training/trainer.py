@@ -273,7 +273,7 @@ class Trainer:
         if self.cfg.checkpoint_every_epoch:
             path = self.output_dir / "checkpoints" / f"{phase}_epoch{epoch + 1}.pt"
             save_pointer_checkpoint(
-                path, model, phase=phase, epoch=epoch, kl_beta=self.kl_beta, metrics={**train_metrics, **val}
+                path, model, phase=phase, epoch=epoch + 1, kl_beta=self.kl_beta, metrics={**train_metrics, **val}
             )
             self.checkpoints.append(path)
         metric = self.cfg.eval.select_metric
@@ -289,7 +289,7 @@ class Trainer:
                 self.best_state = copy.deepcopy(model.state_dict())
                 self.best_checkpoint = self.output_dir / "checkpoints" / "best.pt"
                 save_pointer_checkpoint(
-                    self.best_checkpoint, model, phase=phase, epoch=epoch, kl_beta=self.kl_beta, metrics=val
+                    self.best_checkpoint, model, phase=phase, epoch=epoch + 1, kl_beta=self.kl_beta, metrics=val
                 )
         self.epoch_counter += 1
 

@@ -492,7 +492,7 @@ EMB_BAD = [
      "weights_only"),
     ("object_npy", lambda p: np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True), "e.npy", {},
      "plain .npy"),
-    ("corrupt_pt", lambda p: open(p, "wb").write(b"not a torch file"), "e.pt", {}, "torch.load"),
+    ("corrupt_pt", lambda p: open(p, "wb").write(b"not a torch file"), "e.pt", {}, "is a text file, not a torch embedding table"),
     ("wrong_suffix", lambda p: open(p, "w").write("1,2"), "e.csv", {}, "unsupported extension"),
     ("missing", lambda p: None, "e.pt", {}, "file not found"),
 ]

@@ -46,16 +46,18 @@ def lightning_dict(model: PointerSelector, v2format: bool = False) -> dict:
 def test_trainer_pt_round_trip_restores_weights_config_and_metadata(tmp_path):
     model = small(num_layers=2, num_heads=2, dropout=0.3)
     path = tmp_path / "ckpt" / "grpo_epoch2.pt"
-    save_pointer_checkpoint(path, model, phase="grpo", epoch=1, kl_beta=0.15,
+    save_pointer_checkpoint(path, model, phase="grpo", epoch=2, kl_beta=0.15,
                             metrics={"val_loss": np.float32(0.5), "acc": [1, 2]}, extra={"seed": 7})
     raw = torch.load(path, weights_only=True)
-    assert set(raw) == {"epoch", "phase", "model_state_dict", "kl_beta", "metrics", "model_config", "seed"}
+    assert set(raw) == {"epoch", "phase", "model_state_dict", "kl_beta", "metrics", "model_config", "epoch_base",
+                        "seed"}
+    assert (raw["epoch"], raw["epoch_base"]) == (2, 1)  # 1-based, as the file name
     assert detect_checkpoint_format(raw) == "trainer_pt"
     loaded = load_pointer_checkpoint(path)
     assert same_weights(model, loaded)
     assert loaded.config == model.config  # num_heads=2 and dropout=0.3 come from the stored model_config
     info = loaded.checkpoint_info
-    assert (info["format"], info["epoch"], info["phase"], info["kl_beta"]) == ("trainer_pt", 1, "grpo", 0.15)
+    assert (info["format"], info["epoch"], info["phase"], info["kl_beta"]) == ("trainer_pt", 2, "grpo", 0.15)
     assert info["metrics"] == {"val_loss": 0.5, "acc": [1, 2]}
     assert os.listdir(path.parent) == ["grpo_epoch2.pt"]  # no temp file left behind
 
@@ -174,14 +176,14 @@ def test_conflicting_kwarg_gives_the_strict_error_with_the_fix(tmp_path):
 def test_unreadable_files_give_a_clear_error_naming_the_file(tmp_path):
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(LeverPlusInputError, match="corrupt.pt.*cannot be read"):
+    with pytest.raises(LeverPlusInputError, match="corrupt.pt.*is a text file, not a torch checkpoint"):
         load_pointer_checkpoint(bad)
     save_pointer_checkpoint(tmp_path / "ok.pt", small(), phase="rce", epoch=0)
     data = (tmp_path / "ok.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(LeverPlusInputError, match="truncated.pt"):
+    with pytest.raises(LeverPlusInputError, match="truncated.pt.*damaged or truncated"):
         load_pointer_checkpoint(tmp_path / "truncated.pt")
-    with pytest.raises(LeverPlusInputError, match="does not exist"):
+    with pytest.raises(LeverPlusInputError, match="missing.pt: checkpoint not found"):
         load_pointer_checkpoint(tmp_path / "missing.pt")
     torch.save({"state_dict": small().state_dict(), "cfg": _Opaque()}, tmp_path / "pickled.ckpt")
     with pytest.raises(LeverPlusInputError, match="weights_only"):

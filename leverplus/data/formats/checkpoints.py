@@ -11,6 +11,7 @@ from typing import Any, Mapping, Union
 
 import torch
 
+from leverplus.data.formats.io import torch_load
 from leverplus.errors import LeverPlusInputError
 
 # ====================================================================== checkpoints
@@ -127,17 +128,16 @@ def infer_model_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]
 
 
 def _read_checkpoint(path: Union[str, os.PathLike], map_location: Any) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise LeverPlusInputError("checkpoint file does not exist", file=str(path), fix="check the path")
-    try:
-        return torch.load(path, weights_only=True, map_location=map_location)
-    except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, ...)
-        raise LeverPlusInputError(
-            f"cannot be read as a torch checkpoint with weights_only=True ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''})",
-            file=str(path),
-            fix="check that the file is complete; a checkpoint holding arbitrary Python objects must be reduced "
-            "to its state dict in a trusted environment: torch.save(torch.load(p, weights_only=False)"
-            "['state_dict'], 'sd.pt')",
-        ) from exc
+    return torch_load(Path(path), "checkpoint", map_location=map_location)
+
+
+def check_finite_weights(state_dict: Mapping[str, torch.Tensor], *, label: str) -> None:
+    """Every floating tensor is finite; the first one with NaN/inf is named (a model from it would fail at its
+    first step, far from the cause)."""
+    for name, t in state_dict.items():
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise LeverPlusInputError(
+                    f"tensor {name!r} {tuple(t.shape)} holds {bad} NaN/inf values", file=label, field=name,
+                    fix="use an earlier checkpoint of that training (this one diverged) or retrain it")

@@ -4,13 +4,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
-from leverplus.data.formats.io import PathLike, _type_name, atomic_open, atomic_torch_save
+from leverplus.data.formats.io import PathLike, _type_name, atomic_open, atomic_torch_save, torch_load
 from leverplus.errors import LeverPlusInputError
 
 # --------------------------------------------------------------------------------------------------
@@ -29,11 +30,7 @@ def _load_embedding_payload(path: str) -> Union[torch.Tensor, np.ndarray]:
             raise LeverPlusInputError(f"cannot be read as a plain .npy array: {e}", file=path,
                                       fix="save a float array with np.save (no object arrays / pickles)") from e
     if suffix in (".pt", ".pth"):
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-            raise LeverPlusInputError(f"cannot be read by torch.load(weights_only=True): {e}", file=path,
-                                      fix="save a tensor with torch.save (no pickled objects)") from e
+        payload = torch_load(path, "embedding table")
         if isinstance(payload, torch.Tensor):
             return payload
         if isinstance(payload, dict):
@@ -82,10 +79,28 @@ def read_embeddings(path: PathLike, *, expected_rows: Optional[int] = None) -> t
 
     ``.pt``: a tensor, or a dict holding exactly one tensor (which must be 2-D), loaded with
     ``weights_only=True``. ``.npy``: ``np.load(allow_pickle=False)``. Checks: 2-D, floating, finite (the first
-    bad row is named), and ``N == expected_rows`` when given.
+    bad row is named), ``N == expected_rows`` when given, and :func:`check_informative` (all rows equal: refused;
+    some all-zero rows: a warning with their count).
     """
     path = str(path)
-    return _check_embeddings(_load_embedding_payload(path), path=path, expected_rows=expected_rows)
+    t = _check_embeddings(_load_embedding_payload(path), path=path, expected_rows=expected_rows)
+    check_informative(t, path=path)
+    return t
+
+
+def check_informative(t: torch.Tensor, *, path: str) -> None:
+    """Refuse a table whose rows are all equal (all-zero included: nothing tells the items apart, every pool
+    would look the same); warn with the count and the first row when some rows are all zero (a zero vector has
+    cosine 0 with everything, so those items are indistinguishable from each other)."""
+    if t.shape[0] > 1 and bool((t == t[0]).all()):
+        kind = "all zero" if not bool(t[0].any()) else "identical"
+        raise LeverPlusInputError(
+            f"all {t.shape[0]} rows are {kind}: the embeddings carry no information about the items", file=path,
+            fix="recompute the embeddings (an export that wrote a placeholder tensor?)")
+    zero = (~t.any(dim=1)).nonzero()
+    if zero.numel():
+        warnings.warn(f"{path}: {zero.numel()} of {t.shape[0]} embedding rows are all zero (first: row "
+                      f"{int(zero[0, 0])}); those items cannot be told apart", stacklevel=3)
 
 
 def save_embeddings(path: PathLike, tensor: Union[torch.Tensor, np.ndarray]) -> None:

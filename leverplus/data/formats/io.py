@@ -10,10 +10,14 @@ Readers never write. Writers never leave a truncated target: a crash mid-write l
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
 import math
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Optional, Union
@@ -81,16 +85,67 @@ def load_json(path: PathLike) -> Any:
         raise LeverPlusInputError(f"cannot read the file: {e.strerror or e}", file=path, fix="check the path") from e
 
 
+#: errno values meaning "the disk (or the user's quota) is full"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def temp_prefix(target: PathLike) -> str:
+    """Name prefix of this process's temp files for ``target``: ``.<name>.<host>-<pid>.`` (so a later process can
+    tell the leftovers of a killed writer from the temp files of a live one)."""
+    return f".{Path(target).name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(target: PathLike) -> list[Path]:
+    """Delete the temp files of ``target`` left by killed writers on this host (``temp_prefix`` names whose
+    process is gone); returns the deleted paths. Temp files of live processes and of other hosts are kept."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    mine, removed = f".{target.name}.{socket.gethostname()}-", []
+    for p in target.parent.glob(f".{glob_escape(target.name)}.*.tmp"):
+        pid = p.name[len(mine):].split(".", 1)[0] if p.name.startswith(mine) else ""
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob metacharacters escaped (a file name used as a glob prefix)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def disk_full_error(path: PathLike, exc: OSError) -> LeverPlusInputError:
+    """The one message for a write that ran out of space: the path and what to do."""
+    return LeverPlusInputError(
+        f"no space left on the device while writing ({exc.strerror or exc}); nothing was written there", file=str(path),
+        fix="free space on that disk, or write elsewhere with output_dir=/path/with/space (caches: "
+            "data.cache_dir=/path/with/space)")
+
+
 @contextlib.contextmanager
 def atomic_open(path: PathLike, mode: str) -> Iterator[IO]:
     """Yield a temp file next to ``path``; on success fsync it and ``os.replace`` it onto ``path``.
 
-    On any exception the temp file is removed and ``path`` is left untouched.
+    On any exception the temp file is removed and ``path`` is left untouched. A full disk (ENOSPC, EDQUOT) becomes
+    one LeverPlusInputError naming ``path`` and the fix.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=temp_prefix(target), suffix=".tmp")
         os.fchmod(fd, 0o666 & ~_UMASK)
         kwargs = {"encoding": "utf-8"} if "b" not in mode else {}
         with os.fdopen(fd, mode, **kwargs) as f:
@@ -98,9 +153,12 @@ def atomic_open(path: PathLike, mode: str) -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            raise disk_full_error(target, e) from e
         raise
 
 
@@ -120,9 +178,57 @@ def atomic_write_json(path: PathLike, obj: Any, *, indent: Optional[int] = None,
 
 
 def atomic_torch_save(path: PathLike, obj: Any) -> None:
-    """``torch.save`` atomically (temp file in the same directory + ``os.replace``; parents created)."""
+    """``torch.save`` atomically (temp file in the same directory + ``os.replace``; parents created).
+
+    Serialised in memory first, so a failing write reaches the caller as the OSError itself (torch's own writer
+    would report a full disk as an opaque RuntimeError)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+        f.write(buf.getbuffer())
+
+
+def torch_load(path: PathLike, what: str, *, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; a file torch cannot read raises one LeverPlusInputError naming the
+    file and saying why: missing, a text file, truncated or damaged, or pickled Python objects."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise LeverPlusInputError(f"{what} not found", file=path, fix="check the path")
+    try:
+        return torch.load(path, weights_only=True, map_location=map_location)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        raise _torch_load_error(path, exc, what) from exc
+
+
+def _torch_load_error(path: str, exc: Exception, what: str) -> LeverPlusInputError:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if "Unsupported global" in str(exc):
+        glob = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        return LeverPlusInputError(
+            f"holds pickled Python objects{f' ({glob.group(1)})' if glob else ''} that torch.load(weights_only=True) "
+            "refuses", file=path,
+            fix="reduce it to tensors in a trusted environment: torch.save(torch.load(p, weights_only=False)"
+                "['state_dict'], 'sd.pt')")
+    if head.startswith(b"PK"):  # torch's zip format, so the archive itself is damaged
+        return LeverPlusInputError(
+            f"is a damaged or truncated torch file and cannot be read as a {what} ({detail})", file=path,
+            fix="the file is incomplete (an interrupted copy or download?): copy or export it again")
+    if not head or (b"\0" not in head and _is_text(head)):
+        return LeverPlusInputError(
+            f"is {'empty' if not head else 'a text file'}, not a torch {what}", file=path,
+            fix=f"pass the {what} saved with torch.save (a .pt file), not a {'text' if head else 'empty'} file")
+    return LeverPlusInputError(f"cannot be read as a torch {what} ({detail})", file=path,
+                               fix=f"check that the file is a complete {what} saved with torch.save")
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start > len(head) - 4  # a multi-byte character cut by the 4 KB window
+    return True
 
 
 def file_fingerprint(paths: Union[PathLike, Iterable[PathLike]]) -> str:

@@ -38,6 +38,8 @@ RL_NUMERIC_FIELDS = (
 RL_STRING_FIELDS = ("gen_method", "vqa_eval_mode")
 #: the values of ``vqa_eval_mode``: the official metric, the string-match fallback, a metric error
 VQA_EVAL_MODES = ("vqaEval", "fallback", "error")
+#: Reward fields a whole file may lack by design: the "balanced" variant has no ``vqa_correct`` (it counts as 0)
+VARIANT_ABSENT_FIELDS = ("vqa_correct",)
 #: Entry-level keys of an RL query that are not query content (used to build ``query`` for the legacy flat shape).
 _RL_ENTRY_KEYS = ("pointer_candidates", "candidate_pool_ids", "_fix_failed", "_fix_error")
 
