@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import mlflow
+import pytest
 
 TINY = ["data=sim_tiny", "rce.epochs=1", "sft.epochs=1", "model.hidden_dim=32", "eval.downstream_splits=[val,test]"]
 
@@ -29,6 +30,7 @@ def sweep_runs(workdir, sweep):
     return client, parent[0], [r for r in found if r.data.tags.get("role") != "parent"]
 
 
+@pytest.mark.slow
 def test_rce_grid_then_grpo_stage_on_the_winner(tmp_path):
     work, cache = tmp_path / "work", tmp_path / "cache"
     work.mkdir()
