@@ -1,27 +1,40 @@
 """RCE and GRPO training throughput (queries/second) and peak memory on OKVQA-shaped RL data.
 
-Shape (issue [core]): 800 queries, 12 candidates each, shot 2, embeddings 9009 x 512, per-query pools built from the
-trajectories (the reference's legacy path: ~18 items). The reference trainer ran one query per optimiser step at about
-36 queries/s (RCE) and 59 queries/s (GRPO) on a 2-core CPU with 2 threads.
+Shape: 800 queries (640 train after the 80% split), 12 candidates each, shot 2, embeddings 9009 x 512, per-query
+pools built from the trajectories (the reference's legacy path: ~18 items).
 
     python benchmarks/train_throughput.py                 # batch size 1 and the default batch size
     python benchmarks/train_throughput.py --batch-sizes 1 8 32 64
+    python benchmarks/train_throughput.py --preset        # also +preset=reference (batch 1, a dropout mask per member)
+    python benchmarks/train_throughput.py --reference-path ~/src/Lever-Plus   # side by side with the reference
+
+Without ``--reference-path`` it reports absolute figures and the machine. With it, the same data are written as an
+RL JSON and an embedding file and the reference trainer (``python -m lever_lm.workflows.grpo_post_train`` run
+from that checkout; its code never enters this repository) trains on them in child processes with the same thread
+count: RCE time = t(1 RCE epoch) − t(0 epochs), GRPO time = t(1 RCE + 1 GRPO epoch) − t(1 RCE epoch), so start-up,
+data loading and its old log-prob pass cancel out (its per-epoch validation pass over the 160 held-out queries
+stays in). leverplus's one-time start cost (the first AdamW builds import torch's compiler stack) is timed
+separately, before the phases.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from leverplus.data.formats.rl_json import RLCandidate, RLData, RLQuery
+from leverplus.data.formats.rl_json import RLCandidate, RLData, RLQuery, write_rl_json
 from leverplus.data.groups import GroupOptions, build_groups
 from leverplus.model.build import build_model
 from leverplus.training.trainer import Trainer, sequence_log_probs_by_query
-
-REF_RCE_QPS, REF_GRPO_QPS = 36.0, 59.0
 
 
 def okvqa_like(n_queries: int = 800, n_cands: int = 12, n_items: int = 9009, d: int = 512, seed: int = 0):
@@ -42,54 +55,112 @@ def okvqa_like(n_queries: int = 800, n_cands: int = 12, n_items: int = 9009, d: 
     return emb, RLData("okvqa_like.json", {}, 2, queries)
 
 
+def machine() -> str:
+    """CPU model, core count and torch version: the context every figure needs."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def reference_qps(ref: Path, emb: torch.Tensor, rl: RLData, threads: int, module: str) -> tuple:
+    """(RCE q/s, GRPO q/s) of the reference trainer on the same data, from three timed child processes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data, emb_path = Path(tmp) / "rl_data.json", Path(tmp) / "emb.pt"
+        write_rl_json(data, rl.queries, None)
+        torch.save(emb, emb_path)
+        env = {**os.environ, "PYTHONPATH": str(ref), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+        def timed(rce: int, grpo: int) -> float:
+            cmd = [sys.executable, "-m", module, "--beam_data", str(data), "--img_emb", str(emb_path),
+                   "--rce_epochs", str(rce), "--grpo_epochs", str(grpo), "--device", "cpu",
+                   "--output_dir", str(Path(tmp) / f"out_{rce}_{grpo}")]
+            t0 = time.perf_counter()
+            out = subprocess.run(cmd, cwd=ref, env=env, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"reference trainer failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
+            return time.perf_counter() - t0
+
+        t00, t10, t11 = timed(0, 0), timed(1, 0), timed(1, 1)
+    n = int(round(0.8 * len(rl.queries)))  # the reference's train split
+    return n / max(t10 - t00, 1e-9), n / max(t11 - t10, 1e-9)
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from leverplus.config.store import conf_dir, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        return hydra_compose("train", overrides=["tracking.enabled=false", "progress=false", *overrides])
+
+
+def leverplus_qps(emb, train, overrides) -> tuple:
+    """(RCE q/s, GRPO q/s, old-logp q/s) of one epoch each, training only (no validation)."""
+    cfg = compose([*overrides, "rce.epochs=1", "grpo.epochs=1", "eval.offline=false"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, emb.shape[1])
+    trainer = Trainer(cfg, emb, train, [], "/tmp/leverplus-bench", say=lambda s: None)
+    trainer.validate = lambda m: {}  # measure training only
+    t0 = time.perf_counter()
+    old = sequence_log_probs_by_query(model, train, emb)
+    t_old = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trainer.run_rce(model, select=False)
+    t_rce = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trainer.run_grpo(model, old, select=False)
+    t_grpo = time.perf_counter() - t0
+    n = len(train)
+    return n / t_rce, n / t_grpo, n / t_old
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--preset", action="store_true", help="also time +preset=reference")
+    ap.add_argument("--reference-path", type=Path, default=None,
+                    help="a checkout of the public Lever-Plus repository: time its trainer on the same data")
+    ap.add_argument("--reference-module", default="lever_lm.workflows.grpo_post_train")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from leverplus.utils import tune_malloc
 
+    print(f"machine: {machine()}; threads={args.threads}")
     print(f"tune_malloc: {tune_malloc()}  (as every run of the app; see leverplus.utils.tune_malloc)")
+    t0 = time.perf_counter()
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], foreach=True)  # one-time imports, once per process
+    print(f"one-time start cost (first AdamW): {time.perf_counter() - t0:.2f} s")
 
-    from hydra import compose, initialize_config_dir
-
-    from leverplus.config.store import register_configs
-    from leverplus.utils import PACKAGE_ROOT
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(PACKAGE_ROOT.parent / "conf"), version_base=None):
-        base = compose("train", overrides=["tracking.enabled=false", "progress=false"])
-    default_bs = int(base.data.batch_size)
+    default_bs = int(compose([]).data.batch_size)
     sizes = args.batch_sizes or [1, default_bs]
-
     emb, rl = okvqa_like()
     groups = build_groups(rl, GroupOptions())
     train = groups[:640]
     pool = sum(len(g.pool_ids) for g in train) / len(train)
     members = sum(g.size for g in train) / len(train)
     print(f"data: {len(train)} train queries, {members:.1f} candidates/group, pools of {pool:.1f} items, d={emb.shape[1]}")
-    print(f"{'batch':>5} | {'RCE q/s':>8} | {'x ref':>6} | {'GRPO q/s':>8} | {'x ref':>6} | {'old-logp q/s':>12}")
-    for bs in sizes:
-        with initialize_config_dir(config_dir=str(PACKAGE_ROOT.parent / "conf"), version_base=None):
-            cfg = compose("train", overrides=["tracking.enabled=false", "progress=false", f"data.batch_size={bs}",
-                                              "rce.epochs=1", "grpo.epochs=1", "eval.offline=false"])
-        torch.manual_seed(0)
-        model = build_model(cfg.model, emb.shape[1])
-        trainer = Trainer(cfg, emb, train, [], "/tmp/leverplus-bench", say=lambda s: None)
-        trainer.validate = lambda m: {}  # measure training only
-        t0 = time.perf_counter()
-        old = sequence_log_probs_by_query(model, train, emb)
-        t_old = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        trainer.run_rce(model, select=False)
-        t_rce = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        trainer.run_grpo(model, old, select=False)
-        t_grpo = time.perf_counter() - t0
-        n = len(train)
-        rce, grpo = n / t_rce, n / t_grpo
-        print(f"{bs:>5} | {rce:>8.0f} | {rce / REF_RCE_QPS:>5.1f}x | {grpo:>8.0f} | {grpo / REF_GRPO_QPS:>5.1f}x | {n / t_old:>12.0f}")
+    ref = None
+    if args.reference_path is not None:
+        ref = reference_qps(args.reference_path.expanduser().resolve(), emb, rl, args.threads, args.reference_module)
+        print(f"reference trainer (batch 1): RCE {ref[0]:.0f} q/s, GRPO {ref[1]:.0f} q/s")
+    runs = [(f"batch {bs}", [f"data.batch_size={bs}"]) for bs in sizes]
+    if args.preset:
+        runs.append(("+preset=reference", ["+preset=reference"]))
+    print(f"{'run':>18} | {'RCE q/s':>8} | {'x ref':>6} | {'GRPO q/s':>8} | {'x ref':>6} | {'old-logp q/s':>12}")
+    for label, overrides in runs:
+        rce, grpo, old = leverplus_qps(emb, train, overrides)
+        x_rce = f"{rce / ref[0]:>5.1f}x" if ref else f"{'-':>6}"
+        x_grpo = f"{grpo / ref[1]:>5.1f}x" if ref else f"{'-':>6}"
+        print(f"{label:>18} | {rce:>8.0f} | {x_rce} | {grpo:>8.0f} | {x_grpo} | {old:>12.0f}")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS: {peak_mb:.0f} MB (threads={torch.get_num_threads()})")
 

@@ -108,7 +108,8 @@ def _initial_model(cfg, data: LoadedData, groups: PreparedGroups, cache: StageCa
 def _post_train(cfg, data: LoadedData, groups: PreparedGroups, model: PointerSelector, cache: StageCache,
                 key: str, output_dir: Path, logger, say) -> Tuple[TrainResult, bool]:
     """RCE (its end state cached when ``rce.cache``) and GRPO. Returns (result, RCE cache hit)."""
-    post_rce = cache.get("rce", key) if cfg.rce.cache else None
+    # an RCE-only run selects among its RCE epochs, which the cached end state cannot replay: it trains (and caches)
+    post_rce = cache.get("rce", key) if cfg.rce.cache and cfg.grpo.epochs > 0 else None
     # epoch steps continue after SFT whether it ran now or came from the cache (same steps either way)
     start = int(cfg.sft.epochs) if (not data.sft_checkpoint and groups.sft_train) else 0
     trainer = Trainer(cfg, data.embeddings, groups.train, groups.val, output_dir, logger, say, start_step=start,

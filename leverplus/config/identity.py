@@ -77,6 +77,7 @@ def canonical_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     rce = dict(c.get("rce", {}))
     if not rce.get("use_top1_only", False):
         rce.pop("top1_compat_index0", None)
+        rce.pop("top1_step_reduction", None)
     c["rce"] = rce
     _canonical_data(c)
     return c

@@ -65,6 +65,34 @@ class VqaNormalization(str, Enum):
     lever_plus = "lever_plus"  # the reference's copy (reference#correctness): always normalise prediction and GTs
 
 
+class KLUpdate(str, Enum):
+    """When the adaptive KL β adapts (reference#adaptive-kl)."""
+
+    per_step = "per_step"  # once per optimiser step, on the batch's mean KL
+    per_query = "per_query"  # once per query, on that query's KL, in batch order (the reference: one query per step)
+
+
+class AdvantageMode(str, Enum):
+    """The GRPO group advantage (reference#advantage)."""
+
+    zscore = "zscore"  # clamp((r - mean) / max(std, adv_std_floor), ±adv_clip): the reference since 78592f6
+    rank = "rank"  # 1 - 2·rank/(n - 1), best member +1, worst -1 (the reference's default in 9b68708 / 0500631)
+
+
+class StepReduction(str, Enum):
+    """How the top-1-only RCE loss combines the pointer steps of a sequence (reference#rce-loss)."""
+
+    sum = "sum"  # Σ_t CE_t, the scale of the reward-weighted RCE loss
+    mean = "mean"  # mean_t CE_t: the reference's plain CE on beam_labels[:, 0, :] (mean over B·S)
+
+
+class SelectStrategy(str, Enum):
+    """Which epoch's model a run keeps (reference#validation-best)."""
+
+    metric = "metric"  # the best epoch by eval.select_metric / eval.select_mode
+    last = "last"  # the last epoch (the reference's RCE-only model is rce_epoch{rce_epochs}.pt)
+
+
 class EvalPool(str, Enum):
     query_pool = "query_pool"  # each test query's own 64-candidate pool (explicit, logged)
     train_pool = "train_pool"  # the whole train pool
@@ -126,6 +154,9 @@ class ModelConfig:
     use_query_update_gate: bool = True  # on = reference HEAD (V4-1 gate); off = the 方案五 model
     mask_value: float = -100.0
     label_smoothing: float = 0.0
+    # train mode: every group member draws its own dropout mask (the reference tiles the query over the group;
+    # G times the encoder work) instead of one mask per query shared by its members (reference#defect-dropout-logp)
+    per_member_dropout: bool = False
     strict_load: bool = True  # false = explicit opt-out: loads what fits and prints the mismatches
 
 
@@ -172,6 +203,7 @@ class RCEConfig:
     use_raw_reward: bool = False  # CLI default of the reference (its scripts pass true)
     use_top1_only: bool = False
     top1_compat_index0: bool = False  # reference quirk: "top1" = stored candidate 0, not the best one
+    top1_step_reduction: StepReduction = StepReduction.sum  # use_top1_only loss over the steps; reference: mean
     use_rank_weights: bool = False
     cache: bool = False  # reuse the post-RCE weights from the stage cache (Optuna studies over GRPO knobs)
     grad_clip: float = 1.0
@@ -188,6 +220,7 @@ class GRPOConfig:
     clip_epsilon: float = 0.2
     kl_beta: float = 0.1
     adaptive_kl: bool = True
+    kl_update: KLUpdate = KLUpdate.per_step  # reference: per_query (identical at data.batch_size=1)
     kl_target_min: float = 0.01
     kl_target_max: float = 0.1
     kl_factor: float = 1.5
@@ -198,6 +231,7 @@ class GRPOConfig:
     top_k_schedule: List[List[int]] = field(default_factory=lambda: [[1, 3], [-1, 5]])
     adv_std_floor: float = 0.1
     adv_clip: float = 5.0
+    advantage: AdvantageMode = AdvantageMode.zscore  # rank ignores adv_std_floor and adv_clip (|A| <= 1)
     reward_source: GRPORewardSource = GRPORewardSource.normalized
     old_logp_source: OldLogpSource = OldLogpSource.sft
     freeze_backbone: bool = False  # freezes input_proj / query_proj / cand_proj
@@ -226,6 +260,7 @@ class EvalConfig:
     baselines: List[str] = field(default_factory=lambda: ["zero_shot", "random", "similarity"])
     baseline_splits: List[str] = field(default_factory=lambda: ["test"])  # model-free context; val needs none
     max_queries: Optional[int] = None  # cap on downstream queries per split (None = all)
+    select: SelectStrategy = SelectStrategy.metric  # metric: best epoch by select_metric; last: the last epoch
     select_metric: str = "val/offline/top1_reward"  # picks the best checkpoint across epochs
     select_mode: str = "max"
     # resamples of the per-query paired bootstraps of comparisons (python -m leverplus.compare, the sweep callback);

@@ -17,6 +17,11 @@ from leverplus.errors import LeverPlusInputError
 KNOWN_BASELINES = ("zero_shot", "random", "similarity")
 #: the splits that have evaluation queries (``eval.downstream_splits``, ``eval.baseline_splits``)
 EVAL_SPLITS = ("val", "test")
+#: the per-epoch validation metrics checkpoint selection can read (``eval.select_metric``): what
+#: ``evaluation.ranking.validation_metrics`` produces (a test keeps the two lists equal)
+SELECT_METRICS = ("val/loss", *(f"val/offline/{k}" for k in (
+    "top1_reward", "top1_acc", "oracle_reward", "oracle_acc", "mean_reward", "mean_acc", "ndcg", "spearman",
+    "rce_loss", "n_queries")))
 
 
 def validate_config(cfg: Any) -> None:
@@ -109,6 +114,9 @@ def _check_reward_and_eval(r: Any, e: Any) -> None:
     _need(r.clip > 0, "reward.clip", f"must be > 0, got {r.clip}", "e.g. 5.0")
     _need(0 <= r.info_weight <= 1, "reward.info_weight", f"must be in [0, 1], got {r.info_weight}", "e.g. 0.5")
     _need(e.select_mode in ("max", "min"), "eval.select_mode", f"got {e.select_mode!r}", "max or min")
+    _need(e.select_metric in SELECT_METRICS, "eval.select_metric",
+          f"{e.select_metric!r} is not a validation metric, so no epoch would ever be selected",
+          f"e.g. eval.select_metric=val/offline/top1_reward; choose from {', '.join(SELECT_METRICS)}")
     bad = [b for b in e.baselines if b not in KNOWN_BASELINES]
     _need(not bad, "eval.baselines", f"unknown baselines {bad}", f"choose from {', '.join(KNOWN_BASELINES)}")
     for key in ("downstream_splits", "baseline_splits"):

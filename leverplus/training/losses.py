@@ -139,6 +139,21 @@ def group_advantages(rewards: Tensor, *, mask: Optional[Tensor] = None, std_floo
     return torch.where(valid & (n >= 2), adv, torch.zeros_like(adv))
 
 
+def rank_advantages(rewards: Tensor, *, mask: Optional[Tensor] = None) -> Tensor:
+    """``A = 2ρ − 1 = 1 − 2·rank/(n−1)`` per query over its n valid members (``rank`` 0 = best reward): best +1,
+    worst −1, evenly spaced between (reference#advantage, the rank form of commits 9b68708 / 0500631).
+
+    ``ρ`` is ``ascending_rank_scores`` (ties broken stably: of two equal rewards the earlier member ranks lower).
+    Scale-free, so no std floor or clip applies. A query with a single valid member gets A = 0, padded members 0.
+    Returns a detached [B, G] tensor."""
+    _check_2d("rewards", rewards)
+    valid = _valid(mask, rewards)
+    _check_finite("rewards", rewards, valid)
+    n = valid.sum(-1, keepdim=True)
+    adv = 2.0 * ascending_rank_scores(rewards.detach(), mask=valid) - 1.0
+    return torch.where(valid & (n >= 2), adv, torch.zeros_like(adv))
+
+
 def kl_k3(log_ratio: Tensor) -> Tensor:
     """k3 KL estimator ``exp(x) − 1 − x`` elementwise, ``x = log(π_new/π_old)`` (= ratio − 1 − log ratio); ≥ 0."""
     return torch.expm1(log_ratio) - log_ratio
@@ -199,7 +214,8 @@ def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, rewards: Tensor, *, clip
     ``ppo_loss`` and ``kl`` (means over queries with a valid member), ``kl_loss`` (= β·kl, or 0 when clip-only),
     and detached statistics pooled over all valid members: ``mean_ratio``, ``clip_ratio`` (fraction of ratios
     outside [1−ε, 1+ε]), ``adv_mean``, ``adv_std`` (unbiased; 0 with fewer than 2 members), ``adv_max_abs``.
-    Also ``per_query_loss`` [B] (0 for a query without valid members).
+    Also ``per_query_loss`` [B] (0 for a query without valid members), the detached ``per_query_kl`` [B] (kl_q)
+    and ``per_query_max_abs_adv`` [B] (max_i |A_i|, the reference's per-query ``max_advantage``; 0 when empty).
     """
     _check_grpo_args(log_probs, old_log_probs, rewards, clip_epsilon, kl_beta)
     valid = _valid(mask, log_probs)
@@ -222,7 +238,9 @@ def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, rewards: Tensor, *, clip
     kl = kl_q.sum() / n_queries
     kl_loss = torch.zeros_like(kl) if use_ppo_clip_only else kl_beta * kl
     stats = _ratio_stats(ratio, adv, valid, clip_epsilon)
-    return {"loss": loss, "ppo_loss": ppo_loss, "kl_loss": kl_loss, "kl": kl, **stats, "per_query_loss": per_query}
+    max_abs_q = torch.where(valid, adv.abs(), zeros).amax(-1) if adv.shape[-1] else zeros.sum(-1)
+    return {"loss": loss, "ppo_loss": ppo_loss, "kl_loss": kl_loss, "kl": kl, **stats, "per_query_loss": per_query,
+            "per_query_kl": kl_q.detach(), "per_query_max_abs_adv": max_abs_q.detach()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,12 +269,15 @@ class GRPOEpochStats:
 
     ``grpo_loss`` outputs (``GRPO_LOSS_KEYS``): means over the epoch's queries of each batch's value;
     ``frac_reward_zero_std``: the fraction of queries whose *selected* members' rewards are flat (TRL's metric);
-    ``reward_mean`` / ``reward_std``: over every real member of every query, on the raw rewards (population std).
+    ``reward_mean`` / ``reward_std``: over every real member of every query, on the raw rewards (population std);
+    ``max_advantage``: the mean over the epoch's queries of max_i |A_i| (the reference's epoch ``max_advantage``,
+    which averages the per-query value; the same at every batch size).
     """
 
     def __init__(self) -> None:
         self.sums = {key: 0.0 for key in GRPO_LOSS_KEYS}
         self.zero_std, self.reward_sum, self.reward_sq, self.n_members, self.n = 0, 0.0, 0.0, 0, 0
+        self.max_adv_sum = 0.0
 
     @torch.no_grad()
     def add(self, out: dict[str, Tensor], selected_rewards: Tensor, selected_mask: Tensor, raw_rewards: Tensor,
@@ -272,6 +293,8 @@ class GRPOEpochStats:
         self.reward_sq += float((raw**2).sum())
         self.n_members += int(member_mask.sum())
         self.n += size
+        if "per_query_max_abs_adv" in out:
+            self.max_adv_sum += float(out["per_query_max_abs_adv"].sum())
 
     def summary(self) -> dict[str, float]:
         mean_r = self.reward_sum / max(self.n_members, 1)
@@ -280,6 +303,7 @@ class GRPOEpochStats:
             "frac_reward_zero_std": self.zero_std / max(self.n, 1),
             "reward_mean": mean_r,
             "reward_std": math.sqrt(max(self.reward_sq / max(self.n_members, 1) - mean_r**2, 0.0)),
+            "max_advantage": self.max_adv_sum / max(self.n, 1),
         }
 
 

@@ -45,7 +45,7 @@ def rce_temperature(step: int, total_steps: int, start: float = 2.0, end: float 
 
 
 class AdaptiveKLController:
-    """β after every optimiser step: ``kl > target_max`` -> β·factor, ``kl < target_min`` -> β/factor, then clip
+    """β after every optimiser step (or every query, ``grpo.kl_update=per_query``): ``kl > target_max`` -> β·factor, ``kl < target_min`` -> β/factor, then clip
     to ``[beta_min, beta_max]`` (the reference clips on every update, also when β is unchanged).
 
     Defaults are the reference's hard-coded values (0.01 / 0.1 / 1.5 / 0.001 / 10). ``enabled=False``
@@ -64,9 +64,11 @@ class AdaptiveKLController:
         self.beta = float(beta)
         self.target_min, self.target_max, self.factor = target_min, target_max, factor
         self.beta_min, self.beta_max, self.enabled = beta_min, beta_max, enabled
+        self.n_updates = 0  # calls of update (the β cadence: one per optimiser step, or one per query)
 
     def update(self, kl: float) -> float:
-        """Adapt β to the KL of the last step; returns the new β."""
+        """Adapt β to the KL of the last step (or query); returns the new β."""
+        self.n_updates += 1
         kl = float(kl)
         if not self.enabled or not math.isfinite(kl):
             return self.beta

@@ -21,7 +21,14 @@ from leverplus.data.batching import Batch, collate, iterate_batches, num_batches
 from leverplus.data.groups import Group
 from leverplus.model.checkpoint import save_pointer_checkpoint
 from leverplus.model.pointer import ItemTable, PointerSelector
-from leverplus.training.losses import GRPOEpochStats, grpo_loss, rce_loss, top1_member, top_k_members
+from leverplus.training.losses import (
+    GRPOEpochStats,
+    grpo_loss,
+    rank_advantages,
+    rce_loss,
+    top1_member,
+    top_k_members,
+)
 from leverplus.training.schedules import (
     AdaptiveKLController,
     AdaptivePolicyTemperature,
@@ -113,6 +120,7 @@ def member_log_probs(
     policy_temperature: float = 1.0,
     smoothed: bool = False,
     table: Optional[ItemTable] = None,
+    per_member_dropout: bool = False,
 ) -> torch.Tensor:
     """``log π(a_i | q, C)`` ``[B, G]`` of the members ``labels`` (default: every member of ``b``): the one
     batch -> log-probs path of SFT, RCE and GRPO.
@@ -120,6 +128,7 @@ def member_log_probs(
     ``smoothed`` (SFT, RCE): ``−sequence_nll``, the reference's cross-entropy terms (the model's label smoothing,
     logits clamped at -100); without smoothing this is the log-prob. ``table`` (the GRPO "old" policy): eval mode on
     pools gathered from the item table. Otherwise (GRPO): the train-mode log-prob at ``policy_temperature``.
+    ``per_member_dropout`` (``model.per_member_dropout``): in train mode each member draws its own dropout mask.
     """
     labels = b.labels if labels is None else labels
     if (smoothed or table is not None) and policy_temperature != 1.0:
@@ -127,8 +136,9 @@ def member_log_probs(
     if table is not None:
         return model.sequence_log_probs_indexed(b.query_emb, b.pool_idx, labels, table, b.cand_mask)
     if smoothed:
-        return -model.sequence_nll(b.query_emb, b.cand_emb, labels, b.cand_mask)
-    return model.sequence_log_probs(b.query_emb, b.cand_emb, labels, b.cand_mask, policy_temperature=policy_temperature)
+        return -model.sequence_nll(b.query_emb, b.cand_emb, labels, b.cand_mask, per_member_dropout=per_member_dropout)
+    return model.sequence_log_probs(b.query_emb, b.cand_emb, labels, b.cand_mask, policy_temperature=policy_temperature,
+                                    per_member_dropout=per_member_dropout)
 
 
 @torch.no_grad()
@@ -149,6 +159,14 @@ def param_counts(model: PointerSelector) -> Dict[str, int]:
     """Trainable and total parameter counts."""
     return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "total": sum(p.numel() for p in model.parameters())}
+
+
+def top1_step_scale(cfg, b: Batch) -> float:
+    """The factor on the top-1-only RCE loss: 1 (``sum`` over the S pointer steps) or 1/S (``mean``, the reference's
+    plain CE); 1 without ``use_top1_only``."""
+    if cfg.use_top1_only and enum_value(cfg.top1_step_reduction) == "mean":
+        return 1.0 / b.labels.shape[2]
+    return 1.0
 
 
 def rce_targets(cfg, b: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -277,15 +295,19 @@ class Trainer:
             )
             self.checkpoints.append(path)
         metric = self.cfg.eval.select_metric
-        if select and metric in val:
-            value = val[metric]
+        last = enum_value(self.cfg.eval.select) == "last"  # every epoch replaces the previous one
+        if select and (last or metric in val):
+            value = val.get(metric)
             better = (
-                not self.best
+                last
+                or not self.best
                 or (self.cfg.eval.select_mode == "max" and value > self.best[metric])
                 or (self.cfg.eval.select_mode == "min" and value < self.best[metric])
             )
             if better:
-                self.best = {"epoch": epoch + 1, "phase": phase, "global_epoch": self.epoch_counter, metric: value}
+                self.best = {"epoch": epoch + 1, "phase": phase, "global_epoch": self.epoch_counter}
+                if value is not None:
+                    self.best[metric] = value
                 self.best_state = copy.deepcopy(model.state_dict())
                 self.best_checkpoint = self.output_dir / "checkpoints" / "best.pt"
                 save_pointer_checkpoint(
@@ -334,7 +356,10 @@ class Trainer:
                 b = collate(chunk, self.embeddings)
                 tau = rce_temperature(step, total_steps, cfg.temp_start, cfg.temp_end)
                 rewards, mask = rce_targets(cfg, b)
-                log_probs = member_log_probs(model, b, smoothed=True)
+                log_probs = member_log_probs(model, b, smoothed=True, per_member_dropout=self.cfg.model.per_member_dropout)
+                scale = top1_step_scale(cfg, b)
+                if scale != 1.0:
+                    log_probs = log_probs * scale
                 out = rce_loss(log_probs, rewards, temperature=tau, mask=mask, use_rank=cfg.use_rank_weights)
                 loss = optimizer_step(opt, sched, out["loss"], cfg.grad_clip, f"RCE epoch {epoch + 1} step {step}")
                 step += 1
@@ -361,9 +386,12 @@ class Trainer:
         labels = torch.gather(b.labels, 1, idx[..., None].expand(-1, -1, b.labels.shape[2]))
         r = torch.gather(rewards, 1, idx)
         old = torch.gather(b.old_log_probs, 1, idx)
-        new = member_log_probs(model, b, labels, policy_temperature=policy_temperature)
+        new = member_log_probs(model, b, labels, policy_temperature=policy_temperature,
+                               per_member_dropout=self.cfg.model.per_member_dropout)
+        adv = rank_advantages(r, mask=sel_mask) if enum_value(cfg.advantage) == "rank" else None
         out = grpo_loss(new, old, r, clip_epsilon=cfg.clip_epsilon, kl_beta=beta, mask=sel_mask,
-                        std_floor=cfg.adv_std_floor, adv_clip=cfg.adv_clip, use_ppo_clip_only=cfg.use_ppo_clip_only)
+                        std_floor=cfg.adv_std_floor, adv_clip=cfg.adv_clip, use_ppo_clip_only=cfg.use_ppo_clip_only,
+                        advantages=adv)
         return out, r, sel_mask
 
     def run_grpo(self, model: PointerSelector, old_log_probs: Dict[int, torch.Tensor], select: bool) -> Dict[str, int]:
@@ -372,6 +400,8 @@ class Trainer:
         counts = self.freeze_backbone(model) if cfg.freeze_backbone else param_counts(model)
         opt, sched = self._optimizer(model, cfg, cfg.epochs * num_batches(self.train_groups, bs))  # fresh, as the reference
         kl_ctl, temp_ctl = grpo_controllers(cfg)
+        self.kl_controller = kl_ctl
+        per_query = enum_value(cfg.kl_update) == "per_query"
         schedule = top_k_schedule(cfg.top_k_schedule)
         self._start_phase("grpo")
         step = 0
@@ -386,7 +416,11 @@ class Trainer:
                 loss = optimizer_step(opt, sched, out["loss"], cfg.grad_clip, f"GRPO epoch {epoch + 1} step {step}")
                 step += 1
                 kl_value = float(out["kl"].detach())
-                kl_ctl.update(kl_value)  # after every optimiser step (reference: every query)
+                if per_query:  # the reference's cadence: one β update per query, on that query's KL
+                    for kl_q in out["per_query_kl"].tolist():
+                        kl_ctl.update(kl_q)
+                else:
+                    kl_ctl.update(kl_value)  # after every optimiser step
                 temp_ctl.update(kl_value)
                 stats.add(out, r, sel_mask, b.rewards_raw, b.member_mask)
                 bar.set_postfix(loss=f"{loss:.4f}", kl=f"{kl_value:.4f}", beta=f"{kl_ctl.beta:.3f}")

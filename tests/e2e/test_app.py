@@ -46,6 +46,8 @@ PAIRS = {"data.shot_nums", "seed"}
 #: sweep -> (sweeper, its factors (ablation) or search-space params (Optuna))
 SWEEPS = {
     "reward_grid": (ABLATION, {"reward.mode", "weights", "rce.use_raw_reward"} | PAIRS),
+    "reward_grid_rce": (ABLATION, {"reward.mode", "weights", "rce.use_raw_reward"} | PAIRS),
+    "reward_grid_grpo_stage": (ABLATION, {"grpo.epochs", "grpo.lr", "grpo.advantage"} | PAIRS),
     "seeds": (ABLATION, PAIRS),
     "skip_fallback": (ABLATION, {"data.skip_fallback_reward"} | PAIRS),
     "freeze_backbone": (ABLATION, {"grpo.freeze_backbone"} | PAIRS),

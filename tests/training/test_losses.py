@@ -384,7 +384,7 @@ def test_grpo_epoch_stats_on_a_hand_computed_epoch():
     # raw rewards of the 7 real members: 1 1 1 0 2 4 5 -> mean 2, E[r^2] = 48/7, std = sqrt(48/7 - 4)
     assert m["reward_mean"] == pytest.approx(2.0)
     assert m["reward_std"] == pytest.approx(math.sqrt(48 / 7 - 4))
-    assert list(m) == [*GRPO_LOSS_KEYS, "frac_reward_zero_std", "reward_mean", "reward_std"]
+    assert list(m) == [*GRPO_LOSS_KEYS, "frac_reward_zero_std", "reward_mean", "reward_std", "max_advantage"]
 
 
 def test_grpo_epoch_stats_of_an_empty_epoch_are_zero():
