@@ -26,7 +26,7 @@ from leverplus.config.identity import run_key, to_container
 from leverplus.config.store import conf_dir, register_configs
 from leverplus.config.validation import validate_config
 from leverplus.data.formats.io import atomic_open, atomic_write_json, atomic_write_text
-from leverplus.data.loading import LoadedData
+from leverplus.data.loading import LoadedData, prepare_groups
 from leverplus.env import PARENT_RUN_ID_VAR, SWEEP_ARM_KEYS_VAR, SWEEP_BASELINE_ARM_VAR, SWEEP_VAR
 from leverplus.errors import LeverPlusInputError, printed_input_errors
 from leverplus.pipeline import RunOutcome, load_data, train_and_evaluate
@@ -97,6 +97,7 @@ def run(cfg: DictConfig) -> float:
     out_dir = _output_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg)  # validates every input before anything is trained or tracked
+    prepare_groups(cfg, data, with_sft=False)  # reward fields and reward contrast, before a run is opened
     if cfg.tracking.enabled:
         return _tracked_run(cfg, data, out_dir)
     outcome, value = _execute(cfg, data, out_dir)

@@ -84,6 +84,26 @@ def test_renamed_reward_fields_are_refused_naming_the_first_candidate(tmp_path, 
     assert nothing_trained(tmp_path)
 
 
+def test_a_refused_reward_field_opens_no_mlflow_run(tmp_path, compose_cfg):
+    """With tracking on: the reward check runs before the run's MLflow run is opened, so the store holds no run."""
+    import mlflow
+
+    def rename(records):
+        for r in records.values():
+            for c in r["pointer_candidates"]:
+                c["acc"] = c.pop("vqa_acc_score")
+
+    emb, rl = make_files(tmp_path, rename)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = files_cfg(compose_cfg, tmp_path, emb, rl, "tracking.enabled=true", f"tracking.uri={uri}")
+    with pytest.raises(LeverPlusInputError, match="vqa_acc_score"):
+        run(cfg)
+    assert nothing_trained(tmp_path)
+    if (tmp_path / "mlflow.db").exists():
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
 def test_one_missing_reward_field_is_refused_not_counted_as_zero(tmp_path, compose_cfg):
     def drop(records):
         del records[3]["pointer_candidates"][2]["vqa_acc_score"]
