@@ -17,6 +17,7 @@ from typing import Callable, Optional, TypeVar
 
 import mlflow
 from filelock import FileLock
+from mlflow.exceptions import MlflowException
 
 from leverplus.env import MLFLOW_TRACKING_URI_VAR
 from leverplus.errors import LeverPlusInputError
@@ -109,7 +110,12 @@ def get_or_create_experiment(name: str, uri: str, artifact_root: str) -> str:
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        return client.create_experiment(name, artifact_location=f"{artifact_root}/{name}", tags=EXPERIMENT_TAGS)
+        try:
+            return client.create_experiment(name, artifact_location=f"{artifact_root}/{name}", tags=EXPERIMENT_TAGS)
+        except MlflowException as e:  # a concurrent client (another machine, no shared lock) created it first
+            if e.error_code != "RESOURCE_ALREADY_EXISTS" or client.get_experiment_by_name(name) is None:
+                raise
+            return client.get_experiment_by_name(name).experiment_id
 
     lock = _lock_path(uri)
     if lock is None:
