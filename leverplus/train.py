@@ -24,7 +24,7 @@ from leverplus.data.formats.io import atomic_open, atomic_write_json, atomic_wri
 from leverplus.data.loading import LoadedData
 from leverplus.env import PARENT_RUN_ID_VAR
 from leverplus.errors import LeverPlusInputError, printed_input_errors
-from leverplus.pipeline import RunOutcome, load_data, train_and_evaluate
+from leverplus.pipeline import RunOutcome, load_data, resolve_objective, train_and_evaluate
 from leverplus.tracking.run import MlflowRun, find_finished_run, flatten, record_reused_run, run_name, standard_tags
 from leverplus.tracking.store import get_or_create_experiment, resolve_artifact_root, resolve_tracking_uri
 
@@ -78,6 +78,8 @@ def run(cfg: DictConfig) -> float:
     out_dir = _output_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg)  # validates every input before anything is trained or tracked
+    objective_source = resolve_objective(cfg, data)  # the offline proxy when the data has no scorer
+    cfg.tracking.extra_tags = {**(cfg.tracking.extra_tags or {}), "objective_source": objective_source}
     if cfg.tracking.enabled:
         return _tracked_run(cfg, data, out_dir)
     outcome, value = _execute(cfg, data, out_dir)
