@@ -98,7 +98,7 @@ class FilesScorerConfig:
     attn_implementation: str = "auto"
     min_pixels: Optional[int] = None
     max_pixels: Optional[int] = None
-    image_cache_size: int = field(default=1000, metadata=COSMETIC)
+    image_cache_size: int = 1000  # decoded images kept in memory
 
 
 @dataclass

@@ -73,8 +73,8 @@ def test_checkpoints_and_baselines_at_every_shot_then_all_from_the_cache(trained
     out = capsys.readouterr().out
     labels = [m for m in res.methods if m not in BASELINES]
     name = trained["run"].data.tags["mlflow.runName"]
-    # the run's logged checkpoint, and every per-epoch checkpoint of its folder (SFT, then RCE, best last)
-    assert labels == ["checkpoints/sft_epoch1", "checkpoints/rce_epoch1", "checkpoints/best", f"{name}/best"]
+    # every per-epoch checkpoint of the run's folder (best last), and the checkpoint the run logged
+    assert labels == ["checkpoints/rce_epoch1", "checkpoints/best", f"{name}/best"]
     assert res.shots == [1, 2, 3, 4] and "| method | S1 | S2 | S3 | S4 | n |" in out
     for s in res.shots:
         assert all(res.summaries[(m, s)]["n"] == 4 for m in res.methods)

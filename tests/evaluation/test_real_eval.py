@@ -15,6 +15,7 @@ pytest.importorskip("PIL.Image")
 import tiny_vqa  # noqa: E402
 
 from leverplus.config.validation import validate_config  # noqa: E402
+from leverplus.data.formats.embeddings import save_embeddings  # noqa: E402
 from leverplus.datagen.scorers.hf import HFScorer  # noqa: E402
 from leverplus.errors import LeverPlusInputError  # noqa: E402
 from leverplus.evaluation.head_to_head import format_accuracy_table, head_to_head  # noqa: E402
@@ -52,10 +53,11 @@ def test_a_missing_model_or_image_fails_before_any_work(world, compose_cfg, tmp_
     empty = tmp_path / "val2014"
     empty.mkdir()
     with pytest.raises(LeverPlusInputError, match="COCO_val2014_000000000004.jpg") as e:
-        load_data(_cfg(compose_cfg, world, f"+data.files.scorer.images.val={empty}"))
+        load_data(_cfg(compose_cfg, world, f"++data.files.scorer.images.val={empty}"))
     assert "data.files.scorer.images.val" in str(e.value)
-    with pytest.raises(LeverPlusInputError, match="embeddings.val"):  # an evaluation split needs its embeddings
-        load_data(_cfg(compose_cfg, world, "~data.files.scorer.embeddings"))
+    save_embeddings(tmp_path / "short.pt", torch.zeros(3, 32))  # 3 rows for 5 val questions
+    with pytest.raises(LeverPlusInputError, match="embeddings.val"):
+        load_data(_cfg(compose_cfg, world, f"++data.files.scorer.embeddings.val={tmp_path / 'short.pt'}"))
 
 
 def test_training_on_files_evaluates_every_shot_and_optimises_the_vqa_accuracy(world, compose_cfg, tmp_path, capsys):
