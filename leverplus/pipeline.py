@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 
 from leverplus.config.identity import canonical_config, to_container
 from leverplus.data.groups import FilterStats, Group
-from leverplus.data.loading import LoadedData, PreparedGroups, file_state, load_files, prepare_groups
+from leverplus.data.loading import LoadedData, PreparedGroups, file_state, prepare_groups
+from leverplus.datagen.scorers.vqa_files import load_files_with_scorer
 from leverplus.evaluation.answer_cache import AnswerCache, CachedScorer, scorer_identity
 from leverplus.evaluation.downstream import evaluate_splits
 from leverplus.evaluation.ranking import offline_metrics, validation_metrics
@@ -39,7 +40,9 @@ from leverplus.utils import default_cache_dir, enum_value, seed_everything, stab
 _SCALE_DEPENDENT_SELECT_METRICS = ("val/loss", "val/offline/rce_loss")
 
 #: data source (``data.source``) -> loader
-SOURCES: Dict[str, Callable[..., LoadedData]] = {"sim": load_sim, "files": load_files}
+SOURCES: Dict[str, Callable[..., LoadedData]] = {"sim": load_sim, "files": load_files_with_scorer}
+#: the objective of a run whose data has no scorer for the downstream objective it asks for (the offline proxy)
+PROXY_OBJECTIVE = "val/offline/top1_acc"
 
 _DATA_MEMO: "Dict[str, Tuple[tuple, LoadedData]]" = {}
 
@@ -173,14 +176,29 @@ def _evaluate(cfg, data: LoadedData, groups: PreparedGroups, model: PointerSelec
         say("Downstream evaluation skipped: this data source has no scorer (eval.downstream=false to silence).")
     elif cfg.eval.downstream:
         scorer = _answering_scorer(cfg, data)
-        down = evaluate_splits(model, scorer, data.eval_sets, data.embeddings, sorted(data.rl), cfg.eval,
-                               seed=int(cfg.seed), data_key=data.fingerprint)
+        shots = sorted(set(data.rl) | {int(s) for s in cfg.eval.shot_nums})
+        down = evaluate_splits(model, scorer, data.eval_sets, data.embeddings, shots, cfg.eval,
+                               seed=int(cfg.seed), data_key=data.fingerprint, headline_shots=sorted(data.rl))
         metrics.update(down.metrics)
         if isinstance(scorer, CachedScorer):  # how many LVLM answers this run generated vs took from the store
             metrics.update({f"answer_cache/{k}": float(v) for k, v in scorer.stats().items() if k != "identity_hash"})
         per_query += down.per_query
         tables += down.tables
     return metrics, per_query, tables
+
+
+def resolve_objective(cfg, data: LoadedData, say: Callable[[str], None] = print) -> str:
+    """Where the run's objective comes from: ``downstream`` (a downstream VQA accuracy), ``offline`` (an offline
+    metric chosen as such), or ``proxy``: the objective asks for a downstream accuracy but the data has no scorer
+    (``data=files`` without ``data.files.scorer.model``), so ``cfg.objective`` is switched to the offline proxy."""
+    if "/downstream" not in str(cfg.objective):
+        return "offline"
+    if data.scorer is not None:
+        return "downstream"
+    say(f"[leverplus] no scorer for this data: the objective {cfg.objective} falls back to the offline proxy "
+        f"{PROXY_OBJECTIVE} (set data.files.scorer.model=/path/to/model for the VQA accuracy).")
+    cfg.objective = PROXY_OBJECTIVE
+    return "proxy"
 
 
 def _answering_scorer(cfg, data: LoadedData):
@@ -192,6 +210,10 @@ def _answering_scorer(cfg, data: LoadedData):
     base = SimScorer(data.scorer) if isinstance(data.scorer, SimLVLM) else data.scorer
     path = Path(cfg.eval.answer_cache_path).expanduser() if cfg.eval.answer_cache_path else None
     return CachedScorer(base, AnswerCache(path), scorer_identity(base))
+
+
+#: the scorer downstream evaluation asks (for ``leverplus.evaluate``, which evaluates outside a training run)
+answering_scorer = _answering_scorer
 
 
 def reward_signature(cfg, memo: Dict[str, Any]) -> str:
@@ -236,4 +258,5 @@ def _hash_validation_rewards(h: Any, val: Sequence[Group], scale_free: bool) -> 
         h.update((g.rewards_raw / torch.tensor(scale, dtype=g.rewards_raw.dtype)).numpy().tobytes())
 
 
-__all__ = ["SOURCES", "RunOutcome", "load_data", "reward_signature", "train_and_evaluate"]
+__all__ = ["PROXY_OBJECTIVE", "SOURCES", "RunOutcome", "answering_scorer", "load_data", "resolve_objective", "reward_signature",
+           "train_and_evaluate"]

@@ -29,7 +29,7 @@ from leverplus.data.formats.io import atomic_open, atomic_write_json, atomic_wri
 from leverplus.data.loading import LoadedData, prepare_groups
 from leverplus.env import PARENT_RUN_ID_VAR, SWEEP_ARM_KEYS_VAR, SWEEP_BASELINE_ARM_VAR, SWEEP_VAR
 from leverplus.errors import LeverPlusInputError, printed_input_errors
-from leverplus.pipeline import RunOutcome, load_data, train_and_evaluate
+from leverplus.pipeline import RunOutcome, load_data, resolve_objective, train_and_evaluate
 from leverplus.sweeps.plain import arm_label
 from leverplus.sweeps.progress import job_line, job_position
 from leverplus.tracking.claims import HEARTBEAT_TAG, Heartbeat, claim_or_wait
@@ -98,6 +98,8 @@ def run(cfg: DictConfig) -> float:
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg)  # validates every input before anything is trained or tracked
     prepare_groups(cfg, data, with_sft=False)  # reward fields and reward contrast, before a run is opened
+    objective_source = resolve_objective(cfg, data)  # the offline proxy when the data has no scorer
+    cfg.tracking.extra_tags = {**(cfg.tracking.extra_tags or {}), "objective_source": objective_source}
     if cfg.tracking.enabled:
         return _tracked_run(cfg, data, out_dir)
     outcome, value = _execute(cfg, data, out_dir)

@@ -138,3 +138,14 @@ def launch_dir() -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.cwd).resolve()
     return Path.cwd().resolve()
+
+
+#: values of the root ``device`` field
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
+
+def resolve_device(device: str) -> torch.device:
+    """``device`` (auto | cpu | cuda | cuda:N) as a torch device; ``auto`` = CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

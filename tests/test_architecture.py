@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "leverplus"
 
 LAYERS = [
     ("leverplus.train", "leverplus.compare", "leverplus.generate_rl_data", "leverplus.generate_beam_data",
-     "leverplus.inspect_data", "leverplus.repool"),
+     "leverplus.inspect_data", "leverplus.repool", "leverplus.evaluate"),
     ("leverplus.sweeps",),
     ("leverplus.analysis",),
     ("leverplus.tracking",),

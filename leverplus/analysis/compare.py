@@ -1116,8 +1116,40 @@ def _run_rows(run, metric_key: str, shot_metric_key: str, objective_key: str) ->
             "objective": metrics.get(objective_key, math.nan), "acc": metrics.get(name, math.nan),
             KL_COL: metrics.get(KL_METRIC, math.nan),
             **{f"params.{k}": v for k, v in run.data.params.items()},
+            SHOT_ACCS_COL: _shot_accs(metrics, metric_key),
         })
     return rows
+
+
+#: column of :func:`load_sweep_runs`: {eval shot: accuracy} of the run (``eval.shot_nums``), for the S1-S4 table
+SHOT_ACCS_COL = "shot_accs"
+
+
+def _shot_accs(metrics: Mapping[str, float], metric_key: str) -> Dict[int, float]:
+    """``<metric_key>_shot<k>`` of the run for every evaluated shot k."""
+    prefix = f"{metric_key}_shot"
+    return {int(k[len(prefix):]): float(v) for k, v in metrics.items()
+            if k.startswith(prefix) and k[len(prefix):].isdigit()}
+
+
+def shot_accuracy_markdown(df: pd.DataFrame, metric: str = "test/downstream_acc") -> str:
+    """The S1-S4 table: one row per (arm, trained shot), the mean accuracy over its seeds at each evaluated shot
+    (one trained model evaluated at every shot of ``eval.shot_nums``); empty when no run logged per-shot accuracies."""
+    if df.empty or SHOT_ACCS_COL not in df.columns:
+        return ""
+    shots = sorted({k for d in df[SHOT_ACCS_COL] if isinstance(d, dict) for k in d})
+    if not shots:
+        return ""
+    lines = [f"### {metric} (%) at each evaluated shot (mean over seeds)", "",
+             "| arm | trained shot | seeds | " + " | ".join(f"S{k}" for k in shots) + " |",
+             "|" + "---|" * (3 + len(shots))]
+    for (arm, trained), g in df.groupby(["arm", "shot_num"], sort=True):
+        cells = []
+        for k in shots:
+            vals = [d[k] for d in g[SHOT_ACCS_COL] if isinstance(d, dict) and k in d]
+            cells.append(f"{PP * float(np.mean(vals)):.2f}" if vals else "n/a")
+        lines.append(f"| {_md(arm)} | {trained} | {g['seed'].nunique()} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _parse_per_query(path: Path, run_id: str, split: str, method: str) -> pd.DataFrame:
@@ -1281,7 +1313,12 @@ def compare_sweep(
         report.seed_allocation = list(record.get("cells", []))
     out = Path(out_dir) if out_dir is not None else launch_dir() / "outputs" / "compare" / sweep
     paths = write_report(report, out)
+    shots_md = shot_accuracy_markdown(df)
+    if shots_md:
+        paths.append(out / "shot_accuracy.md")
+        atomic_write_text(paths[-1], shots_md)
     print(report_markdown(report))
+    print(shots_md)
     print(f"[leverplus] comparison written to {out}")
     if log_to_parent:
         _log_to_parent(client, parents, paths, sweep)

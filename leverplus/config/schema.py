@@ -107,6 +107,37 @@ class SummaryMode(str, Enum):
 
 
 @dataclass
+class FilesScorerConfig:
+    """The LVLM that answers real VQA queries in downstream evaluation (``data=files``): the ``hf`` scorer's prompt,
+    greedy generation and post-processing (leverplus.datagen.scorers.hf) on the official VQA files. No ``model`` = no
+    downstream evaluation (the objective falls back to the offline proxy). Weights are never downloaded."""
+
+    model: Optional[str] = None  # local model folder (or a hub id already in the local HF cache)
+    # split -> official VQA questions JSON ({"questions": [{question_id, image_id, question}]}). train is the ICD
+    # pool: its rows, in file order, are the embedding rows; val/test are evaluation queries
+    questions: Dict[str, str] = field(default_factory=dict)
+    annotations: Dict[str, str] = field(default_factory=dict)  # split -> official VQA annotations JSON
+    images: Dict[str, str] = field(default_factory=dict)  # split -> COCO image folder (e.g. /coco/val2014)
+    # file name of an image in its folder; {folder} = the folder's name, {image_id} = the question's image_id
+    image_name: str = "COCO_{folder}_{image_id:012d}.jpg"
+    # split (val/test) -> [M, d] query embeddings, rows in the order of that split's questions file
+    embeddings: Dict[str, str] = field(default_factory=dict)
+    system_prompt: Optional[str] = None  # None = the reference's Qwen2.5-VL system prompt; "" = none
+    prompt_template: str = "Question:<Q> Short answer:<A>"
+    max_new_tokens: int = 5
+    num_beams: int = 3
+    length_penalty: float = 0.0
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    batch_size: int = 8  # prompts per forward pass (a bf16 model's answers may depend on the batch)
+    dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
+    attn_implementation: str = "auto"
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
+    image_cache_size: int = 1000  # decoded images kept in memory
+
+
+@dataclass
 class FilesConfig:
     """Paths to existing Lever-Plus files (``data.source=files``). All paths may be relative to the launch dir."""
 
@@ -114,6 +145,7 @@ class FilesConfig:
     embeddings: Optional[str] = None  # [N_train, d] .pt or .npy (query file = candidate file in the reference)
     beam_json: Optional[str] = None  # InfoScore beam JSON (SFT data; hybrid reward's InfoScores)
     sft_checkpoint: Optional[str] = None  # start RCE from here (any supported checkpoint format); None -> SFT
+    scorer: FilesScorerConfig = field(default_factory=FilesScorerConfig)  # downstream evaluation on real data
 
 
 @dataclass
@@ -261,6 +293,9 @@ class EvalConfig:
     baseline_splits: List[str] = field(default_factory=lambda: ["test"])  # model-free context; val needs none
     max_queries: Optional[int] = None  # cap on downstream queries per split (None = all)
     select: SelectStrategy = SelectStrategy.metric  # metric: best epoch by select_metric; last: the last epoch
+    # shots every trained model is evaluated at (the reports' S1-S4), whatever shots it was trained on; the trained
+    # shots are always evaluated too, and <split>/downstream_acc stays the mean over the trained shots
+    shot_nums: List[int] = field(default_factory=lambda: [1, 2, 3, 4])
     select_metric: str = "val/offline/top1_reward"  # picks the best checkpoint across epochs
     select_mode: str = "max"
     # resamples of the per-query paired bootstraps of comparisons (python -m leverplus.compare, the sweep callback);
@@ -309,7 +344,8 @@ class TrainConfig:
     seed: int = 0  # 0 is a real seed
     objective: str = field(default="val/downstream_acc", metadata=COSMETIC)  # the float returned to sweepers (val only)
     output_dir: Optional[str] = field(default=None, metadata=COSMETIC)  # checkpoints etc.; default: Hydra's run dir
-    # out of the run key as it always was, although a GPU run can differ from a CPU run in the last bits
+    # auto (cuda when present) | cpu | cuda | cuda:N, for training and evaluation. Out of the run key as it always
+    # was, although a GPU run can differ from a CPU run in the last bits
     device: str = field(default="cpu", metadata=COSMETIC)
     num_threads: int = field(default=0, metadata=COSMETIC)  # 0 = leave torch's default
     progress: Optional[bool] = field(default=None, metadata=COSMETIC)  # None = only when stdout is a TTY
@@ -323,3 +359,25 @@ class TrainConfig:
     tune_malloc: bool = field(default=True, metadata=COSMETIC)
     summary: SummaryMode = field(default=SummaryMode.auto, metadata=COSMETIC)  # the end-of-run table: see SummaryMode
 
+
+
+@dataclass
+class EvaluateConfig:
+    """What ``python -m leverplus.evaluate`` evaluates: checkpoints (files, or folders of per-epoch checkpoints),
+    MLflow runs (their logged checkpoints) and every arm of a finished sweep (its parent run), next to the baselines
+    of ``eval.baselines``, at every shot of ``eval.shot_nums``."""
+
+    checkpoints: List[str] = field(default_factory=list)  # checkpoint files, or folders (every *.pt inside)
+    run_ids: List[str] = field(default_factory=list)  # MLflow runs: the checkpoints they logged
+    parent_run_id: Optional[str] = None  # a finished sweep: the logged checkpoint of each FINISHED child run
+    split: str = "val"  # val | test | train
+    num_queries: Optional[int] = None  # the first n queries by question id (None = all)
+    log: bool = True  # log the results to MLflow (to each evaluated run; checkpoint files get one new run)
+
+
+@dataclass
+class EvaluateAppConfig(TrainConfig):
+    """The primary config of ``python -m leverplus.evaluate``: a training config (data, model, eval, device, ...)
+    plus what to evaluate."""
+
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

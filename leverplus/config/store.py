@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from leverplus.config.schema import (
     DataConfig,
     EvalConfig,
+    EvaluateAppConfig,
     GRPOConfig,
     ModelConfig,
     RCEConfig,
@@ -29,6 +30,7 @@ def register_configs() -> None:
     """Register the schemas; the YAML files in conf/ extend them (``defaults: [<name>_schema]``)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig, replace=True)
+    cs.store(name="evaluate_schema", node=EvaluateAppConfig, replace=True)
     for group, node in [
         ("data", DataConfig),
         ("model", ModelConfig),

@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
 from leverplus.config.schema import TrainConfig
 from leverplus.errors import LeverPlusInputError
+from leverplus.utils import DEVICE_PATTERN
 
 #: the model-free baselines of the downstream evaluation (``eval.baselines``)
 KNOWN_BASELINES = ("zero_shot", "random", "similarity")
@@ -24,12 +27,12 @@ SELECT_METRICS = ("val/loss", *(f"val/offline/{k}" for k in (
     "rce_loss", "n_queries")))
 
 
-def validate_config(cfg: Any) -> None:
+def validate_config(cfg: Any, schema: type = TrainConfig) -> None:
     """Range checks the type system cannot express; raises LeverPlusInputError naming the field and the fix.
 
     The checks run section by section (keys, training phases, GRPO, data, model, reward, eval); the first failure
     raises."""
-    check_known_keys(cfg)
+    check_known_keys(cfg, schema)
     _check_phases(cfg)
     _check_grpo(cfg.grpo)
     _check_data(cfg.data)
@@ -122,12 +125,26 @@ def _check_reward_and_eval(r: Any, e: Any) -> None:
     for key in ("downstream_splits", "baseline_splits"):
         bad = [x for x in e[key] if x not in EVAL_SPLITS]
         _need(not bad, f"eval.{key}", f"unknown splits {bad}", f"choose from {', '.join(EVAL_SPLITS)}")
+    _need(len(e.shot_nums) > 0 and all(int(s) >= 1 for s in e.shot_nums), "eval.shot_nums",
+          f"must list shot counts >= 1, got {list(e.shot_nums)}", "e.g. eval.shot_nums=[1,2,3,4]")
 
 
 def _check_run(cfg: Any) -> None:
     """Root fields, and an objective the run will actually produce (checked now, not after training)."""
     _need(cfg.num_threads >= 0, "num_threads", f"must be >= 0, got {cfg.num_threads}", "0 keeps torch's default")
+    check_device(str(cfg.device))
     downstream_objective = "/downstream" in str(cfg.objective)
     _need(not downstream_objective or cfg.eval.downstream, "objective",
           f"{cfg.objective} needs the downstream evaluation, but eval.downstream=false",
           "set eval.downstream=true, or objective=val/offline/top1_acc")
+
+
+def check_device(device: str, name: str = "device") -> None:
+    """``device`` is auto, cpu, cuda or cuda:N, and a CUDA device asked for by name exists."""
+    _need(re.fullmatch(DEVICE_PATTERN, device) is not None, name, f"unknown device {device!r}",
+          f"{name}=auto (cuda when present), {name}=cpu, {name}=cuda or {name}=cuda:0")
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        _need(index < count, name, f"{device} requested but this machine has {count} CUDA device(s)",
+              f"{name}=auto or {name}=cpu")

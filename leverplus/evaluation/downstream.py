@@ -237,9 +237,13 @@ def _evaluate_shot(out: DownstreamResult, model, scorer: Scorer, split: str, qse
 
 
 def evaluate_splits(model, scorer: Scorer, eval_sets: Dict[str, EvalQuerySet], embeddings: torch.Tensor,
-                    shots: Sequence[int], eval_cfg, *, seed: int, data_key: str) -> DownstreamResult:
+                    shots: Sequence[int], eval_cfg, *, seed: int, data_key: str,
+                    headline_shots: Optional[Sequence[int]] = None) -> DownstreamResult:
     """The downstream evaluation loop: for every split in ``eval.downstream_splits`` and every shot, the selector's
-    ICDs answered by ``scorer`` and scored with the VQA metric, next to the configured baselines."""
+    ICDs answered by ``scorer`` and scored with the VQA metric, next to the configured baselines.
+
+    ``<split>/downstream_acc_shot<k>`` is the selector's accuracy at shot k, ``<split>/downstream_acc`` the mean over
+    ``headline_shots`` (default: every shot; a run passes the shots it was trained on)."""
     out = DownstreamResult()
     for split in eval_cfg.downstream_splits:
         qset = eval_sets.get(split)
@@ -248,7 +252,9 @@ def evaluate_splits(model, scorer: Scorer, eval_sets: Dict[str, EvalQuerySet], e
         if eval_cfg.max_queries:
             qset = qset.head(int(eval_cfg.max_queries))
         baselines = eval_cfg.baselines if split in eval_cfg.baseline_splits else []
-        sel_accs = [_evaluate_shot(out, model, scorer, split, qset, embeddings, shot, eval_cfg, baselines,
-                                   seed=seed, data_key=data_key) for shot in shots]
+        accs = {shot: _evaluate_shot(out, model, scorer, split, qset, embeddings, shot, eval_cfg, baselines,
+                                     seed=seed, data_key=data_key) for shot in shots}
+        out.metrics.update({f"{split}/downstream_acc_shot{shot}": acc for shot, acc in accs.items()})
+        sel_accs = [accs[shot] for shot in (shots if headline_shots is None else headline_shots)]
         out.metrics[f"{split}/downstream_acc"] = sum(sel_accs) / len(sel_accs)
     return out

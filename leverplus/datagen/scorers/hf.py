@@ -61,17 +61,18 @@ def _require_transformers():
     return transformers
 
 
-def resolve_model_dir(model: Optional[str]) -> Path:
-    """A local folder as is, or the local Hugging Face cache snapshot of a hub id; never downloads."""
+def resolve_model_dir(model: Optional[str], field: str = "scorer.hf.model") -> Path:
+    """A local folder as is, or the local Hugging Face cache snapshot of a hub id; never downloads. ``field``: the
+    config field that named it (for the error)."""
     if not model:
-        raise LeverPlusInputError("no model given", field="scorer.hf.model",
-                                  fix="pass scorer.hf.model=/path/to/Qwen2.5-VL-3B-Instruct (a local folder) or a "
+        raise LeverPlusInputError("no model given", field=field,
+                                  fix=f"pass {field}=/path/to/Qwen2.5-VL-3B-Instruct (a local folder) or a "
                                       "hub id already in the local Hugging Face cache")
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     if path.exists():
-        raise LeverPlusInputError("is a file, not a model folder", file=str(path), field="scorer.hf.model",
+        raise LeverPlusInputError("is a file, not a model folder", file=str(path), field=field,
                                   fix="pass the folder that holds config.json and the weights")
     try:
         # lazy: huggingface_hub comes with the optional 'lvlm' extra and only the hf scorer needs it
@@ -81,9 +82,9 @@ def resolve_model_dir(model: Optional[str]) -> Path:
     except Exception as e:  # LocalEntryNotFoundError, HFValidationError, ... all mean "not available locally"
         raise LeverPlusInputError(
             f"model {model!r} is neither a local folder nor in the local Hugging Face cache "
-            f"({type(e).__name__})", field="scorer.hf.model",
+            f"({type(e).__name__})", field=field,
             fix=f"download it once yourself (e.g. `huggingface-cli download {model}`), or pass "
-                "scorer.hf.model=/path/to/model-folder; leverplus never downloads weights") from None
+                f"{field}=/path/to/model-folder; leverplus never downloads weights") from None
 
 
 def _chat_template(model_dir: Path, tokenizer: Any) -> str:
