@@ -229,7 +229,7 @@ def run(cfg: DictConfig) -> HeadToHead:
     return res
 
 
-@hydra.main(config_path=str(conf_dir()), config_name="evaluate", version_base=None)
+@hydra.main(config_path=str(conf_dir()), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     with printed_input_errors():
         run(cfg)
