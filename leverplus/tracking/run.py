@@ -71,9 +71,11 @@ def record_reused_run(uri: str, experiment_id: str, done_run_id: str, *, tags: M
         rid = run.info.run_id
         now = int(time.time() * 1000)
         _log_params(client, rid, params)
-        ms = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        ms = [Metric(k, float(v), now, 0) for k, v in src.data.metrics.items()]
         for i in range(0, len(ms), 1000):
             with_retries(partial(client.log_batch, rid, metrics=ms[i : i + 1000]))
+        if src.inputs and src.inputs.dataset_inputs:  # the Dataset column, as for the run that trained
+            with_retries(partial(client.log_inputs, rid, datasets=list(src.inputs.dataset_inputs)))
         with_retries(lambda: client.set_terminated(rid, "FINISHED"))
     metrics["_source_run_id"] = source_id
     return metrics
