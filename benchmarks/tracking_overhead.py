@@ -43,7 +43,8 @@ print("@@" + json.dumps({"run_s": time.perf_counter() - t0}))
 
 
 def _one(overrides: List[str], launch: Path, code: str) -> Dict[str, float]:
-    env = dict(os.environ, LEVERPLUS_LAUNCH_DIR=str(launch), PYTHONPATH=code + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    path = code + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env = dict(os.environ, LEVERPLUS_LAUNCH_DIR=str(launch), PYTHONPATH=path)
     env.pop("MLFLOW_TRACKING_URI", None)
     out = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(overrides)], cwd=launch, env=env,
                          capture_output=True, text=True, check=False)
@@ -56,7 +57,8 @@ def _one(overrides: List[str], launch: Path, code: str) -> Dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--code", default=str(Path(__file__).resolve().parents[1]), help="checkout to import leverplus from")
+    ap.add_argument("--code", default=str(Path(__file__).resolve().parents[1]),
+                    help="checkout to import leverplus from")
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for both modes")
     args = ap.parse_args()
     launch = Path(tempfile.mkdtemp(prefix="lp-trackbench-"))

@@ -27,7 +27,8 @@ from leverplus.errors import LeverPlusInputError, printed_input_errors
 from leverplus.pipeline import RunOutcome, load_data, train_and_evaluate
 from leverplus.tracking.run import MlflowRun, find_finished_run, flatten, record_reused_run, run_name, standard_tags
 from leverplus.tracking.run import dataset_input, log_dataset_input, log_final_metrics
-from leverplus.tracking.store import get_or_create_experiment, prefetch_store, resolve_artifact_root, resolve_tracking_uri
+from leverplus.tracking.store import get_or_create_experiment, resolve_artifact_root, resolve_tracking_uri
+from leverplus.tracking.store import prefetch_store
 
 register_configs()
 

@@ -3,9 +3,9 @@
 Store: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<launch dir>/mlflow.db``. Artifacts (unless
 ``tracking.artifact_root`` says where): beside a sqlite store, in ``<dir of the .db>/mlartifacts``; with an
 ``http(s)://`` tracking server, wherever the server puts them (its ``--artifacts-destination``, served through its
-``mlflow-artifacts:/`` proxy, so the UI can show them and no worker's disk holds them). The launch dir is resolved once, from where the command was started (Hydra's original
-cwd, or ``LEVERPLUS_LAUNCH_DIR``), never from a job's working directory, so every run of every sweep lands in the same
-store. sqlite writes are retried on "database is locked" and experiment creation is serialised with a file lock, so
+``mlflow-artifacts:/`` proxy, so the UI can show them and no worker's disk holds them). The launch dir is resolved
+once, from where the command was started (Hydra's original cwd, or ``LEVERPLUS_LAUNCH_DIR``), never from a job's
+working directory, so every run of every sweep lands in the same store. sqlite writes are retried on "database is locked" and experiment creation is serialised with a file lock, so
 parallel local jobs (joblib) lose nothing; for many processes or machines use ``mlflow server`` over HTTP.
 """
 

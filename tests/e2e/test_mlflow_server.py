@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -48,7 +47,7 @@ def server(tmp_path_factory):
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no GenAI job runner process
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300  # seconds when idle; minutes on a loaded machine
+        deadline = time.monotonic() + 900  # seconds when idle; minutes on a loaded shared machine
         while True:
             try:
                 if requests.get(f"{url}/health", timeout=2).status_code == 200:
