@@ -103,9 +103,13 @@ def main(argv: List[str] | None = None) -> None:
                     {"experiment_ids": [eid], "max_results": 50,
                      "filter": f"tags.sweep = '{args.sweep}' and tags.role != 'parent'"}).get("runs", [])
         ids = [r["info"]["run_id"] for r in runs]
-        shoot(chromium, f"{url}/#/experiments/{eid}/runs", out / "mlflow_runs_table.png", args.size, args.wait_ms)
-        shoot(chromium, f"{url}/#/experiments/{eid}/runs?compareRunsMode=CHART", out / "mlflow_runs_charts.png",
-              args.size, args.wait_ms)
+        # the sweep's job runs at top level (unfiltered, MLflow nests them under the collapsed parent run)
+        facets = urllib.parse.urlencode({"searchFilter": f"tags.sweep = '{args.sweep}' and tags.role != 'parent'"},
+                                        quote_via=urllib.parse.quote)
+        shoot(chromium, f"{url}/#/experiments/{eid}/runs?{facets}", out / "mlflow_runs_table.png", args.size,
+              args.wait_ms)
+        shoot(chromium, f"{url}/#/experiments/{eid}/runs?{facets}&compareRunsMode=CHART",
+              out / "mlflow_runs_charts.png", args.size, args.wait_ms)
         compare = (f"{url}/#/compare-runs?runs={urllib.parse.quote(json.dumps(ids))}"
                    f"&experiments={urllib.parse.quote(json.dumps([eid]))}")
         shoot(chromium, compare, out / "mlflow_compare_chart.png", args.size, args.wait_ms)
