@@ -113,8 +113,8 @@ def test_system_tags_and_parent_params(state):
         tags = _tags(r["data"])
         assert tags["mlflow.source.name"] == "python -m leverplus.train" and tags["mlflow.user"]
         assert tags["mlflow.parentRunId"] == state["parents"][0]["info"]["run_id"]
-        if commit != "unknown":  # a git checkout
-            assert tags["mlflow.source.git.commit"] == commit
+        if commit != "unknown":  # a git checkout (the commit the job saw: HEAD may have moved since)
+            assert tags["mlflow.source.git.commit"] == tags["git_commit"] and len(tags["git_commit"]) == 40
     params = {p["key"]: p["value"] for p in state["parents"][0]["data"]["params"]}
     assert params["sweep.name"] == "reward_grid"
     assert "reward.mode" in json.loads(params["sweep.factors"]) and params["sweep.baseline"] != "null"
