@@ -36,7 +36,9 @@ from leverplus.tracking.claims import HEARTBEAT_TAG, Heartbeat, claim_or_wait
 from leverplus.tracking.lifecycle import run_url
 from leverplus.tracking.pruning import trial_reporter
 from leverplus.tracking.run import MlflowRun, find_finished_run, flatten, record_reused_run, run_name, standard_tags
+from leverplus.tracking.run import dataset_input, log_dataset_input, log_final_metrics
 from leverplus.tracking.store import get_or_create_experiment, resolve_artifact_root, resolve_tracking_uri
+from leverplus.tracking.store import prefetch_store
 from leverplus.utils import enum_value
 
 register_configs()
@@ -96,6 +98,8 @@ def run(cfg: DictConfig) -> float:
     validate_config(cfg)
     out_dir = _output_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.tracking.enabled:  # MLflow's store opens while the data loads
+        prefetch_store(resolve_tracking_uri(cfg.tracking.uri))
     data = load_data(cfg)  # validates every input before anything is trained or tracked
     prepare_groups(cfg, data, with_sft=False)  # reward fields and reward contrast, before a run is opened
     objective_source = resolve_objective(cfg, data)  # the offline proxy when the data has no scorer
@@ -174,6 +178,7 @@ def _tracked_run(cfg: DictConfig, data: LoadedData, out_dir: Path) -> float:
         url = run_url(uri, exp_id, mrun.run_id)
         log.info(f"MLflow run {mrun.run_id} ({name}): {url}")
         mrun.log_params(flatten(resolved))
+        log_dataset_input(mrun, _dataset(cfg, data))
         outcome, value = _execute(cfg, data, out_dir, logger=mrun)
         _log_outcome(mrun, cfg, outcome, value, out_dir)
     _report(cfg, outcome, value, run_id=mrun.run_id, tags=tags)
@@ -184,10 +189,10 @@ def _tracked_run(cfg: DictConfig, data: LoadedData, out_dir: Path) -> float:
 def _log_outcome(mrun: MlflowRun, cfg: DictConfig, outcome: RunOutcome, value: float, out_dir: Path) -> None:
     """Final metrics (at the step after the last epoch), cache and size tags, and the run's files."""
     final_step = max([s for s, _, _ in outcome.history], default=-1) + 1
-    mrun.log_metrics({**outcome.metrics, "objective": value}, step=final_step)
-    mrun.set_tags({f"cache_hit_{k}": v for k, v in outcome.cache_hits.items()})
-    mrun.set_tags({"trainable_params": outcome.result.param_counts.get("trainable"),
-                   "total_params": outcome.result.param_counts.get("total")})
+    log_final_metrics(mrun, {**outcome.metrics, "objective": value}, final_step,
+                      tags={**{f"cache_hit_{k}": v for k, v in outcome.cache_hits.items()},
+                            "trainable_params": outcome.result.param_counts.get("trainable"),
+                            "total_params": outcome.result.param_counts.get("total")})
     _write_artifacts(cfg, outcome, value, out_dir)
     names = ["config.yaml", "metrics.json", "per_query.jsonl"] + (["training_curves.png"] if cfg.plot_curves else [])
     for name in names:
@@ -196,6 +201,11 @@ def _log_outcome(mrun: MlflowRun, cfg: DictConfig, outcome: RunOutcome, value: f
         mrun.log_artifact(outcome.result.best_checkpoint, "checkpoints")
     if outcome.summary_table:
         mrun.log_text(outcome.summary_table, "downstream_tables.md")
+
+
+def _dataset(cfg: DictConfig, data: LoadedData):
+    return dataset_input(data_source=data.source, fingerprint=data.fingerprint, files=data.files,
+                         num_embeddings=int(data.embeddings.shape[0]), shot_nums=list(cfg.data.shot_nums))
 
 
 def _write_artifacts(cfg, outcome, value: float, out_dir: Path) -> None:

@@ -62,6 +62,7 @@ from leverplus.evaluation.stats import (
     sign_flip_test,
     verdict,
 )
+from leverplus.tracking.run import final_view
 from leverplus.tracking.store import resolve_tracking_uri, with_retries
 from leverplus.utils import launch_dir
 
@@ -1102,7 +1103,7 @@ def _run_rows(run, metric_key: str, shot_metric_key: str, objective_key: str) ->
                                       field=f"tags.{tag}", fix="set tracking.arm / tracking.role for sweep runs")
     shots = _parse_int_tag(run, "shot_num")
     seed = _parse_int_tag(run, "seed")[0]
-    metrics = run.data.metrics
+    metrics = final_view(run.data.metrics)  # end-of-run values, not a per-epoch series' last point
     rows = []
     for shot in shots:
         name = metric_key if len(shots) == 1 else shot_metric_key.format(shot=shot)

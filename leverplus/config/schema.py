@@ -313,7 +313,7 @@ class EvalConfig:
 class TrackingConfig:
     enabled: bool = True
     uri: Optional[str] = None  # default: sqlite:///<launch dir>/mlflow.db ; MLFLOW_TRACKING_URI overrides too
-    artifact_root: Optional[str] = None  # default: <launch dir>/mlartifacts
+    artifact_root: Optional[str] = None  # default: beside a sqlite store (<db dir>/mlartifacts); a server: its own
     experiment: Optional[str] = None  # default: leverplus-<data source>
     run_name: Optional[str] = None
     log_checkpoints: bool = True

@@ -5,16 +5,17 @@ run key and recording a reused one.
 from __future__ import annotations
 
 import getpass
+import json
 import signal
 import threading
 import time
 import traceback
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 
 from leverplus.tracking.lifecycle import process_tags
@@ -62,7 +63,7 @@ def record_reused_run(uri: str, experiment_id: str, done_run_id: str, *, tags: M
     source_id = src.data.tags.get("reused_run_id") or done_run_id
     if source_id != done_run_id:
         src = with_retries(lambda: client.get_run(source_id))
-    metrics = dict(src.data.metrics)
+    metrics = final_view(src.data.metrics)
     if parent_run_id:
         all_tags = {k: str(v) for k, v in tags.items() if v is not None}
         all_tags.update({"reused_run_id": source_id, "mlflow.parentRunId": parent_run_id})
@@ -71,9 +72,11 @@ def record_reused_run(uri: str, experiment_id: str, done_run_id: str, *, tags: M
         rid = run.info.run_id
         now = int(time.time() * 1000)
         _log_params(client, rid, params)
-        ms = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        ms = [Metric(k, float(v), now, 0) for k, v in src.data.metrics.items()]
         for i in range(0, len(ms), 1000):
             with_retries(partial(client.log_batch, rid, metrics=ms[i : i + 1000]))
+        if src.inputs and src.inputs.dataset_inputs:  # the Dataset column, as for the run that trained
+            with_retries(partial(client.log_inputs, rid, datasets=list(src.inputs.dataset_inputs)))
         with_retries(lambda: client.set_terminated(rid, "FINISHED"))
     metrics["_source_run_id"] = source_id
     return metrics
@@ -103,13 +106,37 @@ class MlflowRun:
         run = with_retries(lambda: self.client.create_run(experiment_id, tags=all_tags, run_name=run_name))
         self.run_id = run.info.run_id
         self.artifact_uri = run.info.artifact_uri
+        self.series_keys: Set[str] = set()  # metric keys logged per epoch (see log_final_metrics)
+        self._pending: List[Tuple[List[Metric], Any]] = []  # asynchronous batches not yet confirmed
 
     # MetricLogger
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Per-epoch metrics, logged asynchronously (MLflow's logging queue) so training does not wait on the store;
+        :meth:`flush` confirms them."""
         ts = int(time.time() * 1000)
         batch = [Metric(_clean(k), float(v), ts, int(step)) for k, v in metrics.items() if _finite(v)]
+        self.series_keys.update(m.key for m in batch)
         for i in range(0, len(batch), 500):
-            with_retries(lambda: self.client.log_batch(self.run_id, metrics=batch[i : i + 500]))
+            part = batch[i : i + 500]
+            self._pending.append((part, self.client.log_batch(self.run_id, metrics=part, synchronous=False)))
+
+    def flush(self) -> None:
+        """Wait for the asynchronous metric batches; one that failed (sqlite "database is locked" under parallel
+        jobs) is logged again synchronously, with retries."""
+        pending, self._pending = self._pending, []
+        for part, op in pending:
+            try:
+                op.wait()
+            except Exception:
+                with_retries(partial(self.client.log_batch, self.run_id, metrics=part))
+
+    def log_batch(self, *, metrics: Sequence[Metric] = (), tags: Sequence[RunTag] = ()) -> None:
+        """Metrics and tags in as few store round trips as MLflow's limits allow (1000 metrics, 100 tags a call)."""
+        metrics, tags = list(metrics), list(tags)
+        while metrics or tags:
+            m, metrics = metrics[:900], metrics[900:]
+            t, tags = tags[:100], tags[100:]
+            with_retries(partial(self.client.log_batch, self.run_id, metrics=m, tags=t))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         _log_params(self.client, self.run_id, params)
@@ -125,6 +152,7 @@ class MlflowRun:
         with_retries(lambda: self.client.log_text(self.run_id, text, name))
 
     def finish(self, status: str = "FINISHED") -> None:
+        self.flush()
         with_retries(lambda: self.client.set_terminated(self.run_id, status))
 
     def __enter__(self) -> "MlflowRun":
@@ -221,3 +249,45 @@ def standard_tags(*, sweep: Optional[str], arm: Optional[str], role: str, shot_n
         "data_source": data_source,
     }
 
+
+
+#: prefix of a metric's end-of-run value when the same name is also a per-epoch series (``val/offline/*``)
+FINAL_PREFIX = "final/"
+
+
+def final_view(metrics: Mapping[str, float]) -> Dict[str, float]:
+    """A run's metrics as its end-of-run values under their own names: ``final/<name>`` read as ``<name>`` (runs
+    logged before final values had their own keys have the plain name, whose latest value was the final one)."""
+    out = dict(metrics)
+    out.update({k[len(FINAL_PREFIX):]: v for k, v in metrics.items() if k.startswith(FINAL_PREFIX)})
+    return out
+
+
+def log_final_metrics(mrun: MlflowRun, metrics: Mapping[str, float], step: int,
+                      tags: Mapping[str, Any] = {}) -> None:  # noqa: B006 (read only)
+    """End-of-run metrics and tags in one batch. A metric whose name is also a per-epoch series of this run (the
+    validation metrics, e.g. ``val/offline/top1_reward``, measured on the selected checkpoint at the end) goes to
+    ``final/<name>``, so the series holds epochs only; every other metric (``objective``, ``test/*``,
+    ``val/downstream_acc``, timings) is logged once under its own name."""
+    mrun.flush()
+    ts = int(time.time() * 1000)
+    ms = [Metric(FINAL_PREFIX + k if k in mrun.series_keys else k, float(v), ts, int(step))
+          for k, v in ((_clean(k), v) for k, v in metrics.items()) if _finite(v)]
+    mrun.log_batch(metrics=ms, tags=[RunTag(k, str(v)) for k, v in tags.items() if v is not None])
+
+
+def dataset_input(*, data_source: str, fingerprint: str, files: Sequence[Path], num_embeddings: int,
+                  shot_nums: Sequence[int], context: str = "train") -> DatasetInput:
+    """The data a run trained on as an MLflow dataset input (the runs table's Dataset column): named for the data
+    source (``sim``, ``files``), the data fingerprint as digest, the input files as source."""
+    paths = [str(Path(f).resolve()) for f in files]
+    roots = sorted({str(Path(p).parent) for p in paths})
+    source = {"uri": Path(roots[0]).as_uri() if len(roots) == 1 else "", "data_source": data_source, "files": paths}
+    profile = {"num_embeddings": int(num_embeddings), "shot_nums": [int(s) for s in shot_nums], "files": len(paths)}
+    ds = Dataset(name=data_source, digest=fingerprint, source_type="local", source=json.dumps(source),
+                 profile=json.dumps(profile))
+    return DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])
+
+
+def log_dataset_input(mrun: MlflowRun, dataset: DatasetInput) -> None:
+    with_retries(partial(mrun.client.log_inputs, mrun.run_id, datasets=[dataset]))

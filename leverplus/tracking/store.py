@@ -1,9 +1,12 @@
 """Where the MLflow store is, and safe access to it.
 
-Store: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<launch dir>/mlflow.db`` with artifacts in
-``<launch dir>/mlartifacts``. The launch dir is resolved once, from where the command was started (Hydra's original
-cwd, or ``LEVERPLUS_LAUNCH_DIR``), never from a job's working directory, so every run of every sweep lands in the same
-store. sqlite writes are retried on "database is locked" and experiment creation is serialised with a file lock, so
+Store: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<launch dir>/mlflow.db``. Artifacts (unless
+``tracking.artifact_root`` says where): beside a sqlite store, in ``<dir of the .db>/mlartifacts``; with an
+``http(s)://`` tracking server, wherever the server puts them (its ``--artifacts-destination``, served through its
+``mlflow-artifacts:/`` proxy, so the UI can show them and no worker's disk holds them). The launch dir is resolved
+once, from where the command was started (Hydra's original cwd, or ``LEVERPLUS_LAUNCH_DIR``), never from a job's
+working directory, so every run of every sweep lands in the same store. sqlite writes are retried on "database is
+locked"; opening a sqlite store and creating an experiment are serialised with a file lock beside it, so
 parallel local jobs (joblib) lose nothing; for many processes or machines use ``mlflow server`` over HTTP.
 """
 
@@ -11,9 +14,10 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Dict, Optional, Tuple, TypeVar
 
 import mlflow
 from filelock import FileLock
@@ -26,8 +30,6 @@ from leverplus.utils import launch_dir
 T = TypeVar("T")
 
 
-
-
 def resolve_tracking_uri(uri: Optional[str] = None) -> str:
     if uri:
         return uri
@@ -37,11 +39,31 @@ def resolve_tracking_uri(uri: Optional[str] = None) -> str:
     return f"sqlite:///{launch_dir() / 'mlflow.db'}"
 
 
-def resolve_artifact_root(root: Optional[str] = None) -> str:
-    path = Path(root).expanduser() if root else launch_dir() / "mlartifacts"
+def resolve_artifact_root(root: Optional[str] = None) -> Optional[str]:
+    """``tracking.artifact_root`` as an absolute ``file://`` URI (relative paths against the launch dir), or None
+    when unset: then :func:`default_artifact_root` picks the store's own place."""
+    if not root:
+        return None
+    path = Path(root).expanduser()
     if not path.is_absolute():
         path = launch_dir() / path
     return path.resolve().as_uri()
+
+
+def is_server_uri(uri: str) -> bool:
+    """A tracking server (``http://``/``https://``): it owns the artifact store."""
+    return uri.lower().startswith(("http://", "https://"))
+
+
+def default_artifact_root(uri: str) -> Optional[str]:
+    """Where a new experiment's artifacts go when ``tracking.artifact_root`` is unset: None for a tracking server
+    (the server's default, its ``--artifacts-destination`` proxy), ``<dir of the .db>/mlartifacts`` for a sqlite
+    store, ``<launch dir>/mlartifacts`` for any other store."""
+    if is_server_uri(uri):
+        return None
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).expanduser().resolve().parent / "mlartifacts").as_uri()
+    return (launch_dir() / "mlartifacts").resolve().as_uri()
 
 
 def with_retries(fn: Callable[[], T], attempts: int = 8, base_delay: float = 0.2) -> T:
@@ -102,16 +124,31 @@ def init_store(uri: str) -> None:
     _OPENED.add(uri)
 
 
-def get_or_create_experiment(name: str, uri: str, artifact_root: str) -> str:
-    init_store(uri)
+#: (uri, experiment name) -> id, for experiments this process found or created: a process running several jobs
+#: (joblib workers, Optuna trials) asks the store once
+_EXPERIMENT_IDS: Dict[Tuple[str, str], str] = {}
+
+
+def get_or_create_experiment(name: str, uri: str, artifact_root: Optional[str] = None) -> str:
+    """The experiment's id, creating it (tagged :data:`EXPERIMENT_TAGS`) if needed, with its artifacts under
+    ``<artifact_root>/<name>`` (``artifact_root`` None: :func:`default_artifact_root`; for a server, the server's)."""
+    cached = _EXPERIMENT_IDS.get((uri, name))
+    if cached is not None:
+        return cached
+    pending = _PREFETCHING.pop(uri, None)
+    if pending is not None:  # one store build, not two racing ones
+        pending.join()
+    init_store(uri)  # a no-op when the prefetch opened it; else opens it now and reports a corrupt store
     client = mlflow.MlflowClient(tracking_uri=uri)
+    root = artifact_root or default_artifact_root(uri)
 
     def create() -> str:
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
+        location = f"{root}/{name}" if root else None
         try:
-            return client.create_experiment(name, artifact_location=f"{artifact_root}/{name}", tags=EXPERIMENT_TAGS)
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         except MlflowException as e:  # a concurrent client (another machine, no shared lock) created it first
             if e.error_code != "RESOURCE_ALREADY_EXISTS" or client.get_experiment_by_name(name) is None:
                 raise
@@ -119,8 +156,33 @@ def get_or_create_experiment(name: str, uri: str, artifact_root: str) -> str:
 
     lock = _lock_path(uri)
     if lock is None:
-        return with_retries(create)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock), timeout=120):
-        return with_retries(create)
+        exp_id = with_retries(create)
+    else:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock), timeout=120):
+            exp_id = with_retries(create)
+    _EXPERIMENT_IDS[(uri, name)] = exp_id
+    return exp_id
+
+
+def prefetch_store(uri: str) -> threading.Thread:
+    """Open the MLflow store for ``uri`` in a background thread (MLflow keeps one store per URI per process), so that
+    importing MLflow's SQL store (seconds of SQLAlchemy and Alembic imports) and checking the schema overlap with
+    loading the data instead of adding to the run. Joining is optional: the first MLflow call waits on MLflow's own
+    locks; an error here is left for that call to raise."""
+
+    def open_store() -> None:
+        try:
+            init_store(uri)  # builds (and caches) the store, under the sqlite file's lock
+        except Exception:  # the real call (get_or_create_experiment) reports it, with its context
+            pass
+
+    t = threading.Thread(target=open_store, name="mlflow-store-prefetch", daemon=True)
+    t.start()
+    _PREFETCHING[uri] = t
+    return t
+
+
+#: uri -> the thread opening its store (see :func:`prefetch_store`)
+_PREFETCHING: Dict[str, threading.Thread] = {}
 

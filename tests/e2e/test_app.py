@@ -193,7 +193,7 @@ def test_one_tiny_training_per_reward_mode(store, mode, compose_cfg):
                                     "objective=val/offline/top1_acc", *extra)))
     r = _find(store, f"mode_{mode}")
     assert r.info.status == "FINISHED" and r.data.params["reward.mode"] == mode
-    assert 0.0 <= value <= 1.0 and r.data.metrics["val/offline/top1_acc"] == pytest.approx(value)
+    assert 0.0 <= value <= 1.0 and r.data.metrics["final/val/offline/top1_acc"] == pytest.approx(value)
 
 
 def test_failing_run_is_failed_in_mlflow_with_traceback(store, compose_cfg):
