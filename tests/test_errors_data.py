@@ -387,7 +387,8 @@ def _results(tmp_path: Path) -> dict:
 
 def test_damaged_sft_and_rce_cache_entries_are_recomputed_with_the_same_result(tmp_path, compose_cfg):
     emb, rl = make_files(tmp_path, beams=True)
-    extra = [f"data.files.beam_json={tmp_path / 'beams.json'}", "rce.cache=true", "sft.epochs=1"]
+    # grpo.epochs=1: an RCE-only run trains its RCE phase (best-epoch selection) and never reads the RCE entry
+    extra = [f"data.files.beam_json={tmp_path / 'beams.json'}", "rce.cache=true", "sft.epochs=1", "grpo.epochs=1"]
     run(files_cfg(compose_cfg, tmp_path, emb, rl, *extra))
     clean = _results(tmp_path)
     sft, rce = (next((tmp_path / "cache" / "stages" / stage).glob("*.pt")) for stage in ("sft", "rce"))

@@ -55,7 +55,7 @@ def test_a_missing_model_or_image_fails_before_any_work(world, compose_cfg, tmp_
     with pytest.raises(LeverPlusInputError, match="COCO_val2014_000000000004.jpg") as e:
         load_data(_cfg(compose_cfg, world, f"++data.files.scorer.images.val={empty}"))
     assert "data.files.scorer.images.val" in str(e.value)
-    save_embeddings(tmp_path / "short.pt", torch.zeros(3, 32))  # 3 rows for 5 val questions
+    save_embeddings(tmp_path / "short.pt", torch.randn(3, 32))  # 3 rows for 5 val questions
     with pytest.raises(LeverPlusInputError, match="embeddings.val"):
         load_data(_cfg(compose_cfg, world, f"++data.files.scorer.embeddings.val={tmp_path / 'short.pt'}"))
 
