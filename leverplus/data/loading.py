@@ -5,7 +5,7 @@ world (``leverplus.sim.source``); everything after :func:`assemble` is shared.""
 
 from __future__ import annotations
 
-import warnings
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -32,6 +32,8 @@ from leverplus.data.groups import (
 )
 from leverplus.errors import LeverPlusInputError
 from leverplus.utils import enum_value, launch_dir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -172,10 +174,16 @@ def check_reward_contrast(train: Sequence[Group], files: Sequence[str], mode: st
             f"none of the {len(train)} training groups has reward contrast under reward.mode={mode}: every group's "
             "candidates get the same reward, so there is nothing to learn", file=where, field="reward.mode",
             fix="check the reward fields of the file (vqa_correct, vqa_acc_score, ...) or choose another reward.mode")
-    if flat:
-        warnings.warn(f"{where}: {flat} of {len(train)} training groups ({100.0 * flat / len(train):.0f}%) have no "
-                      f"reward contrast under reward.mode={mode} (all candidates get the same reward)", stacklevel=2)
+    said = (where, mode, flat, len(train))
+    if flat and said not in _CONTRAST_REPORTED:  # once per process: a run checks its groups before and in training
+        _CONTRAST_REPORTED.add(said)
+        log.warning(f"{where}: {flat} of {len(train)} training groups ({100.0 * flat / len(train):.0f}%) have no "
+                    f"reward contrast under reward.mode={mode} (all candidates get the same reward)")
     return flat
+
+
+#: contrast warnings already given in this process (see check_reward_contrast)
+_CONTRAST_REPORTED: set = set()
 
 
 def prepare_groups(cfg, data: LoadedData, *, with_sft: bool = True) -> PreparedGroups:
