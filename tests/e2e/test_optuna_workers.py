@@ -79,7 +79,7 @@ def test_three_workers_stop_at_exactly_n_trials_with_distinct_params(three_worke
 
 def test_resuming_under_another_search_space_is_refused(three_workers):
     root, _ = three_workers
-    p = _worker(root, 6, "hydra.sweeper.params.grpo.lr=tag(log,interval(1e-7,1e-4))")
+    p = _worker(root, 6, "grpo.lr=tag(log,interval(1e-7,1e-4))")
     out, _ = p.communicate(timeout=300)
     assert p.returncode != 0
     assert "was created with another search_space" in out and "hydra.sweeper.study_name=grpo_optuna_v2" in out
