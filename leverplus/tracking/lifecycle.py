@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Set
 import mlflow
 
 from leverplus.tracking.store import with_retries
-from leverplus.tracking.trials import _pid_alive
+from leverplus.utils import pid_alive
 
 HOST_TAG, PID_TAG = "leverplus.host", "leverplus.pid"
 #: the ``error`` tag of a run closed because its process was gone
@@ -36,7 +36,7 @@ def owner_is_dead(tags: Dict[str, str], host: Optional[str] = None, my_pid: Opti
     if t_host != (host or socket.gethostname()):
         return False  # another machine: cannot tell, assume alive
     pid = int(t_pid)
-    return pid == (os.getpid() if my_pid is None else my_pid) or not _pid_alive(pid)
+    return pid == (os.getpid() if my_pid is None else my_pid) or not pid_alive(pid)
 
 
 def dead_runs(runs: List[Any], host: Optional[str] = None, my_pid: Optional[int] = None) -> List[Any]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import AbstractSet, Any, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from leverplus.errors import LeverPlusInputError
+from leverplus.utils import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -169,15 +170,6 @@ def sampler_seed(seed: Optional[int], trial_number: int) -> Optional[int]:
     return None if seed is None else int(seed) + int(trial_number)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
 
 def is_stale(trial: Any, host: Optional[str] = None, my_pid: Optional[int] = None) -> bool:
     """A RUNNING trial whose sweeper process is gone (killed invocation).
@@ -194,7 +186,7 @@ def is_stale(trial: Any, host: Optional[str] = None, my_pid: Optional[int] = Non
         return False
     if t_host != host:
         return False
-    return int(t_pid) == my_pid or not _pid_alive(int(t_pid))  # our own pid: left by an earlier process
+    return int(t_pid) == my_pid or not pid_alive(int(t_pid))  # our own pid: left by an earlier process
 
 
 def identity_mismatch(stored: Optional[Mapping[str, Any]], wanted: Mapping[str, Any]) -> List[str]:

@@ -25,6 +25,7 @@ from typing import IO, Any, Iterable, Iterator, Optional, Union
 import torch
 
 from leverplus.errors import LeverPlusInputError
+from leverplus.utils import pid_alive
 
 PathLike = Union[str, Path]
 #: Chunk size for streaming file hashes.
@@ -95,15 +96,6 @@ def temp_prefix(target: PathLike) -> str:
     return f".{Path(target).name}.{socket.gethostname()}-{os.getpid()}."
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
 
 def remove_stale_temps(target: PathLike) -> list[Path]:
     """Delete the temp files of ``target`` left by killed writers on this host (``temp_prefix`` names whose
@@ -114,7 +106,7 @@ def remove_stale_temps(target: PathLike) -> list[Path]:
     mine, removed = f".{target.name}.{socket.gethostname()}-", []
     for p in target.parent.glob(f".{glob_escape(target.name)}.*.tmp"):
         pid = p.name[len(mine):].split(".", 1)[0] if p.name.startswith(mine) else ""
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
                 removed.append(p)
