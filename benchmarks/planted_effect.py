@@ -73,11 +73,13 @@ def run_arm(overrides, out_dir: Path) -> dict:
     from leverplus.pipeline import load_data, train_and_evaluate
 
     cfg = _compose(overrides + ["tracking.enabled=false", "plot_curves=false", "checkpoint_every_epoch=false",
-                                "eval.downstream_splits=[test]", "eval.baselines=[]"])
+                                "eval.downstream_splits=[test]", "eval.baselines=[]", "eval.shot_nums=[2]"])
     validate_config(cfg)
     data = load_data(cfg)
     outcome = train_and_evaluate(cfg, data, out_dir, say=lambda s: None)
-    rows = [r for r in outcome.per_query if r.get("method") == "selector" and r.get("split") == "test"]
+    # the trained shot only: with several evaluated shots the rows of one query repeat, once per shot
+    rows = [r for r in outcome.per_query if r.get("method") == "selector" and r.get("split") == "test"
+            and int(r.get("shot_num", 2)) == 2]
     return {"acc": float(outcome.metrics["test/downstream_acc"]),
             "kl": float(outcome.metrics.get(KL_METRIC, math.nan)),
             "per_query": {int(r["query_index"]): (float(r["acc"]), tuple(r["icds"])) for r in rows}}
@@ -177,6 +179,9 @@ def main(argv=None) -> int:
         print(f"world {w}: " + json.dumps({a: {k: round(v, 4) if isinstance(v, float) else v
                                                for k, v in worlds[-1][a].items()}
                                            for a in ("planted", "null", "planted_indep")}), flush=True)
+        if args.out:  # the analysed worlds so far, so a stopped study keeps its replications
+            Path(args.out).write_text(json.dumps({"partial": True, "summary": summarise(worlds, args.alpha),
+                                                  "worlds": worlds}, indent=2))
     summary = summarise(worlds, args.alpha)
     summary.update({"seeds": args.seeds, "size": args.size, "fallback_fraction": args.fallback_fraction,
                     "regime": args.regime, "wall_s": round(time.time() - t0, 1), "date": str(date.today()),
