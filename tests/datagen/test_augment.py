@@ -237,6 +237,17 @@ def test_the_settings_are_range_checked_naming_the_field():
         assert err.value.field == name
 
 
+def test_the_dataset_option_composes_and_is_range_checked(compose_cfg):
+    cfg = compose_cfg(["data=sim_tiny", "data.diversity_augment=true", "data.augment.max_tries=8"])
+    validate_config(cfg)
+    assert cfg.data.diversity_augment is True and cfg.data.augment.max_tries == 8
+    with pytest.raises(LeverPlusInputError) as err:
+        validate_config(compose_cfg(["data.augment.target_levels=1"]))
+    assert err.value.field == "data.augment.target_levels"
+    with pytest.raises(Exception, match="max_trys"):  # a typo fails at compose time
+        compose_cfg(["data.augment.max_trys=8"])
+
+
 def test_the_command_line_writes_the_file_and_reports_a_bad_one_in_one_line(world, tmp_path):
     sim = [f"scorer.sim.params.{k}={json.dumps(v) if isinstance(v, list) else v}"
            for k, v in dict(world["cfg"].data.sim).items() if k in ("num_train", "num_anchors", "num_val", "num_test",
