@@ -108,7 +108,7 @@ def _check_data(d: Any) -> None:
 
 
 def check_augment(a: Any, prefix: str) -> None:
-    """The diversity-augmentation settings (``data.augment``, and the fields of ``python -m leverplus.datagen.augment``)."""
+    """Diversity-augmentation settings: ``data.augment``, and ``augment`` of ``python -m leverplus.datagen.augment``."""
     _need(a.target_levels >= 2, f"{prefix}.target_levels", f"must be >= 2, got {a.target_levels}",
           "2 = at least two reward levels per query (the reference)")
     _need(a.max_tries >= 1, f"{prefix}.max_tries", f"must be >= 1, got {a.max_tries}", "e.g. 4")

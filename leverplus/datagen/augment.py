@@ -219,7 +219,8 @@ def augment_rl(data: RLData, scorer: Scorer, embeddings: torch.Tensor, settings:
         stats.below_target_after += len(levels) < settings.target_levels
     for s in searches.values():
         stats.tries_used += s.tries
-        stats.queries_augmented += len(records[s.query_id]["pointer_candidates"]) > len(data.queries[s.query_id].candidates)
+        grown = len(records[s.query_id]["pointer_candidates"]) - len(data.queries[s.query_id].candidates)
+        stats.queries_augmented += grown > 0
         stats.tries_per_query[str(s.tries)] = stats.tries_per_query.get(str(s.tries), 0) + 1
     stats.tries_per_query = dict(sorted(stats.tries_per_query.items(), key=lambda kv: int(kv[0])))
     stats.cpu_seconds = round(time.process_time() - t0, 3)
@@ -255,7 +256,8 @@ def augment_file(source: str, output: str, scorer: Scorer, embeddings: torch.Ten
                  say: Callable[[str], None] = lambda _m: None) -> Tuple[dict, AugmentStats]:
     """Augment ``source`` into ``output`` (atomically, in the RL-JSON format); returns (its ``_meta``, stats)."""
     if Path(output).exists() and not overwrite:
-        raise LeverPlusInputError("exists already", file=str(output), fix="choose another output or pass overwrite=true")
+        raise LeverPlusInputError("exists already", file=str(output),
+                                  fix="choose another output or pass overwrite=true")
     if Path(output).resolve() == Path(source).resolve():
         raise LeverPlusInputError("is also the input", file=str(output), fix="write the augmented file elsewhere")
     data = read_rl_json(source, shot_num=shot_num, num_items=int(embeddings.shape[0]))
@@ -268,7 +270,8 @@ def augment_file(source: str, output: str, scorer: Scorer, embeddings: torch.Ten
 
 
 def augment_loaded(data: LoadedData, scorer: Scorer, settings: AugmentSettings, cache_root: Path, *,
-                   normalization: Optional[str], max_pool_size: int, say: Callable[[str], None] = lambda _m: None) -> LoadedData:
+                   normalization: Optional[str], max_pool_size: int,
+                   say: Callable[[str], None] = lambda _m: None) -> LoadedData:
     """``data`` with every RL file augmented (``data.diversity_augment``). Each augmented file is derived data,
     written once under ``cache_root`` and keyed by the source file's fingerprint, the shot count, the settings,
     the normalisation, the pool cut, the scorer's identity, every input file of ``data`` (``data.fingerprint``:
