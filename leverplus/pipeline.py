@@ -21,7 +21,9 @@ from omegaconf import OmegaConf
 from leverplus.config.identity import canonical_config, to_container
 from leverplus.data.groups import FilterStats, Group
 from leverplus.data.loading import LoadedData, PreparedGroups, file_state, prepare_groups
+from leverplus.datagen.augment import AugmentSettings, augment_loaded
 from leverplus.datagen.scorers.vqa_files import load_files_with_scorer
+from leverplus.errors import LeverPlusInputError
 from leverplus.evaluation.answer_cache import AnswerCache, CachedScorer, scorer_identity
 from leverplus.evaluation.downstream import evaluate_splits
 from leverplus.evaluation.ranking import offline_metrics, validation_metrics
@@ -51,7 +53,8 @@ def load_data(cfg) -> LoadedData:
     """Read and validate every input of the run. Memoised per process: jobs of a sequential sweep that read the
     same, unchanged files (same paths, sizes and mtimes) share one parse."""
     c = OmegaConf.to_container(cfg.data, resolve=True, enum_to_str=True)
-    key = stable_hash({k: c[k] for k in ("source", "shot_nums", "sim", "files", "cache_dir")}
+    key = stable_hash({k: c[k] for k in ("source", "shot_nums", "sim", "files", "cache_dir", "diversity_augment",
+                                         "augment", "max_pool_size")}
                       | {"strict": bool(cfg.model.strict_load), "model": OmegaConf.to_container(cfg.model)})
     hit = _DATA_MEMO.get(key)
     if hit is not None:
@@ -61,11 +64,30 @@ def load_data(cfg) -> LoadedData:
         except OSError:
             pass
     data = SOURCES[enum_value(cfg.data.source)](cfg)
+    if cfg.data.diversity_augment:
+        data = _augmented(cfg, data)
     if data.sft_checkpoint:  # fail now, not after data prep, if the checkpoint does not fit
         load_model(cfg.model, data.sft_checkpoint, data.embeddings.shape[1])
     _DATA_MEMO.clear()  # keep one dataset in memory
     _DATA_MEMO[key] = (file_state(data.files), data)
     return data
+
+
+def _augmented(cfg, data: LoadedData) -> LoadedData:
+    """``data.diversity_augment``: every RL file with candidates added to its single-level queries, answered by the
+    data's own scorer (the simulated LVLM, or ``data.files.scorer``); the derived files are cached."""
+    if data.scorer is None:
+        raise LeverPlusInputError(
+            "data.diversity_augment=true needs a scorer to answer the new candidates, and this data has none",
+            field="data.diversity_augment",
+            fix="set data.files.scorer.model (with its train questions, annotations and images), augment the file "
+                "once with python -m leverplus.datagen.augment, or set data.diversity_augment=false")
+    scorer = SimScorer(data.scorer) if isinstance(data.scorer, SimLVLM) else data.scorer
+    sim = enum_value(cfg.data.source) == "sim"
+    root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+    return augment_loaded(data, scorer, AugmentSettings.from_config(cfg.data.augment, "data.augment"),
+                          root / "augmented", normalization=str(cfg.data.sim.vqa_normalization) if sim else None,
+                          max_pool_size=int(cfg.data.max_pool_size), say=logging.getLogger(__name__).info)
 
 
 @dataclass

@@ -55,8 +55,12 @@ def _reward_knobs_read(reward: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _canonical_data(c: Dict[str, Any]) -> None:
-    """Keep only the data source in use; drop the SFT settings when an SFT checkpoint replaces SFT."""
+    """Keep only the data source in use; drop the SFT settings when an SFT checkpoint replaces SFT, and the
+    augmentation settings when the data is not augmented."""
     data = dict(c.get("data", {}))
+    if not data.get("diversity_augment"):
+        data.pop("diversity_augment", None)
+        data.pop("augment", None)
     if data.get("source") == "sim":
         data.pop("files", None)
     else:

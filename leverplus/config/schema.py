@@ -149,6 +149,23 @@ class FilesConfig:
 
 
 @dataclass
+class DiversityAugmentConfig:
+    """Diversity augmentation (leverplus/datagen/augment.py, docs/rldata.md "Diversity augmentation"): new pointer
+    candidates, searched in the query's pool and scored by the data's scorer, for the queries whose candidates all
+    share one reward level (``vqa_acc_score``), until they have ``target_levels`` levels or the tries run out."""
+
+    target_levels: int = 2  # distinct vqa_acc_score levels a query should reach (reference: 2)
+    max_tries: int = 4  # search rounds per query; each proposes and scores up to candidates_per_try pointers
+    candidates_per_try: int = 4
+    # proposals: softmax(±cos(query, ICD) / temperature) over the pool, + towards similar ICDs for a query whose
+    # one level is below 0.5 (all wrong: look for a right answer), - otherwise (all right: look for a wrong one)
+    temperature: float = 0.1
+    seed: int = 0
+    # None = the file's _meta.strict_eval (true when absent): a candidate without official annotations is dropped
+    strict_eval: Optional[bool] = None
+
+
+@dataclass
 class DataConfig:
     source: DataSource = DataSource.sim
     shot_nums: List[int] = field(default_factory=lambda: [2])  # >1 entry -> joint training over those shots
@@ -168,6 +185,9 @@ class DataConfig:
     mixed_queries: bool = False  # keep only queries with >= 1 correct and >= 1 wrong candidate (the "balanced" filter)
     positive_ratio_min: float = 0.0  # keep queries whose share of correct candidates is in [min, max]
     positive_ratio_max: float = 1.0  # (VQAv2 "balanced" data: [0.4, 0.6])
+    # add scored candidates to the single-level queries of each RL file when the run loads it (cached derived file)
+    diversity_augment: bool = False
+    augment: DiversityAugmentConfig = field(default_factory=DiversityAugmentConfig)
     max_pool_size: int = 64  # reference truncates pools to 64; a pointer outside the truncated pool is an error
     # Group normalisation (reference#reward-normalisation).
     normalize_method: NormalizeMethod = NormalizeMethod.z_score_clamp

@@ -102,8 +102,20 @@ def _check_data(d: Any) -> None:
     _need(0.0 <= d.positive_ratio_min <= d.positive_ratio_max <= 1.0, "data.positive_ratio_min",
           f"needs 0 <= positive_ratio_min <= positive_ratio_max <= 1, got [{d.positive_ratio_min}, "
           f"{d.positive_ratio_max}]", "e.g. data.positive_ratio_min=0.4 data.positive_ratio_max=0.6")
+    check_augment(d.augment, "data.augment")
     _need(d.split_file is not None or 0.0 < d.train_fraction < 1.0, "data.train_fraction",
           f"must be in (0, 1), got {d.train_fraction}", "e.g. data.train_fraction=0.8")
+
+
+def check_augment(a: Any, prefix: str) -> None:
+    """Diversity-augmentation settings: ``data.augment``, and ``augment`` of ``python -m leverplus.datagen.augment``."""
+    _need(a.target_levels >= 2, f"{prefix}.target_levels", f"must be >= 2, got {a.target_levels}",
+          "2 = at least two reward levels per query (the reference)")
+    _need(a.max_tries >= 1, f"{prefix}.max_tries", f"must be >= 1, got {a.max_tries}", "e.g. 4")
+    _need(a.candidates_per_try >= 1, f"{prefix}.candidates_per_try", f"must be >= 1, got {a.candidates_per_try}",
+          "e.g. 4")
+    _need(math.isfinite(a.temperature) and a.temperature > 0, f"{prefix}.temperature",
+          f"must be a finite number > 0, got {a.temperature}", "e.g. 0.1 (larger = closer to uniform over the pool)")
 
 
 def _check_model(m: Any) -> None:

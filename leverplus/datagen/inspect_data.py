@@ -22,6 +22,7 @@ from leverplus.data.formats.beam_json import read_beam_json
 from leverplus.data.formats.rl_json import RLData, read_rl_json
 from leverplus.data.groups import infoscore_lookup
 from leverplus.data.rewards import compute_reward
+from leverplus.datagen.augment import AUGMENTED_FIELD, level_set
 from leverplus.errors import LeverPlusInputError
 
 #: Reward modes reported by default: every mode computable from a candidate alone with default weights
@@ -77,6 +78,11 @@ class FileReport:
     problems: List[str] = field(default_factory=list)
     info_score_coverage: float = 0.0  # candidates with a finite info_score (hybrid needs 1.0)
     beam_match_coverage: Optional[float] = None  # with a beam JSON: candidates equal to an InfoScore beam
+    # queries whose candidates (all of them, as stored) share one vqa_acc_score level: zero reward variance under
+    # every mode that reads only the accuracy; what diversity augmentation (leverplus.datagen.augment) targets
+    single_level_share: float = 0.0
+    augmented_candidates: int = 0  # candidates added by diversity augmentation (augmented: true)
+    augmented_share: float = 0.0
 
 
 def beam_match_coverage(data: RLData, beam_json: str) -> float:
@@ -239,6 +245,7 @@ def inspect_rl(path: str, *, shot_num: Optional[int] = None, modes: Sequence[str
     rewards = _reward_stats(kept_groups, modes, ndigits, max_levels)
     first, last = _meta_problems(data, path, modes_count)
     coverage = info_score_coverage(cands)
+    augmented = sum(c.get(AUGMENTED_FIELD) is True for c in cands)
     if 0.0 < coverage < 1.0:
         last.append(f"only {100 * coverage:.2f}% of candidates have info_score: reward.mode=hybrid refuses this file "
                     "(regenerate it, or use hybrid_legacy)")
@@ -253,7 +260,15 @@ def inspect_rl(path: str, *, shot_num: Optional[int] = None, modes: Sequence[str
         queries_all_negative=all_neg,
         training_view={"queries": len(kept_groups), "candidates": sum(len(g) for g in kept_groups)},
         rewards=rewards, finished=bool(data.meta), problems=problems, info_score_coverage=coverage,
-        beam_match_coverage=beam_match_coverage(data, beam_json) if beam_json else None)
+        beam_match_coverage=beam_match_coverage(data, beam_json) if beam_json else None,
+        single_level_share=_single_level_share(data), augmented_candidates=augmented,
+        augmented_share=round(augmented / n, 4) if n else 0.0)
+
+
+def _single_level_share(data: RLData) -> float:
+    """The share of queries whose candidates all have the same ``vqa_acc_score`` (rounded to 6 digits)."""
+    flat = sum(len(level_set([c.raw for c in q.candidates])) == 1 for q in data.queries.values())
+    return round(flat / len(data.queries), 4) if data.queries else 0.0
 
 
 def format_report(r: FileReport) -> str:
@@ -266,6 +281,8 @@ def format_report(r: FileReport) -> str:
              "eval modes: " + ", ".join(f"{k} {v} ({r.eval_mode_share[k]:.2f}%)" for k, v in r.eval_modes.items()),
              f"positive ratio {100 * r.positive_ratio:.2f}% | queries all positive {r.queries_all_positive}, "
              f"all negative {r.queries_all_negative}",
+             f"single-level queries (one vqa_acc_score level) {100 * r.single_level_share:.2f}% | augmented "
+             f"candidates {r.augmented_candidates} ({100 * r.augmented_share:.2f}%)",
              f"training view (default filters): {r.training_view['queries']} queries, "
              f"{r.training_view['candidates']} candidates",
              f"hybrid InfoScore coverage {100 * r.info_score_coverage:.2f}% of candidates have info_score"

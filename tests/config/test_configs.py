@@ -179,7 +179,7 @@ COSMETIC_CHANGES = ["tracking.enabled=false", "tracking.experiment=other", "prog
                     "eval.answer_cache_path=/tmp/answers.sqlite", "summary=always"]
 RESULT_CHANGES = ["seed=1", "rce.lr=2e-4", "sft.epochs=3", "model.hidden_dim=64", "eval.pool=train_pool",
                   "data.batch_size=8", "reward.hard_weight=0.5", "grpo.epochs=1", "eval.max_queries=10",
-                  "eval.answer_cache=true"]
+                  "eval.answer_cache=true", "data.diversity_augment=true"]
 
 
 @pytest.mark.parametrize("override", COSMETIC_CHANGES)

@@ -109,11 +109,13 @@ def test_the_curation_sweep_compares_every_variant_with_the_baseline(repo, compo
     assert sum(j.role == "baseline" for j in jobs) == 3
     assert {j.arm for j in jobs if j.role == "arm"} == {"mixed_queries=true",
                                                         "positive_ratio_min=0.4|positive_ratio_max=0.6",
-                                                        "mixed_queries=true|positive_ratio_max=0.5"}
+                                                        "mixed_queries=true|positive_ratio_max=0.5",
+                                                        "diversity_augment=true"}
     for job in jobs[: 1 + len(variants)]:  # every job composes and passes the range checks
         cfg = compose_cfg(job.overrides)
         validate_config(cfg)
+        curation = GroupOptions.from_config(cfg.data, cfg.reward).curation
         if job.role == "baseline":
-            assert GroupOptions.from_config(cfg.data, cfg.reward).curation == Curation()
-        else:
-            assert GroupOptions.from_config(cfg.data, cfg.reward).curation.active
+            assert curation == Curation() and not cfg.data.diversity_augment
+        else:  # a query filter, or the augmented file
+            assert curation.active != bool(cfg.data.diversity_augment)

@@ -20,7 +20,8 @@ from paths import REPO  # noqa: E402
 
 from leverplus.data.formats.beam_json import read_beam_json
 from leverplus.data.formats.embeddings import save_embeddings
-from leverplus.data.formats.rl_json import read_rl_json
+from leverplus.data.formats.rl_json import read_rl_json, write_rl_json
+from leverplus.datagen import augment as aug  # noqa: E402
 from leverplus.datagen import generate_beam_data as gb  # noqa: E402
 from leverplus.datagen import generate_rl_data as gr  # noqa: E402
 from leverplus.datagen.candidates import QueryJob, score_queries  # noqa: E402
@@ -289,3 +290,32 @@ def test_every_rl_candidate_gets_its_infoscore_from_one_teacher_forced_pass(setu
     recs, _ = score_queries(s, "train", [QueryJob(0, [2, 4], cands)], strict_eval=False)
     assert [c["info_score"] for c in recs[0]["pointer_candidates"]] == pytest.approx([got[0], got[2]], rel=1e-4,
                                                                                       abs=1e-7)
+
+
+def test_diversity_augmentation_through_the_hf_config(setup, tmp_path):
+    torch.manual_seed(0)
+    save_embeddings(tmp_path / "emb.pt", torch.randn(N, 8))
+    # query 0 (official annotations: "red" x6, "dark red" x4): both candidates fully right; query 1: mixed
+    right = {"gen_method": "beam", "vqa_correct": 1, "vqa_acc_score": 1.0, "vqa_eval_mode": "vqaEval"}
+    wrong = {"gen_method": "beam", "vqa_correct": 0, "vqa_acc_score": 0.0, "vqa_eval_mode": "vqaEval"}
+    write_rl_json(tmp_path / "rl.json", {0: {"query": {"query_id": 0}, "pointer_candidates": [
+        {"pointer": [2], **right}, {"pointer": [4], **right}]}, 1: {"query": {"query_id": 1}, "pointer_candidates": [
+            {"pointer": [3], **right}, {"pointer": [5], **wrong}]}}, {"strict_eval": True})
+    out = tmp_path / "aug.json"
+    aug.register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf" / "generate"), version_base=None):
+        cfg = compose("augment", overrides=["scorer=hf", *setup["hf"], f"embeddings={tmp_path / 'emb.pt'}",
+                                            f"input={tmp_path / 'rl.json'}", f"output={out}", "augment.max_tries=2",
+                                            "augment.candidates_per_try=2", "augment.temperature=1.0"])
+    stats = aug.run(cfg, say=lambda m: None)
+    data = read_rl_json(out, shot_num=1, num_items=N)
+    assert stats.below_target_before == 1 and 1 <= stats.tries_used <= 2 and stats.candidates_scored >= 1
+    assert len(data.queries[1].candidates) == 2  # already two levels: untouched
+    added = data.queries[0].candidates[2:]
+    assert len(added) == stats.candidates_added == 1 and stats.single_level_after == 0  # the random model is wrong
+    s = setup["scorer"]
+    for c in added:  # a level the query lacked, answered and scored by the model (pool: every train item but 0)
+        assert c.raw["vqa_acc_score"] != 1.0 and c.raw["augmented"] is True and 0 not in c.pointer
+        assert c.raw["vqa_raw_generation"] == s.generate("train", [0], [list(c.pointer)])[0]
+        assert c.raw["info_score"] == pytest.approx(s.info_score_batch("train", [0], [list(c.pointer)])[0],
+                                                    rel=1e-4, abs=1e-7)
