@@ -2,8 +2,8 @@
 
 Run key: hash of the canonical config (fields that do not change results dropped; weights a reward mode ignores
 dropped; GRPO knobs dropped when GRPO does not run...; the device kind kept only when it is not the CPU), the data
-fingerprint and the code version. Sweeps skip
-keys that already have a FINISHED run, and arms with equal keys are aliases.
+fingerprint and the code version. Sweeps skip keys that already have a FINISHED run, and arms with equal keys are
+aliases.
 
 Both lists come from their single source: the cosmetic fields are the schema fields marked
 ``metadata=COSMETIC`` (config/schema.py), the knobs each reward mode reads are REWARD_MODE_SPECS
