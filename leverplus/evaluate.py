@@ -35,7 +35,7 @@ from leverplus.model.build import load_model
 from leverplus.pipeline import answering_scorer, load_data
 from leverplus.tracking.run import MlflowRun
 from leverplus.tracking.store import get_or_create_experiment, resolve_artifact_root, resolve_tracking_uri, with_retries
-from leverplus.utils import enum_value, seed_everything
+from leverplus.utils import enum_value, resolve_device, seed_everything
 
 register_configs()
 
@@ -203,7 +203,8 @@ def run(cfg: DictConfig) -> HeadToHead:
         raise LeverPlusInputError("this data has no scorer to answer the queries", field="data.files.scorer.model",
                                   fix="data.files.scorer.model=/path/to/model (see docs/usage.md)")
     d = int(data.embeddings.shape[1])
-    selectors = {t.label: load_model(cfg.model, str(t.path), d).eval() for t in targets}
+    device = resolve_device(str(cfg.device))  # the selectors decode there; checkpoints load onto any device
+    selectors = {t.label: load_model(cfg.model, str(t.path), d).to(device).eval() for t in targets}
     qset = _query_set(cfg, data, split)
     scorer = answering_scorer(cfg, data)
     shots = sorted({int(s) for s in cfg.eval.shot_nums})

@@ -36,7 +36,7 @@ from leverplus.sim.source import load_sim
 from leverplus.training.consumed import hash_consumed_rewards
 from leverplus.training.stage_cache import StageCache, stage_keys
 from leverplus.training.trainer import Trainer, TrainResult
-from leverplus.utils import default_cache_dir, enum_value, seed_everything, stable_hash, tune_malloc
+from leverplus.utils import default_cache_dir, enum_value, resolve_device, seed_everything, stable_hash, tune_malloc
 
 #: ``eval.select_metric`` values that are not a mean reward, so not invariant to a positive reward scale
 _SCALE_DEPENDENT_SELECT_METRICS = ("val/loss", "val/offline/rce_loss")
@@ -154,7 +154,8 @@ def train_and_evaluate(
     logger=None,
     say: Callable[[str], None] = logging.getLogger(__name__).info,
 ) -> RunOutcome:
-    """Train (SFT if needed, RCE, GRPO) and evaluate. Deterministic for a given config and seed on CPU."""
+    """Train (SFT if needed, RCE, GRPO) and evaluate on ``cfg.device``. Deterministic for a given config and seed on
+    CPU."""
     seed_everything(int(cfg.seed))
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
@@ -164,6 +165,7 @@ def train_and_evaluate(
     keys = stage_keys(cfg, data, groups)
     cache = _stage_cache(cfg)
     model, sft_hit, sft_history = _initial_model(cfg, data, groups, cache, keys["sft"], output_dir, logger, say)
+    model.to(resolve_device(str(cfg.device)))  # built (initialised) on the CPU, then trained and evaluated there
     sft_first_step = first_step_log_probs(model, groups.val, data.embeddings) if groups.val else None
     result, rce_hit = _post_train(cfg, data, groups, model, cache, keys["rce"], output_dir, logger, say)
     metrics, per_query, tables = _evaluate(cfg, data, groups, result.model, say)

@@ -151,6 +151,24 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def device_kind(device: str) -> str:
+    """The kind of device ``device`` resolves to on this machine: ``cpu`` or ``cuda`` (every ``cuda:N`` is ``cuda``).
+    Run keys and stage-cache keys carry it when it is not ``cpu``."""
+    return resolve_device(device).type
+
+
+def cpu_tensors(obj: Any) -> Any:
+    """``obj`` (a tensor, or dicts / lists / tuples of them) with every tensor detached and on the CPU; a tensor
+    already there is returned as it is. What checkpoints and cache entries store, so they load onto any device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return type(obj)((k, cpu_tensors(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_tensors(v) for v in obj)
+    return obj
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this id exists on this host (one owned by another user counts)."""
     try:

@@ -1,8 +1,9 @@
 """Run identity: the canonical config and the run key.
 
 Run key: hash of the canonical config (fields that do not change results dropped; weights a reward mode ignores
-dropped; GRPO knobs dropped when GRPO does not run...), the data fingerprint and the code version. Sweeps skip
-keys that already have a FINISHED run, and arms with equal keys are aliases.
+dropped; GRPO knobs dropped when GRPO does not run...; the device kind kept only when it is not the CPU), the data
+fingerprint and the code version. Sweeps skip keys that already have a FINISHED run, and arms with equal keys are
+aliases.
 
 Both lists come from their single source: the cosmetic fields are the schema fields marked
 ``metadata=COSMETIC`` (config/schema.py), the knobs each reward mode reads are REWARD_MODE_SPECS
@@ -19,7 +20,7 @@ from omegaconf import OmegaConf
 
 from leverplus.config.reward_modes import REWARD_KNOBS, fields_read
 from leverplus.config.schema import TrainConfig
-from leverplus.utils import code_version, stable_hash
+from leverplus.utils import code_version, device_kind, stable_hash
 
 
 def cosmetic_fields(schema: type = TrainConfig, prefix: str = "") -> Tuple[str, ...]:
@@ -75,6 +76,9 @@ def canonical_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     c = copy.deepcopy(dict(cfg))
     for path in COSMETIC:
         drop_path(c, path)
+    kind = device_kind(str(cfg.get("device") or "cpu"))
+    if kind != "cpu":  # a CUDA run's numbers differ from a CPU run's in the last bits; CPU keys stay as they were
+        c["device"] = kind
     c["reward"] = _reward_knobs_read(c.get("reward", {}))
     if int(c.get("grpo", {}).get("epochs", 0)) <= 0:
         c["grpo"] = {"epochs": 0}

@@ -364,8 +364,9 @@ class TrainConfig:
     seed: int = 0  # 0 is a real seed
     objective: str = field(default="val/downstream_acc", metadata=COSMETIC)  # the float returned to sweepers (val only)
     output_dir: Optional[str] = field(default=None, metadata=COSMETIC)  # checkpoints etc.; default: Hydra's run dir
-    # auto (cuda when present) | cpu | cuda | cuda:N, for training and evaluation. Out of the run key as it always
-    # was, although a GPU run can differ from a CPU run in the last bits
+    # auto (cuda when present) | cpu | cuda | cuda:N, for training and evaluation. Out of the run key on the CPU, as it
+    # always was; a CUDA run's numbers differ in the last bits, so its run and stage keys carry the kind "cuda"
+    # (config/identity.py, training/stage_cache.py)
     device: str = field(default="cpu", metadata=COSMETIC)
     num_threads: int = field(default=0, metadata=COSMETIC)  # 0 = leave torch's default
     progress: Optional[bool] = field(default=None, metadata=COSMETIC)  # None = only when stdout is a TTY

@@ -15,6 +15,7 @@ from leverplus.data.eval_queries import EvalQuerySet
 from leverplus.errors import LeverPlusInputError
 from leverplus.evaluation.stats import PairedResult, mean_ci, paired_bootstrap
 from leverplus.evaluation.vqa_metric import vqa_accuracy
+from leverplus.model.pointer import module_device
 from leverplus.utils import enum_value
 
 # ---------------------------------------------------------------------------------------------- downstream
@@ -75,22 +76,23 @@ def _similarity_icds(pools: List[List[int]], qset: EvalQuerySet, embeddings: tor
 
 def _selector_icds(pools: List[List[int]], qset: EvalQuerySet, embeddings: torch.Tensor, shot_num: int, model,
                    batch_size: int) -> List[List[int]]:
-    """The policy's greedy decode over each pool, in padded batches."""
+    """The policy's greedy decode over each pool, in padded batches, on the policy's device."""
     if model is None:
         raise ValueError("method 'selector' needs a model")
+    device = module_device(model)
     # a PointerSelector projects every item once (ItemTable) and gathers rows; any other policy gets padded
     # pool embeddings through greedy(query_emb, cand_emb, shot_num, cand_mask)
-    table = model.item_table(embeddings) if hasattr(model, "item_table") else None
+    table = model.item_table(embeddings.to(device)) if hasattr(model, "item_table") else None
     out = []
     for start in range(0, len(pools), batch_size):
         chunk = pools[start : start + batch_size]
         idx, mask = _padded(chunk, torch.long)
         q = qset.query_emb[start : start + len(chunk)]
         if table is not None:
-            picks = model.greedy_indexed(q, idx, shot_num, table, mask)
+            picks = model.greedy_indexed(q.to(device), idx.to(device), shot_num, table, mask.to(device))
         else:
             cand = torch.nn.functional.embedding(idx, embeddings) * mask[..., None].to(embeddings.dtype)
-            picks = model.greedy(q, cand, shot_num, mask)
+            picks = model.greedy(q.to(device), cand.to(device), shot_num, mask.to(device))
         out.extend([[pool[j] for j in row] for pool, row in zip(chunk, picks.tolist())])
     return out
 

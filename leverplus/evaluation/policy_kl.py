@@ -14,7 +14,7 @@ import torch
 
 from leverplus.data.batching import collate, iterate_batches
 from leverplus.data.groups import Group
-from leverplus.model.pointer import eval_mode
+from leverplus.model.pointer import eval_mode, module_device
 
 #: the run metric: mean over validation groups of KL(π ‖ π_sft) of the first pointer step, in nats
 KL_METRIC = "val/kl_from_sft"
@@ -22,13 +22,17 @@ KL_METRIC = "val/kl_from_sft"
 
 def first_step_log_probs(model, groups: Sequence[Group], embeddings: torch.Tensor,
                          batch_size: int = 64) -> list[torch.Tensor]:
-    """Per group (in ``iterate_batches`` order, the same for the same groups), log π(first candidate | query, pool) over its pool ``[K]`` (eval mode, no gradient)."""
+    """Per group (in ``iterate_batches`` order, the same for the same groups), log π(first candidate | query, pool) over its pool ``[K]`` (eval mode, no gradient).
+    The model runs on its own device; the log-probs come back on the CPU."""
+    device = module_device(model)
     out: list[torch.Tensor] = []
     with eval_mode(model), torch.no_grad():
         for chunk in iterate_batches(list(groups), batch_size, shuffle=False):
             b = collate(chunk, embeddings)
+            if device.type != "cpu":
+                b = b.to(device)
             logits, _ = model(b.query_emb, b.cand_emb, shot_num=1, cand_mask=b.cand_mask)
-            logp = torch.log_softmax(logits[:, 0, :].double(), dim=-1)
+            logp = torch.log_softmax(logits[:, 0, :].double(), dim=-1).cpu()
             out += [logp[i, : len(g.pool_ids)].clone() for i, g in enumerate(chunk)]
     return out
 

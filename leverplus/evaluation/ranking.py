@@ -12,7 +12,7 @@ import torch
 
 from leverplus.data.batching import collate, iterate_batches
 from leverplus.data.groups import Group
-from leverplus.model.pointer import eval_mode
+from leverplus.model.pointer import eval_mode, module_device
 from leverplus.training.losses import rce_loss
 
 # ---------------------------------------------------------------------------------------------- offline
@@ -105,23 +105,26 @@ def offline_metrics(
 
     Summary keys: top1_reward, top1_acc, oracle_reward, oracle_acc, mean_reward, mean_acc, ndcg, spearman, rce_loss
     (the reference's val loss: RCE on raw rewards at τ=1), n_queries. NDCG uses gains = reward − group min and skips
-    groups whose rewards are all equal; Spearman skips groups with one distinct reward.
+    groups whose rewards are all equal; Spearman skips groups with one distinct reward. The policy runs on its own
+    device (batches are collated on the CPU and moved there); the statistics are computed on the CPU.
     """
+    device = module_device(model)
     # a PointerSelector projects every item once (ItemTable); any other policy only needs sequence_log_probs
-    table = model.item_table(embeddings) if hasattr(model, "item_table") else None
+    table = model.item_table(embeddings.to(device)) if hasattr(model, "item_table") else None
     rows: List[dict] = []
     per_key: Dict[str, List[np.ndarray]] = {k: [] for k in OFFLINE_KEYS}
     loss_sum, n = 0.0, 0
     with eval_mode(model):
         for chunk in iterate_batches(list(groups), batch_size, shuffle=False):
             b = collate(chunk, embeddings)
+            on = b if device.type == "cpu" else b.to(device)
             if table is not None:
-                lp = model.sequence_log_probs_indexed(b.query_emb, b.pool_idx, b.labels, table, b.cand_mask)
+                lp = model.sequence_log_probs_indexed(on.query_emb, on.pool_idx, on.labels, table, on.cand_mask)
             else:
-                lp = model.sequence_log_probs(b.query_emb, b.cand_emb, b.labels, b.cand_mask)
-            loss_sum += float(rce_loss(lp, b.rewards_raw, temperature=1.0, mask=b.member_mask)["loss"]) * len(chunk)
+                lp = model.sequence_log_probs(on.query_emb, on.cand_emb, on.labels, on.cand_mask)
+            loss_sum += float(rce_loss(lp, on.rewards_raw, temperature=1.0, mask=on.member_mask)["loss"]) * len(chunk)
             n += len(chunk)
-            st = ranking_stats(lp.double().numpy(), b.rewards_raw.double().numpy(), b.acc.double().numpy(),
+            st = ranking_stats(lp.double().cpu().numpy(), b.rewards_raw.double().numpy(), b.acc.double().numpy(),
                                b.member_mask.numpy())
             for k in OFFLINE_KEYS:
                 per_key[k].append(st[k])

@@ -93,6 +93,12 @@ def eval_mode(module: nn.Module):
         module.train(was_training)
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's parameters (the CPU for a module without parameters): where its inputs go."""
+    first = next(iter(module.parameters()), None) if isinstance(module, nn.Module) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class ItemTable:
     """Eval-mode features of every row of an embedding table: ``c = input_proj(e)`` and ``ĉ = normalize(cand_proj(c))``.

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from leverplus.data.formats.io import atomic_torch_save, remove_stale_temps
 from leverplus.data.loading import LoadedData, PreparedGroups
-from leverplus.utils import code_version, stable_hash
+from leverplus.utils import code_version, cpu_tensors, device_kind, stable_hash
 
 # ---------------------------------------------------------------------------------------------- stage cache
 
@@ -50,7 +50,9 @@ class StageCache:
         return entry["state"]
 
     def put(self, stage: str, key: str, state: dict) -> None:
-        """Store ``state`` with the sha256 of its content (atomically: a reader sees the old entry or the new one)."""
+        """Store ``state`` with the sha256 of its content (atomically: a reader sees the old entry or the new one).
+        Tensors are stored on the CPU, whatever device they were computed on, so an entry loads anywhere."""
+        state = cpu_tensors(state)
         remove_stale_temps(self.path(stage, key))  # left by a run killed while writing this entry
         atomic_torch_save(self.path(stage, key), {"format": ENTRY_FORMAT, "sha256": content_sha256(state),
                                                   "state": state})
@@ -93,7 +95,8 @@ def stage_keys(cfg, data: LoadedData, groups: PreparedGroups) -> Dict[str, str]:
     """Cache keys of the stages: everything that determines a stage's weights, nothing else.
 
     SFT depends on the embeddings, the beam targets (query, pool, labels), the model and SFT configs and the seed,
-    not on which RL file (shot count) the run trains on afterwards, so all shots of a sweep share one SFT.
+    not on which RL file (shot count) the run trains on afterwards, so all shots of a sweep share one SFT. A stage
+    trained on CUDA has keys of its own (the device kind is in them; CPU keys do not mention the device).
     """
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     h = hashlib.sha256(data.embeddings.numpy().tobytes())
@@ -101,6 +104,9 @@ def stage_keys(cfg, data: LoadedData, groups: PreparedGroups) -> Dict[str, str]:
         h.update(str((g.query_id, g.pool_ids)).encode())
         h.update(g.labels.numpy().tobytes())
     common = {"code": code_version(), "model": c["model"], "seed": c["seed"], "d": int(data.embeddings.shape[1])}
+    kind = device_kind(str(c.get("device") or "cpu"))
+    if kind != "cpu":  # CUDA stages differ from CPU stages in the last bits: their own entries (CPU keys unchanged)
+        common["device"] = kind
     sft = stable_hash({**common, "sft": c["sft"], "sft_data": h.hexdigest()})
     data_cfg = {k: v for k, v in c["data"].items() if k not in ("cache_dir",)}
     rce = stable_hash({**common, "data": data.fingerprint, "sft_key": sft, "rce": c["rce"], "reward": c["reward"],

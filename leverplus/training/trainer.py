@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from leverplus.data.batching import Batch, collate, iterate_batches, num_batches
 from leverplus.data.groups import Group
 from leverplus.model.checkpoint import save_pointer_checkpoint
-from leverplus.model.pointer import ItemTable, PointerSelector
+from leverplus.model.pointer import ItemTable, PointerSelector, module_device
 from leverplus.training.losses import (
     GRPOEpochStats,
     grpo_loss,
@@ -36,7 +36,7 @@ from leverplus.training.schedules import (
     make_lr_scheduler,
     rce_temperature,
 )
-from leverplus.utils import enum_value, progress
+from leverplus.utils import enum_value, progress, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +145,13 @@ def member_log_probs(
 def sequence_log_probs_by_query(
     model: PointerSelector, groups: List[Group], embeddings: torch.Tensor, batch_size: int = OLD_LOGP_BATCH_SIZE
 ) -> Dict[int, torch.Tensor]:
-    """Eval-mode log-probs of every member of every group: the GRPO "old" policy."""
-    table = model.item_table(embeddings)
+    """Eval-mode log-probs of every member of every group: the GRPO "old" policy. Computed on the model's device,
+    returned on the CPU (batches are collated there)."""
+    device = module_device(model)
+    table = model.item_table(embeddings.to(device))
     out: Dict[int, torch.Tensor] = {}
     for chunk in iterate_batches(groups, batch_size, shuffle=False):
-        lp = member_log_probs(model, collate(chunk, embeddings), table=table)
+        lp = member_log_probs(model, collate(chunk, embeddings).to(device), table=table).cpu()
         for i, g in enumerate(chunk):
             out[g.query_id] = lp[i, : g.size].clone()
     return out
@@ -217,7 +219,11 @@ def epoch_line(phase: str, epoch: int, epochs: int, metrics: Dict[str, float], v
 
 
 class Trainer:
-    """Runs the phases on prepared groups. ``cfg`` is the full TrainConfig (DictConfig or dataclass)."""
+    """Runs the phases on prepared groups. ``cfg`` is the full TrainConfig (DictConfig or dataclass).
+
+    The model and its batches live on ``cfg.device`` (resolved: ``auto`` is CUDA when present); batches are collated
+    on the CPU from the CPU embedding table and moved there, and the data order comes from a CPU generator, so it is
+    the same on every device. Checkpoints hold CPU tensors."""
 
     def __init__(
         self,
@@ -243,7 +249,8 @@ class Trainer:
         self.memory = MemoryLogger()
         self.logger = FanoutLogger(self.memory, logger)
         self.say = say
-        self.generator = torch.Generator()
+        self.device = resolve_device(str(getattr(cfg, "device", None) or "cpu"))
+        self.generator = torch.Generator()  # the data order: on the CPU whatever the device
         self.epoch_counter = start_step  # global epoch index across phases (the MLflow step)
         self.checkpoints: List[Path] = []
         self.best: Dict[str, float] = {}
@@ -259,6 +266,11 @@ class Trainer:
         seed = int(self.cfg.seed) * PHASE_SEED_STRIDE + int(getattr(self.cfg, phase).seed_offset)
         self.generator.manual_seed(seed)
         torch.manual_seed(seed)
+
+    def _batch(self, chunk: List[Group], old_log_probs: Optional[Dict[int, torch.Tensor]] = None) -> Batch:
+        """One padded batch, collated on the CPU and moved to the trainer's device."""
+        b = collate(chunk, self.embeddings, old_log_probs)
+        return b if self.device.type == "cpu" else b.to(self.device)
 
     def _batches(self, groups: List[Group], batch_size: int, desc: str):
         """One shuffled epoch over ``groups`` (the phase generator), behind a progress bar."""
@@ -321,6 +333,7 @@ class Trainer:
         cfg = self.cfg.sft
         if cfg.epochs <= 0 or not sft_groups:
             return
+        model.to(self.device)
         opt, sched = self._optimizer(model, cfg, cfg.epochs * num_batches(sft_groups, cfg.batch_size))
         self._start_phase("sft")
         model.train()
@@ -328,7 +341,7 @@ class Trainer:
             total, n = 0.0, 0
             bar = self._batches(sft_groups, cfg.batch_size, f"SFT epoch {epoch + 1}/{cfg.epochs}")
             for chunk in bar:
-                b = collate(chunk, self.embeddings)
+                b = self._batch(chunk)
                 nll = -member_log_probs(model, b, smoothed=True)
                 w = b.member_mask.float() / b.member_mask.sum(1, keepdim=True).clamp(min=1)
                 loss = optimizer_step(opt, sched, (nll * w).sum(1).mean(), cfg.grad_clip, f"SFT epoch {epoch + 1}")
@@ -353,7 +366,7 @@ class Trainer:
             total, n, tau = 0.0, 0, cfg.temp_end
             bar = self._batches(self.train_groups, bs, f"RCE epoch {epoch + 1}/{cfg.epochs}")
             for chunk in bar:
-                b = collate(chunk, self.embeddings)
+                b = self._batch(chunk)
                 tau = rce_temperature(step, total_steps, cfg.temp_start, cfg.temp_end)
                 rewards, mask = rce_targets(cfg, b)
                 log_probs = member_log_probs(model, b, smoothed=True, per_member_dropout=self.cfg.model.per_member_dropout)
@@ -411,7 +424,7 @@ class Trainer:
             stats = GRPOEpochStats()
             bar = self._batches(self.train_groups, bs, f"GRPO epoch {epoch + 1}/{cfg.epochs}")
             for chunk in bar:
-                b = collate(chunk, self.embeddings, old_log_probs)
+                b = self._batch(chunk, old_log_probs)
                 out, r, sel_mask = self._grpo_loss(model, b, k, kl_ctl.beta, temp_ctl.temperature)
                 loss = optimizer_step(opt, sched, out["loss"], cfg.grad_clip, f"GRPO epoch {epoch + 1} step {step}")
                 step += 1
@@ -446,6 +459,7 @@ class Trainer:
         GRPO "old" log-probs come from them by default.
         """
         timings: Dict[str, float] = {}
+        model.to(self.device)
         t0 = time.perf_counter()
         if sft_groups:
             self.run_sft(model, sft_groups)

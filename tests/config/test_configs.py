@@ -5,6 +5,7 @@ results (cosmetic fields, knobs a reward mode does not read)."""
 import copy
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -174,7 +175,7 @@ def test_the_cosmetic_fields_are_those_the_run_key_always_ignored():
 
 
 COSMETIC_CHANGES = ["tracking.enabled=false", "tracking.experiment=other", "progress=true", "output_dir=/tmp/x",
-                    "num_threads=3", "objective=val/offline/top1_acc", "device=cuda", "checkpoint_every_epoch=false",
+                    "num_threads=3", "objective=val/offline/top1_acc", "checkpoint_every_epoch=false",
                     "plot_curves=false", "tune_malloc=false", "eval.bootstrap_samples=500",
                     "eval.answer_cache_path=/tmp/answers.sqlite", "summary=always"]
 RESULT_CHANGES = ["seed=1", "rce.lr=2e-4", "sft.epochs=3", "model.hidden_dim=64", "eval.pool=train_pool",
@@ -192,3 +193,15 @@ def test_a_cosmetic_field_changes_nothing_in_the_run_key(default, override):
 @pytest.mark.parametrize("override", RESULT_CHANGES)
 def test_a_field_that_changes_results_changes_the_run_key(default, override):
     assert run_key(to_container(compose_cfg([override])), "fp") != run_key(default, "fp")
+
+
+def test_the_run_key_of_a_cpu_run_ignores_the_device_and_a_cuda_run_has_its_own(default):
+    """CPU keys are what they always were (no device in them); CUDA numbers differ in the last bits, so a CUDA run
+    never shares a key with a CPU run, and every CUDA device (cuda, cuda:N) computes the same numbers."""
+    def key(device):
+        return run_key(to_container(compose_cfg([f"device={device}"])), "fp")
+
+    assert "device" not in canonical_config(default) and key("cpu") == run_key(default, "fp")
+    assert key("cuda") != key("cpu") and key("cuda:1") == key("cuda")
+    assert canonical_config(to_container(compose_cfg(["device=cuda:2"])))["device"] == "cuda"
+    assert key("auto") == (key("cuda") if torch.cuda.is_available() else key("cpu"))
