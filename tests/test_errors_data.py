@@ -2,6 +2,7 @@
 of killed writers, unreadable or diverged checkpoints, a full disk. Each case: the bad input, what the user sees,
 and that nothing was written or trained (or, for caches, that the run recovers with the same result)."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -13,14 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
+from leverplus.config.sim_params import SimParams, params_hash
 from leverplus.data.formats.beam_json import write_beam_json
 from leverplus.data.formats.embeddings import read_embeddings
 from leverplus.data.formats.io import atomic_write_json, remove_stale_temps, temp_prefix
 from leverplus.data.formats.rl_json import write_rl_json
+from leverplus.datagen import generate_beam_data as gb
 from leverplus.errors import LeverPlusInputError
 from leverplus.model.checkpoint import load_pointer_checkpoint, save_pointer_checkpoint
 from leverplus.model.pointer import PointerSelector
+from leverplus.sim.files import sim_data_paths
 from leverplus.train import run
 from leverplus.training.stage_cache import StageCache
 
@@ -425,7 +430,20 @@ def tiny_params(compose_cfg):
     return SimParams.from_mapping(OmegaConf.to_container(compose_cfg(["data=sim_tiny"]).data.sim))
 
 
-def test_an_edited_world_file_is_detected_and_the_world_regenerated(tmp_path, tiny_params):
+SIM_LOGGER = "leverplus.sim.generate"
+
+
+def _world_warnings(caplog) -> list:
+    return [r.getMessage() for r in caplog.records if r.name == SIM_LOGGER and r.levelname == "WARNING"]
+
+
+def _compose_generator(name: str, overrides):
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf" / "generate"),
+                               version_base=None):
+        return compose(name, overrides=list(overrides))
+
+
+def test_an_edited_world_file_is_detected_and_the_world_regenerated(tmp_path, tiny_params, caplog):
     from leverplus.sim.source import verified_world
 
     paths = verified_world(tiny_params, tmp_path)
@@ -437,20 +455,51 @@ def test_an_edited_world_file_is_detected_and_the_world_regenerated(tmp_path, ti
             for c in rec["pointer_candidates"]:
                 c["vqa_correct"] = 1 - c["vqa_correct"]
     rl.write_text(json.dumps(obj))
-    with pytest.warns(UserWarning, match=f"simulated world {paths.root}: {rl} does not match the sha256 its manifest"):
+    with caplog.at_level("WARNING", logger=SIM_LOGGER):
         again = verified_world(tiny_params, tmp_path)
+    assert _world_warnings(caplog) == [f"simulated world {paths.root}: {rl} does not match the sha256 its manifest "
+                                       "stores (the file was modified or damaged); deleting it and generating it again"]
     assert again == paths and rl.read_bytes() == original  # regenerated: the same bytes as first generated
     # a truncated tensor file is caught the same way
+    caplog.clear()
     paths.eval_embeddings["val"].write_bytes(paths.eval_embeddings["val"].read_bytes()[:200])
-    with pytest.warns(UserWarning, match="val_embeddings.pt: is a damaged or truncated torch file"):
+    with caplog.at_level("WARNING", logger=SIM_LOGGER):
         verified_world(tiny_params, tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    told = _world_warnings(caplog)
+    assert len(told) == 1 and "val_embeddings.pt: is a damaged or truncated torch file" in told[0], told
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=SIM_LOGGER):
         verified_world(tiny_params, tmp_path)  # sound again: no warning
+    assert _world_warnings(caplog) == []
 
 
-def test_temp_folders_of_a_killed_world_generation_are_removed(tmp_path, tiny_params):
-    from leverplus.config.sim_params import params_hash
+def test_an_edited_world_file_is_regenerated_on_the_generators_sim_path(tmp_path, tiny_params, caplog):
+    """The generators' ``sim`` scorer reads the world through the same check as ``data=sim``."""
+    sim = [f"scorer.sim.params.{k}={json.dumps(v) if isinstance(v, list) else v}"
+           for k, v in dataclasses.asdict(tiny_params).items() if v != getattr(SimParams(), k)]
+    cfg = _compose_generator("beam_data", sim + [f"scorer.sim.cache_dir={tmp_path / 'cache'}",
+                                                  f"output={tmp_path / 'beam.json'}", "queries.end=2"])
+    gb.run(cfg, say=lambda _m: None)  # generates the world on first use
+    paths = sim_data_paths(tmp_path / "cache" / "sim" / params_hash(tiny_params), tiny_params)
+    beams = (tmp_path / "beam.json").read_bytes()
+    edited = paths.beam_json
+    original = edited.read_bytes()
+    obj = json.loads(original)
+    first = next(k for k in obj if not k.startswith("_"))
+    obj[first]["score_list"] = [-s for s in obj[first]["score_list"]]  # valid JSON, other content
+    edited.write_text(json.dumps(obj))
+    (tmp_path / "beam.json").unlink()
+    with caplog.at_level("WARNING", logger=SIM_LOGGER):
+        gb.run(cfg, say=lambda _m: None)
+    assert _world_warnings(caplog) == [f"simulated world {paths.root}: {edited} does not match the sha256 its "
+                                       "manifest stores (the file was modified or damaged); deleting it and "
+                                       "generating it again"]
+    assert edited.read_bytes() == original  # regenerated
+    assert (tmp_path / "beam.json").read_bytes() == beams  # and the generator's output is the one of a sound world
+
+
+def test_temp_folders_of_a_killed_world_generation_are_removed(tmp_path, tiny_params, caplog):
+    from leverplus.config.sim_params import SimParams, params_hash
     from leverplus.sim.source import verified_world
 
     h = params_hash(tiny_params)
@@ -458,7 +507,8 @@ def test_temp_folders_of_a_killed_world_generation_are_removed(tmp_path, tiny_pa
     stale = tmp_path / f".{h}.tmp-abc123"
     (stale / "half").mkdir(parents=True)
     (stale / "half" / "train_embeddings.pt").write_bytes(b"PK")
-    with pytest.warns(UserWarning, match=f"removing {stale}, left by an interrupted world generation"):
+    with caplog.at_level("WARNING", logger=SIM_LOGGER):
         paths = verified_world(tiny_params, tmp_path)
+    assert _world_warnings(caplog) == [f"removing {stale}, left by an interrupted world generation"]
     assert not stale.exists() and paths.manifest.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([h, f"{h}.lock"])
