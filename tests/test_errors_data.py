@@ -12,11 +12,13 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
 from leverplus.config.sim_params import SimParams, params_hash
+from leverplus.data.formats import embeddings as embeddings_format
 from leverplus.data.formats.beam_json import write_beam_json
 from leverplus.data.formats.embeddings import read_embeddings
 from leverplus.data.formats.io import atomic_write_json, remove_stale_temps, temp_prefix
@@ -196,6 +198,32 @@ def test_some_all_zero_embedding_rows_are_counted_in_a_warning(tmp_path):
     torch.save(t, tmp_path / "emb.pt")
     with pytest.warns(UserWarning, match=r"emb.pt: 3 of 24 embedding rows are all zero \(first: row 3\)"):
         assert torch.equal(read_embeddings(tmp_path / "emb.pt"), t)
+
+
+def test_non_zero_rows_repeated_exactly_are_counted_in_one_logging_warning(tmp_path, caplog, monkeypatch):
+    t = torch.randn(N, D)
+    t[[5, 11]] = t[2].clone()  # one vector at rows 2, 5, 11
+    t[[20, 22]] = t[8].clone()  # another at rows 8, 20, 22
+    t[[3, 4]] = 0.0  # repeated too, but all zero: the zero-row warning's case, not this one
+    t[13, 0] = t[14, 0] + 1.0  # rows 13 and 14 differ in one value only: distinct
+    t[13, 1:] = t[14, 1:].clone()
+    torch.save(t, tmp_path / "emb.pt")
+    with caplog.at_level("WARNING", logger="leverplus.data.formats.embeddings"):
+        with pytest.warns(UserWarning, match=r"emb.pt: 2 of 24 embedding rows are all zero \(first: row 3\)"):
+            assert torch.equal(read_embeddings(tmp_path / "emb.pt"), t)
+    said = [r.getMessage() for r in caplog.records if r.name == "leverplus.data.formats.embeddings"]
+    assert said == [f"{tmp_path / 'emb.pt'}: 6 of 24 embedding rows repeat another row's vector exactly (2 shared "
+                    "vectors; rows 2, 5, 8, 11, 20, ...); those items cannot be told apart (an export that wrote one "
+                    "vector for several items?)"]
+    caplog.clear()
+    torch.save(torch.randn(N, D), tmp_path / "sound.pt")
+    with caplog.at_level("WARNING", logger="leverplus.data.formats.embeddings"):
+        read_embeddings(tmp_path / "sound.pt")
+    assert not caplog.records
+    # the row hash only narrows the search: with every hash equal (all rows collide) the rows found are the same
+    monkeypatch.setattr(embeddings_format, "_row_hashes", lambda a, chunk: np.zeros(a.shape[0], dtype=np.uint64))
+    rows, shared = embeddings_format._repeated_rows(t, t.any(dim=1).numpy())
+    assert rows.tolist() == [2, 5, 8, 11, 20, 22] and shared == 2
 
 
 def test_a_truncated_or_text_embedding_file_names_the_file_and_the_fix(tmp_path):
