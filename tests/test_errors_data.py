@@ -25,6 +25,7 @@ from leverplus.data.formats.io import atomic_write_json, remove_stale_temps, tem
 from leverplus.data.formats.rl_json import write_rl_json
 from leverplus.datagen import generate_beam_data as gb
 from leverplus.errors import LeverPlusInputError
+from leverplus.evaluation.answer_cache import AnswerCache
 from leverplus.model.checkpoint import load_pointer_checkpoint, save_pointer_checkpoint
 from leverplus.model.pointer import PointerSelector
 from leverplus.sim.files import sim_data_paths
@@ -444,6 +445,37 @@ def test_damaged_sft_and_rce_cache_entries_are_recomputed_with_the_same_result(t
         warnings.simplefilter("always")
         run(files_cfg(compose_cfg, tmp_path, emb, rl, *extra))
     assert not [w for w in caught if "stage cache entry" in str(w.message)]
+
+
+# ---------------------------------------------------------------------------------------------- answer cache
+
+ANSWER_LOGGER = "leverplus.evaluation.answer_cache"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "schema_page"])
+def test_an_unreadable_answer_cache_is_moved_aside_and_a_fresh_store_started(tmp_path, caplog, damage):
+    path = tmp_path / "answers.sqlite"
+    with AnswerCache(path) as store:
+        store.put_many([(f"k{i}", "x" * 50) for i in range(2000)])  # closing the last connection checkpoints the WAL
+    data = bytearray(path.read_bytes())
+    if damage == "garbage":  # sqlite: "file is not a database"
+        data = bytearray(os.urandom(len(data)))
+    else:  # header kept, the rest of page 1 (the schema) overwritten: "database disk image is malformed"
+        data[100:4096] = os.urandom(3996)
+    path.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger=ANSWER_LOGGER):
+        store = AnswerCache(path)
+    said = [r.getMessage() for r in caplog.records if r.name == ANSWER_LOGGER]
+    assert len(said) == 1 and said[0].startswith(f"answer cache {path} is not a readable sqlite database (sqlite: ")
+    assert said[0].endswith(f"moved aside to {path}.corrupt, a fresh store is started (its answers are generated "
+                            "again)")
+    assert Path(f"{path}.corrupt").read_bytes() == bytes(data)  # set aside as it was
+    assert len(store) == 0 and store.put_many([("k0", "y")]) == 1 and store.get("k0") == "y"  # usable at once
+    store.close()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=ANSWER_LOGGER):
+        assert AnswerCache(path).get("k0") == "y"  # sound again: kept, without a word
+    assert not caplog.records
 
 
 # ---------------------------------------------------------------------------------------------- simulated world
