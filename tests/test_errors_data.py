@@ -24,6 +24,7 @@ from leverplus.data.formats.embeddings import read_embeddings
 from leverplus.data.formats.io import atomic_write_json, remove_stale_temps, temp_prefix
 from leverplus.data.formats.rl_json import write_rl_json
 from leverplus.datagen import generate_beam_data as gb
+from leverplus.datagen import generate_rl_data as gr
 from leverplus.errors import LeverPlusInputError
 from leverplus.evaluation.answer_cache import AnswerCache
 from leverplus.model.checkpoint import load_pointer_checkpoint, save_pointer_checkpoint
@@ -533,29 +534,37 @@ def test_an_edited_world_file_is_detected_and_the_world_regenerated(tmp_path, ti
     assert _world_warnings(caplog) == []
 
 
-def test_an_edited_world_file_is_regenerated_on_the_generators_sim_path(tmp_path, tiny_params, caplog):
+@pytest.mark.parametrize("app", ["beam_data", "rl_data"])
+def test_an_edited_world_file_is_regenerated_on_the_generators_sim_path(tmp_path, tiny_params, caplog, app):
     """The generators' ``sim`` scorer reads the world through the same check as ``data=sim``."""
     sim = [f"scorer.sim.params.{k}={json.dumps(v) if isinstance(v, list) else v}"
            for k, v in dataclasses.asdict(tiny_params).items() if v != getattr(SimParams(), k)]
-    cfg = _compose_generator("beam_data", sim + [f"scorer.sim.cache_dir={tmp_path / 'cache'}",
-                                                  f"output={tmp_path / 'beam.json'}", "queries.end=2"])
-    gb.run(cfg, say=lambda _m: None)  # generates the world on first use
+    extra = []
+    if app == "rl_data":
+        save_pointer_checkpoint(tmp_path / "sel.pt", PointerSelector(d_model=tiny_params.embedding_dim,
+                                                                     hidden_dim=16), phase="sft", epoch=0)
+        extra = [f"selector.checkpoint={tmp_path / 'sel.pt'}", "shot_num=1"]
+    out = tmp_path / "out.json"
+    cfg = _compose_generator(app, sim + extra + [f"scorer.sim.cache_dir={tmp_path / 'cache'}", f"output={out}",
+                                                 "queries.end=2"])
+    generate = gb.run if app == "beam_data" else gr.run
+    generate(cfg, say=lambda _m: None)  # generates the world on first use
     paths = sim_data_paths(tmp_path / "cache" / "sim" / params_hash(tiny_params), tiny_params)
-    beams = (tmp_path / "beam.json").read_bytes()
+    sound = out.read_bytes()
     edited = paths.beam_json
     original = edited.read_bytes()
     obj = json.loads(original)
     first = next(k for k in obj if not k.startswith("_"))
     obj[first]["score_list"] = [-s for s in obj[first]["score_list"]]  # valid JSON, other content
     edited.write_text(json.dumps(obj))
-    (tmp_path / "beam.json").unlink()
+    out.unlink()
     with caplog.at_level("WARNING", logger=SIM_LOGGER):
-        gb.run(cfg, say=lambda _m: None)
+        generate(cfg, say=lambda _m: None)
     assert _world_warnings(caplog) == [f"simulated world {paths.root}: {edited} does not match the sha256 its "
                                        "manifest stores (the file was modified or damaged); deleting it and "
                                        "generating it again"]
     assert edited.read_bytes() == original  # regenerated
-    assert (tmp_path / "beam.json").read_bytes() == beams  # and the generator's output is the one of a sound world
+    assert out.read_bytes() == sound  # and the generator's output is the one of a sound world
 
 
 def test_temp_folders_of_a_killed_world_generation_are_removed(tmp_path, tiny_params, caplog):
