@@ -2,6 +2,7 @@
 of killed writers, unreadable or diverged checkpoints, a full disk. Each case: the bad input, what the user sees,
 and that nothing was written or trained (or, for caches, that the run recovers with the same result)."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -11,16 +12,24 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
+from leverplus.config.sim_params import SimParams, params_hash
+from leverplus.data.formats import embeddings as embeddings_format
 from leverplus.data.formats.beam_json import write_beam_json
 from leverplus.data.formats.embeddings import read_embeddings
 from leverplus.data.formats.io import atomic_write_json, remove_stale_temps, temp_prefix
 from leverplus.data.formats.rl_json import write_rl_json
+from leverplus.datagen import generate_beam_data as gb
+from leverplus.datagen import generate_rl_data as gr
 from leverplus.errors import LeverPlusInputError
+from leverplus.evaluation.answer_cache import AnswerCache
 from leverplus.model.checkpoint import load_pointer_checkpoint, save_pointer_checkpoint
 from leverplus.model.pointer import PointerSelector
+from leverplus.sim.files import sim_data_paths
 from leverplus.train import run
 from leverplus.training.stage_cache import StageCache
 
@@ -191,6 +200,32 @@ def test_some_all_zero_embedding_rows_are_counted_in_a_warning(tmp_path):
     torch.save(t, tmp_path / "emb.pt")
     with pytest.warns(UserWarning, match=r"emb.pt: 3 of 24 embedding rows are all zero \(first: row 3\)"):
         assert torch.equal(read_embeddings(tmp_path / "emb.pt"), t)
+
+
+def test_non_zero_rows_repeated_exactly_are_counted_in_one_logging_warning(tmp_path, caplog, monkeypatch):
+    t = torch.randn(N, D)
+    t[[5, 11]] = t[2].clone()  # one vector at rows 2, 5, 11
+    t[[20, 22]] = t[8].clone()  # another at rows 8, 20, 22
+    t[[3, 4]] = 0.0  # repeated too, but all zero: the zero-row warning's case, not this one
+    t[13, 0] = t[14, 0] + 1.0  # rows 13 and 14 differ in one value only: distinct
+    t[13, 1:] = t[14, 1:].clone()
+    torch.save(t, tmp_path / "emb.pt")
+    with caplog.at_level("WARNING", logger="leverplus.data.formats.embeddings"):
+        with pytest.warns(UserWarning, match=r"emb.pt: 2 of 24 embedding rows are all zero \(first: row 3\)"):
+            assert torch.equal(read_embeddings(tmp_path / "emb.pt"), t)
+    said = [r.getMessage() for r in caplog.records if r.name == "leverplus.data.formats.embeddings"]
+    assert said == [f"{tmp_path / 'emb.pt'}: 6 of 24 embedding rows repeat another row's vector exactly (2 shared "
+                    "vectors; rows 2, 5, 8, 11, 20, ...); those items cannot be told apart (an export that wrote one "
+                    "vector for several items?)"]
+    caplog.clear()
+    torch.save(torch.randn(N, D), tmp_path / "sound.pt")
+    with caplog.at_level("WARNING", logger="leverplus.data.formats.embeddings"):
+        read_embeddings(tmp_path / "sound.pt")
+    assert not caplog.records
+    # the row hash only narrows the search: with every hash equal (all rows collide) the rows found are the same
+    monkeypatch.setattr(embeddings_format, "_row_hashes", lambda a, chunk: np.zeros(a.shape[0], dtype=np.uint64))
+    rows, shared = embeddings_format._repeated_rows(t, t.any(dim=1).numpy())
+    assert rows.tolist() == [2, 5, 8, 11, 20, 22] and shared == 2
 
 
 def test_a_truncated_or_text_embedding_file_names_the_file_and_the_fix(tmp_path):
@@ -413,6 +448,37 @@ def test_damaged_sft_and_rce_cache_entries_are_recomputed_with_the_same_result(t
     assert not [w for w in caught if "stage cache entry" in str(w.message)]
 
 
+# ---------------------------------------------------------------------------------------------- answer cache
+
+ANSWER_LOGGER = "leverplus.evaluation.answer_cache"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "schema_page"])
+def test_an_unreadable_answer_cache_is_moved_aside_and_a_fresh_store_started(tmp_path, caplog, damage):
+    path = tmp_path / "answers.sqlite"
+    with AnswerCache(path) as store:
+        store.put_many([(f"k{i}", "x" * 50) for i in range(2000)])  # closing the last connection checkpoints the WAL
+    data = bytearray(path.read_bytes())
+    if damage == "garbage":  # sqlite: "file is not a database"
+        data = bytearray(os.urandom(len(data)))
+    else:  # header kept, the rest of page 1 (the schema) overwritten: "database disk image is malformed"
+        data[100:4096] = os.urandom(3996)
+    path.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger=ANSWER_LOGGER):
+        store = AnswerCache(path)
+    said = [r.getMessage() for r in caplog.records if r.name == ANSWER_LOGGER]
+    assert len(said) == 1 and said[0].startswith(f"answer cache {path} is not a readable sqlite database (sqlite: ")
+    assert said[0].endswith(f"moved aside to {path}.corrupt, a fresh store is started (its answers are generated "
+                            "again)")
+    assert Path(f"{path}.corrupt").read_bytes() == bytes(data)  # set aside as it was
+    assert len(store) == 0 and store.put_many([("k0", "y")]) == 1 and store.get("k0") == "y"  # usable at once
+    store.close()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=ANSWER_LOGGER):
+        assert AnswerCache(path).get("k0") == "y"  # sound again: kept, without a word
+    assert not caplog.records
+
+
 # ---------------------------------------------------------------------------------------------- simulated world
 
 
@@ -425,7 +491,20 @@ def tiny_params(compose_cfg):
     return SimParams.from_mapping(OmegaConf.to_container(compose_cfg(["data=sim_tiny"]).data.sim))
 
 
-def test_an_edited_world_file_is_detected_and_the_world_regenerated(tmp_path, tiny_params):
+SIM_LOGGER = "leverplus.sim.generate"
+
+
+def _world_warnings(caplog) -> list:
+    return [r.getMessage() for r in caplog.records if r.name == SIM_LOGGER and r.levelname == "WARNING"]
+
+
+def _compose_generator(name: str, overrides):
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf" / "generate"),
+                               version_base=None):
+        return compose(name, overrides=list(overrides))
+
+
+def test_an_edited_world_file_is_detected_and_the_world_regenerated(tmp_path, tiny_params, caplog):
     from leverplus.sim.source import verified_world
 
     paths = verified_world(tiny_params, tmp_path)
@@ -437,20 +516,59 @@ def test_an_edited_world_file_is_detected_and_the_world_regenerated(tmp_path, ti
             for c in rec["pointer_candidates"]:
                 c["vqa_correct"] = 1 - c["vqa_correct"]
     rl.write_text(json.dumps(obj))
-    with pytest.warns(UserWarning, match=f"simulated world {paths.root}: {rl} does not match the sha256 its manifest"):
+    with caplog.at_level("WARNING", logger=SIM_LOGGER):
         again = verified_world(tiny_params, tmp_path)
+    assert _world_warnings(caplog) == [f"simulated world {paths.root}: {rl} does not match the sha256 its manifest "
+                                       "stores (the file was modified or damaged); deleting it and generating it again"]
     assert again == paths and rl.read_bytes() == original  # regenerated: the same bytes as first generated
     # a truncated tensor file is caught the same way
+    caplog.clear()
     paths.eval_embeddings["val"].write_bytes(paths.eval_embeddings["val"].read_bytes()[:200])
-    with pytest.warns(UserWarning, match="val_embeddings.pt: is a damaged or truncated torch file"):
+    with caplog.at_level("WARNING", logger=SIM_LOGGER):
         verified_world(tiny_params, tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    told = _world_warnings(caplog)
+    assert len(told) == 1 and "val_embeddings.pt: is a damaged or truncated torch file" in told[0], told
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=SIM_LOGGER):
         verified_world(tiny_params, tmp_path)  # sound again: no warning
+    assert _world_warnings(caplog) == []
 
 
-def test_temp_folders_of_a_killed_world_generation_are_removed(tmp_path, tiny_params):
-    from leverplus.config.sim_params import params_hash
+@pytest.mark.parametrize("app", ["beam_data", "rl_data"])
+def test_an_edited_world_file_is_regenerated_on_the_generators_sim_path(tmp_path, tiny_params, caplog, app):
+    """The generators' ``sim`` scorer reads the world through the same check as ``data=sim``."""
+    sim = [f"scorer.sim.params.{k}={json.dumps(v) if isinstance(v, list) else v}"
+           for k, v in dataclasses.asdict(tiny_params).items() if v != getattr(SimParams(), k)]
+    extra = []
+    if app == "rl_data":
+        save_pointer_checkpoint(tmp_path / "sel.pt", PointerSelector(d_model=tiny_params.embedding_dim,
+                                                                     hidden_dim=16), phase="sft", epoch=0)
+        extra = [f"selector.checkpoint={tmp_path / 'sel.pt'}", "shot_num=1"]
+    out = tmp_path / "out.json"
+    cfg = _compose_generator(app, sim + extra + [f"scorer.sim.cache_dir={tmp_path / 'cache'}", f"output={out}",
+                                                 "queries.end=2"])
+    generate = gb.run if app == "beam_data" else gr.run
+    generate(cfg, say=lambda _m: None)  # generates the world on first use
+    paths = sim_data_paths(tmp_path / "cache" / "sim" / params_hash(tiny_params), tiny_params)
+    sound = out.read_bytes()
+    edited = paths.beam_json
+    original = edited.read_bytes()
+    obj = json.loads(original)
+    first = next(k for k in obj if not k.startswith("_"))
+    obj[first]["score_list"] = [-s for s in obj[first]["score_list"]]  # valid JSON, other content
+    edited.write_text(json.dumps(obj))
+    out.unlink()
+    with caplog.at_level("WARNING", logger=SIM_LOGGER):
+        generate(cfg, say=lambda _m: None)
+    assert _world_warnings(caplog) == [f"simulated world {paths.root}: {edited} does not match the sha256 its "
+                                       "manifest stores (the file was modified or damaged); deleting it and "
+                                       "generating it again"]
+    assert edited.read_bytes() == original  # regenerated
+    assert out.read_bytes() == sound  # and the generator's output is the one of a sound world
+
+
+def test_temp_folders_of_a_killed_world_generation_are_removed(tmp_path, tiny_params, caplog):
+    from leverplus.config.sim_params import SimParams, params_hash
     from leverplus.sim.source import verified_world
 
     h = params_hash(tiny_params)
@@ -458,7 +576,8 @@ def test_temp_folders_of_a_killed_world_generation_are_removed(tmp_path, tiny_pa
     stale = tmp_path / f".{h}.tmp-abc123"
     (stale / "half").mkdir(parents=True)
     (stale / "half" / "train_embeddings.pt").write_bytes(b"PK")
-    with pytest.warns(UserWarning, match=f"removing {stale}, left by an interrupted world generation"):
+    with caplog.at_level("WARNING", logger=SIM_LOGGER):
         paths = verified_world(tiny_params, tmp_path)
+    assert _world_warnings(caplog) == [f"removing {stale}, left by an interrupted world generation"]
     assert not stale.exists() and paths.manifest.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([h, f"{h}.lock"])

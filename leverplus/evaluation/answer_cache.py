@@ -13,6 +13,7 @@ scorer has ``item()``, the question id, image id and question text.
 Store: stdlib ``sqlite3`` in WAL mode with a busy timeout and retries on "database is locked"; writes are
 ``INSERT OR IGNORE`` in short ``BEGIN IMMEDIATE`` transactions, so several processes can insert at once. A key
 always keeps its first answer; a different answer arriving later for an existing key is counted in ``conflicts``.
+A file sqlite cannot read as a database is moved aside (``<name>.corrupt``) with a warning and a fresh store starts.
 
 CLI: ``python -m leverplus.evaluation.answer_cache {info,clear} [--path P]``.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import sys
@@ -30,8 +32,12 @@ import types
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+from filelock import FileLock
+
 from leverplus.errors import LeverPlusInputError
 from leverplus.utils import default_cache_dir
+
+log = logging.getLogger(__name__)
 
 #: Version of the table layout; a file with another version is refused (clear it or use another path).
 SCHEMA_VERSION = 1
@@ -176,6 +182,28 @@ def _is_lock_error(e: sqlite3.OperationalError) -> bool:
     return "locked" in msg or "busy" in msg
 
 
+def _is_damage(e: sqlite3.DatabaseError) -> bool:
+    """A file that is not (or no longer) a database: "file is not a database", "database disk image is malformed".
+    sqlite raises those as a plain ``DatabaseError``; locks, I/O and permission problems are its subclasses."""
+    return type(e) is sqlite3.DatabaseError
+
+
+def _damage_of(path: Path) -> Optional[sqlite3.DatabaseError]:
+    """The damage error of an existing sqlite file whose header or schema cannot be read, else None."""
+    if not path.exists():
+        return None
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as e:
+        if not _is_damage(e):
+            raise
+        return e
+    finally:
+        conn.close()
+    return None
+
+
 def _chunks(seq: Sequence[Any], n: int = SQL_CHUNK) -> Iterator[Sequence[Any]]:
     for start in range(0, len(seq), n):
         yield seq[start : start + n]
@@ -192,16 +220,26 @@ class AnswerCache:
         self.conflicts = 0  # answers that differed from the one already stored for their key (first one kept)
         self._conn: Optional[sqlite3.Connection] = None
         self._pid = -1
-        self._retry(self._init_schema)
+        try:
+            self._retry(self._init_schema)
+        except sqlite3.DatabaseError as e:
+            if not _is_damage(e):
+                raise
+            self._set_aside_damaged(e)
+            self._retry(self._init_schema)
 
     # ------------------------------------------------------------------ connection
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
-            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+                conn.execute("PRAGMA journal_mode = WAL")  # the first read of the file: a damaged one fails here
+                conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
+            except BaseException:
+                conn.close()
+                raise
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 
@@ -239,6 +277,22 @@ class AnswerCache:
                                       file=str(self.path),
                                       fix=f"python -m leverplus.evaluation.answer_cache clear --path {self.path}, "
                                           "or use another path")
+
+    def _set_aside_damaged(self, e: sqlite3.DatabaseError) -> None:
+        """A file sqlite cannot read as a database is moved aside to ``<name>.corrupt`` (with its WAL and
+        shared-memory files removed) and a fresh store starts: its answers are generated again. Under the file lock
+        ``<name>.lock``, and only if the file is still unreadable, so a store another process has just started in
+        its place is kept."""
+        self.close()
+        with FileLock(f"{self.path}.lock"):
+            if _damage_of(self.path) is None:
+                return
+            aside = self.path.with_name(f"{self.path.name}.corrupt")
+            log.warning(f"answer cache {self.path} is not a readable sqlite database (sqlite: {e}); moved aside to "
+                        f"{aside}, a fresh store is started (its answers are generated again)")
+            os.replace(self.path, aside)
+            for extra in (Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+                extra.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._conn is not None and self._pid == os.getpid():

@@ -18,6 +18,7 @@ Everything is deterministic for a given :class:`SimParams`; the JSON files are b
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -58,10 +59,14 @@ from leverplus.sim.files import (
     SimDataPaths,
     beam_json_name,
     sim_data_paths,
+    stale_temp_dirs,
+    world_problem,
 )
 from leverplus.sim.lvlm import SimLVLM
 from leverplus.sim.scorer import SimScorer
 from leverplus.sim.world import World
+
+log = logging.getLogger(__name__)
 
 
 def _tensor_hash(x: np.ndarray) -> str:
@@ -355,6 +360,30 @@ def load_or_generate(params: SimParams, cache_root: Optional[PathLike] = None) -
     return paths
 
 
+def verified_world(params: SimParams, cache_root: Optional[PathLike] = None) -> SimDataPaths:
+    """The world's files, generated on first use, with every file checked against its manifest's hash: what every
+    reader of the cache goes through (``data=sim``, the ``sim`` scorer of the generators).
+
+    Under the world's generation lock: temp folders left by a killed generation are removed, and a world whose
+    files do not match their hashes is reported (a logging warning naming the file), deleted and generated again
+    (same parameters, same files).
+    """
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    h = params_hash(params)
+    paths = sim_data_paths(root / h, params)
+    problem = world_problem(paths) if paths.manifest.is_file() else None
+    if problem is not None or stale_temp_dirs(root, h):
+        with FileLock(str(root / f"{h}.lock")):  # the lock load_or_generate generates under
+            for tmp in stale_temp_dirs(root, h):
+                log.warning(f"removing {tmp}, left by an interrupted world generation")
+                shutil.rmtree(tmp, ignore_errors=True)
+            problem = world_problem(paths) if paths.manifest.is_file() else None
+            if problem is not None:
+                log.warning(f"simulated world {paths.root}: {problem}; deleting it and generating it again")
+                shutil.rmtree(paths.root)
+    return load_or_generate(params, root)
+
+
 def _params_from(source: Union[SimParams, SimDataPaths, PathLike]) -> tuple[SimParams, Optional[SimDataPaths]]:
     if isinstance(source, SimParams):
         return source, None
@@ -413,7 +442,7 @@ def world_paths(cfg: Any) -> SimDataPaths:
                                         else dict(params))
     # the same layout as the trainer's data.cache_dir: <cache_dir>/sim/<params_hash>/
     root = Path(cfg.cache_dir).expanduser() / "sim" if cfg.cache_dir else default_cache_root()
-    return load_or_generate(params, root)
+    return verified_world(params, root)
 
 
 def from_config(cfg: Any) -> SimScorer:
@@ -427,4 +456,4 @@ __all__ = ["CREATED_AT", "EMBEDDINGS_FILE", "EVAL_FORMAT", "EVAL_QUERIES_FILE", 
            "eval_queries_payload", "fallback_anchor_set", "from_config", "from_world_dir", "generate_world_data",
            "infoscore_beam_search", "load_eval_queries", "load_lvlm", "load_or_generate", "load_world",
            "pointer_candidates", "proposal_logits", "rl_meta", "rl_records", "score_fallback", "sim_data_paths",
-           "world_paths"]
+           "verified_world", "world_paths"]

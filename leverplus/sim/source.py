@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
 from omegaconf import OmegaConf
 
-from leverplus.config.sim_params import SimParams, params_hash
+from leverplus.config.sim_params import SimParams
 from leverplus.data.eval_queries import EvalQuerySet
 from leverplus.data.loading import LoadedData, assemble, requested_shots
 from leverplus.errors import LeverPlusInputError
-from leverplus.sim.files import SimDataPaths, sim_data_paths, stale_temp_dirs, world_problem
-from leverplus.sim.generate import load_eval_queries, load_lvlm, load_or_generate
+from leverplus.sim.generate import load_eval_queries, load_lvlm, verified_world
 from leverplus.utils import default_cache_dir
 
 
@@ -39,25 +35,3 @@ def load_sim(cfg: Any) -> LoadedData:
     extra = [Path(paths.eval_queries)] + [Path(paths.eval_embeddings[s]) for s in ("val", "test")]
     return assemble("sim", Path(paths.embeddings), {s: Path(paths.rl_json[s]) for s in shot_nums},
                     Path(paths.beam_json), None, eval_sets=eval_sets, scorer=load_lvlm(paths), extra_files=extra)
-
-
-def verified_world(params: SimParams, cache_root: Path) -> SimDataPaths:
-    """The world's files, generated on first use, with every file checked against its manifest's hash.
-
-    Under the world's generation lock: temp folders left by a killed generation are removed, and a world whose
-    files do not match their hashes is reported, deleted and generated again (same parameters, same files).
-    """
-    h = params_hash(params)
-    paths = sim_data_paths(cache_root / h, params)
-    problem = world_problem(paths) if paths.manifest.is_file() else None
-    if problem is not None or stale_temp_dirs(cache_root, h):
-        with FileLock(str(cache_root / f"{h}.lock")):  # the lock load_or_generate generates under
-            for tmp in stale_temp_dirs(cache_root, h):
-                warnings.warn(f"removing {tmp}, left by an interrupted world generation", stacklevel=2)
-                shutil.rmtree(tmp, ignore_errors=True)
-            problem = world_problem(paths) if paths.manifest.is_file() else None
-            if problem is not None:
-                warnings.warn(f"simulated world {paths.root}: {problem}; deleting it and generating it again",
-                              stacklevel=2)
-                shutil.rmtree(paths.root)
-    return load_or_generate(params, cache_root)

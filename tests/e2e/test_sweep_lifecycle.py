@@ -1,7 +1,8 @@
 """A sweep's life in MLflow, with REAL Hydra multiruns (subprocesses) against REAL sqlite stores: a plain multirun
 gets its parent run and comparison, SIGTERM of the launcher ends the parent KILLED with what finished compared, runs
 a SIGKILLed invocation left RUNNING are closed KILLED when the sweep starts again, two sweeps started together on a
-fresh store both get their parent and comparison, and a corrupt store stops the sweep with one message.
+fresh store both get their parent and comparison, a corrupt store stops the sweep with one message, and a parent run
+the store refuses stops it before any job.
 """
 
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow.entities import ViewType
 
 from leverplus.sweeps.plain import arm_label, plain_sweep, plain_sweep_name
 from leverplus.tracking.lifecycle import DEAD_RUN_REASON, HOST_TAG, PID_TAG, close_dead_sweep_runs
@@ -191,6 +193,20 @@ def test_a_corrupt_store_stops_a_sweep_with_one_message_and_exit_2(tmp_path):
     assert len(lines) == 1 and str(db) in lines[0] and "not a readable MLflow sqlite store" in lines[0]
     assert "mv " in lines[0] and "Traceback" not in err
     assert not (tmp_path / "multirun" / "m" / "0").exists()  # no job was launched
+
+
+def test_a_parent_run_that_cannot_be_created_stops_the_sweep_before_any_job(tmp_path):
+    """A store error that is not bad input (here MLflow refuses runs in a deleted experiment): the reason, exit 1."""
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client.delete_experiment(client.create_experiment("leverplus-sim"))
+    proc = _start(tmp_path, tmp_path / "cache", "seed=0,1")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-2000:] + err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("[leverplus]")]
+    assert len(lines) == 1 and "the sweep's MLflow parent run could not be created (MlflowException: " in lines[0]
+    assert "deleted" in lines[0] and lines[0].endswith("; no job was launched") and "Traceback" not in err
+    assert not (tmp_path / "multirun" / "m" / "0").exists()
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)])
 
 
 def test_a_corrupt_store_stops_a_single_run_with_one_message_and_exit_2(tmp_path):
