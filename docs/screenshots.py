@@ -1,15 +1,17 @@
 """Screenshots of the MLflow UI for a leverplus store: the runs table and a chart comparison of a sweep's runs.
 
 Starts ``mlflow server`` on the given store (loopback, a free port), finds the experiment and the sweep's runs over
-the REST API, and takes each page with headless Chromium from the OS packages (``apt-get install chromium``)::
+the REST API, and drives headless Chromium from the OS packages (``apt-get install chromium``) through Playwright
+(``pip install playwright``; it uses that Chromium, nothing is downloaded)::
 
     python docs/screenshots.py --store sqlite:////path/to/mlflow.db [--experiment leverplus-sim] [--sweep reward_grid]
                                [--out docs/img] [--size 1600,1000] [--wait-ms 20000]
 
-Writes ``<out>/mlflow_runs_table.png`` (the experiment's runs table: run names, Dataset, Source, User, Version and
-metric columns), ``<out>/mlflow_runs_charts.png`` (the experiment's chart view: one panel per metric, a bar or line
-per run) and ``<out>/mlflow_compare_chart.png`` (the compare-runs page of the sweep's arm runs: parameter and metric
-charts), palette-quantised to stay small.
+MLflow nests a sweep's job runs under their collapsed parent row; the script clicks each parent's expand button so
+the job runs show. Writes ``<out>/mlflow_runs_table.png`` (the experiment's runs table with the job runs expanded:
+run names, Dataset, Source, Duration), ``<out>/mlflow_runs_charts.png`` (the chart view of the same runs: one panel
+per metric) and ``<out>/mlflow_compare_chart.png`` (the compare-runs page of up to 50 of the sweep's arm runs:
+parameter and metric charts), palette-quantised to stay small.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -61,14 +62,42 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> Non
     raise SystemExit("mlflow server did not answer /health")
 
 
-def shoot(chromium: str, url: str, out: Path, size: str, wait_ms: int) -> None:
-    """One page: headless Chromium lets the UI's JavaScript run for ``wait_ms`` of virtual time, then captures."""
-    with tempfile.TemporaryDirectory(prefix="lp-chromium-") as profile:
-        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        f"--user-data-dir={profile}", f"--window-size={size}", f"--virtual-time-budget={wait_ms}",
-                        f"--screenshot={out}", url], check=True, capture_output=True, timeout=300)
+EXPAND_BUTTON = 'button:has(path[d^="M7.25 7.25V4.5"])'  # the "+" square beside a parent run's name
+CLOSE_ASSISTANT = 'button[data-component-id="mlflow.assistant.chat_panel.close"]'
+CHART_VIEW = 'input[name="runs-view-mode"][value="CHART"]'  # the runs page's table / chart / artifact switch
+
+
+def _quantise(out: Path) -> None:
     img = Image.open(out).convert("RGB")
     img.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
+
+
+def shoot_all(chromium: str, pages: List[tuple], size: str, wait_ms: int) -> None:
+    """Each (url, out, expand, chart) page: let the UI's JavaScript settle for ``wait_ms``, close the assistant panel,
+    switch to the chart view when ``chart``, click every parent row's expand button when ``expand``, then capture."""
+    from playwright.sync_api import sync_playwright
+
+    w, h = (int(x) for x in size.split(","))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": w, "height": h})
+            for url, out, expand, chart in pages:
+                page.goto(url)
+                page.wait_for_timeout(wait_ms)
+                if page.locator(CLOSE_ASSISTANT).count():  # MLflow's chat side panel: the runs get its width
+                    page.locator(CLOSE_ASSISTANT).first.click()
+                if chart and page.locator(CHART_VIEW).count():  # first: switching views collapses the rows again
+                    page.locator(CHART_VIEW).first.locator("xpath=..").click(force=True)  # its icon covers it
+                    page.wait_for_timeout(min(wait_ms, 8000))
+                if expand:
+                    for button in page.locator(EXPAND_BUTTON).all():
+                        button.click()
+                    page.wait_for_timeout(min(wait_ms, 8000))
+                page.screenshot(path=str(out))
+                _quantise(out)
+        finally:
+            browser.close()
 
 
 def main(argv: List[str] | None = None) -> None:
@@ -103,16 +132,12 @@ def main(argv: List[str] | None = None) -> None:
                     {"experiment_ids": [eid], "max_results": 50,
                      "filter": f"tags.sweep = '{args.sweep}' and tags.role != 'parent'"}).get("runs", [])
         ids = [r["info"]["run_id"] for r in runs]
-        # the sweep's job runs at top level (unfiltered, MLflow nests them under the collapsed parent run)
-        facets = urllib.parse.urlencode({"searchFilter": f"tags.sweep = '{args.sweep}' and tags.role != 'parent'"},
-                                        quote_via=urllib.parse.quote)
-        shoot(chromium, f"{url}/#/experiments/{eid}/runs?{facets}", out / "mlflow_runs_table.png", args.size,
-              args.wait_ms)
-        shoot(chromium, f"{url}/#/experiments/{eid}/runs?{facets}&compareRunsMode=CHART",
-              out / "mlflow_runs_charts.png", args.size, args.wait_ms)
+        runs_page = f"{url}/#/experiments/{eid}/runs"
         compare = (f"{url}/#/compare-runs?runs={urllib.parse.quote(json.dumps(ids))}"
                    f"&experiments={urllib.parse.quote(json.dumps([eid]))}")
-        shoot(chromium, compare, out / "mlflow_compare_chart.png", args.size, args.wait_ms)
+        shoot_all(chromium, [(runs_page, out / "mlflow_runs_table.png", True, False),
+                             (runs_page, out / "mlflow_runs_charts.png", True, True),
+                             (compare, out / "mlflow_compare_chart.png", False, False)], args.size, args.wait_ms)
         for name in ("mlflow_runs_table.png", "mlflow_runs_charts.png", "mlflow_compare_chart.png"):
             print(f"{out / name}: {(out / name).stat().st_size // 1024} KB")
     finally:
