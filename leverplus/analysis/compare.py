@@ -36,7 +36,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import mlflow
 import numpy as np
@@ -876,12 +876,17 @@ def _heatmap_grid(cells: Sequence[ArmSummary], alpha: float = 0.05):
     where nothing does. Returns (facets, rows, cols, most arms averaged into one entry)."""
     measured: Dict[Tuple[str, str, str], List[ArmSummary]] = {}
     aliased: set = set()
+
+    def raw_of(levels: Mapping[str, Any], default: Any = "") -> str:
+        # one spelling per level: MLflow params read back "True"/"False", arm labels say "true"/"false"
+        return str(levels.get(RAW_COL, default)).strip().lower()
+
     for c in cells:
-        measured.setdefault((c.levels.get(RAW_COL, ""), c.levels[MODE_COL], c.levels[WEIGHTS_COL]), []).append(c)
+        measured.setdefault((raw_of(c.levels), c.levels[MODE_COL], c.levels[WEIGHTS_COL]), []).append(c)
         for a in c.aliases:
             lv = _alias_levels(a)
             if MODE_COL in lv and WEIGHTS_COL in lv:
-                aliased.add((lv.get(RAW_COL, c.levels.get(RAW_COL, "")), lv[MODE_COL], lv[WEIGHTS_COL]))
+                aliased.add((raw_of(lv, c.levels.get(RAW_COL, "")), lv[MODE_COL], lv[WEIGHTS_COL]))
     keys = set(measured) | aliased
     rows = sorted({k[1] for k in keys})
     cols = sorted({k[2] for k in keys}, key=lambda w: tuple(_level_key(x) for x in w.split("×")))

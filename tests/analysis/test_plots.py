@@ -228,6 +228,19 @@ def test_full_grid_heatmap_facets_aliases_and_scale(grid_report):
                for t in texts)
 
 
+def test_heatmap_facets_join_mlflow_and_label_spellings_of_raw(grid_report):
+    """Measured cells carry rce.use_raw_reward as MLflow reads params back ("True"/"False"), alias labels say
+    "true"/"false": still one facet per level, with the aliased cells inside it (not extra all-aliased facets)."""
+    arms = [replace(c, levels={**c.levels, cmp.RAW_COL: c.levels[cmp.RAW_COL].capitalize()})
+            for c in grid_report.cells if c.arm != BASE and c.shot_num == 2]
+    assert {c.levels[cmp.RAW_COL] for c in arms} == {"True", "False"}
+    facets, rows, cols, _ = cmp._heatmap_grid(arms)
+    assert [f.name for f in facets] == ["raw reward (rce.use_raw_reward=true)",
+                                        "normalised reward (rce.use_raw_reward=false)"]
+    for f in facets:
+        assert (f.status == "").sum() == 16 and (f.status == "aliased").sum() == 2
+
+
 # ---------------------------------------------------------------------------------------------- training curves
 
 
