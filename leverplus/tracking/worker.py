@@ -8,7 +8,7 @@ artifact_uri)``) or ``("call", method, args, kwargs)`` (``MlflowClient.<method>(
 opened run, retried while sqlite is locked). An answer is ``(True, value)`` or ``(False, exception)``. The worker
 imports neither torch nor the training code, so it is ready in about the time MLflow takes to import, while the
 training process loads its data and trains on the other core. It ignores SIGINT and SIGTERM (the training process
-ends the run KILLED through it) and exits when its stdin closes, also when the training process died.
+ends the run KILLED through it) and exits as soon as its stdin closes, also when the training process died.
 """
 
 from __future__ import annotations
@@ -79,6 +79,10 @@ def main() -> None:
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")  # the answers' own channel
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # anything printed goes to stderr, not into the answers
     serve(sys.stdin.buffer, out)
+    out.close()
+    # every request is answered and committed: skip the interpreter's teardown of MLflow and SQLAlchemy (over half a
+    # second the training process would wait for)
+    os._exit(0)
 
 
 if __name__ == "__main__":
