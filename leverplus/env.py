@@ -2,7 +2,14 @@
 
 A sweep hands its jobs what they share through these (jobs may run in other processes or on other machines,
 where Hydra's in-process state is not available): where the command was launched, the tracking store, the
-sweep's MLflow parent run, the sweep's name, and where failed jobs are recorded."""
+sweep's MLflow parent run, the sweep's name, and where failed jobs are recorded. Also :func:`launch_dir`, the
+directory the first of these names (here, not in ``leverplus.utils``, so that modules which must not import torch,
+such as the tracking worker process, can resolve it)."""
+
+import os
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
 
 #: where the command was started; relative input paths and the default stores resolve against it
 LAUNCH_DIR_VAR = "LEVERPLUS_LAUNCH_DIR"
@@ -34,3 +41,13 @@ SWEEP_START_VAR = "LEVERPLUS_SWEEP_START"
 #: a plain multirun (Hydra's basic sweeper): the swept keys that name a job's arm (JSON list) and the baseline arm
 SWEEP_ARM_KEYS_VAR = "LEVERPLUS_SWEEP_ARM_KEYS"
 SWEEP_BASELINE_ARM_VAR = "LEVERPLUS_SWEEP_BASELINE_ARM"
+
+
+def launch_dir() -> Path:
+    """Where the command was started (stable across Hydra jobs and worker processes)."""
+    env = os.environ.get(LAUNCH_DIR_VAR)
+    if env:
+        return Path(env).resolve()
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.cwd).resolve()
+    return Path.cwd().resolve()

@@ -35,6 +35,7 @@ from leverplus.sweeps.progress import job_line, job_position
 from leverplus.tracking.claims import HEARTBEAT_TAG, Heartbeat, claim_or_wait
 from leverplus.tracking.lifecycle import run_url
 from leverplus.tracking.pruning import trial_reporter
+from leverplus.tracking.remote import RemoteRun, TrackingWorker
 from leverplus.tracking.run import MlflowRun, find_finished_run, flatten, record_reused_run, run_name, standard_tags
 from leverplus.tracking.run import dataset_input, log_dataset_input, log_final_metrics
 from leverplus.tracking.store import get_or_create_experiment, resolve_artifact_root, resolve_tracking_uri
@@ -98,18 +99,36 @@ def run(cfg: DictConfig) -> float:
     validate_config(cfg)
     out_dir = _output_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    worker = None
     if cfg.tracking.enabled:  # MLflow's store opens while the data loads
-        prefetch_store(resolve_tracking_uri(cfg.tracking.uri))
-    data = load_data(cfg)  # validates every input before anything is trained or tracked
-    prepare_groups(cfg, data, with_sft=False)  # reward fields and reward contrast, before a run is opened
-    objective_source = resolve_objective(cfg, data)  # the offline proxy when the data has no scorer
-    cfg.tracking.extra_tags = {**(cfg.tracking.extra_tags or {}), "objective_source": objective_source}
-    if cfg.tracking.enabled:
-        return _tracked_run(cfg, data, out_dir)
+        uri = resolve_tracking_uri(cfg.tracking.uri)
+        worker = _tracking_worker(cfg, uri)
+        if worker is None:
+            prefetch_store(uri)
+    try:
+        data = load_data(cfg)  # validates every input before anything is trained or tracked
+        prepare_groups(cfg, data, with_sft=False)  # reward fields and reward contrast, before a run is opened
+        objective_source = resolve_objective(cfg, data)  # the offline proxy when the data has no scorer
+        cfg.tracking.extra_tags = {**(cfg.tracking.extra_tags or {}), "objective_source": objective_source}
+        if cfg.tracking.enabled:
+            return _tracked_run(cfg, data, out_dir, worker)
+    finally:
+        if worker is not None:  # already closed when the run ended; else (bad input) no run was opened
+            worker.close()
     outcome, value = _execute(cfg, data, out_dir)
     _write_artifacts(cfg, outcome, value, out_dir)
     _report(cfg, outcome, value, run_id=None)
     return value
+
+
+def _tracking_worker(cfg: DictConfig, uri: str) -> Optional[TrackingWorker]:
+    """A tracking worker process for a single run on a sqlite store (``leverplus.tracking.remote``), started before
+    the data loads; None: the run is tracked in this process (a tracking server, reached over HTTP without the SQL
+    store; a sweep's jobs, which share this process's open store and claim their run keys)."""
+    t = cfg.tracking
+    if not t.worker_process or not uri.startswith("sqlite:") or t.skip_finished or job_position() is not None:
+        return None
+    return TrackingWorker(uri)
 
 
 def _sweep_identity(cfg: DictConfig) -> Tuple[Optional[str], Optional[str], str]:
@@ -133,19 +152,27 @@ def _run_tags(cfg: DictConfig, data: LoadedData, key: str) -> Dict[str, Any]:
     return tags
 
 
-def _tracked_run(cfg: DictConfig, data: LoadedData, out_dir: Path) -> float:
-    """The run as one MLflow run; with ``tracking.skip_finished``, a run key that already has a FINISHED run is
-    recorded as reused instead of trained again."""
+def _tracked_run(cfg: DictConfig, data: LoadedData, out_dir: Path, worker: Optional[TrackingWorker] = None) -> float:
+    """The run as one MLflow run (kept by ``worker`` when given); with ``tracking.skip_finished``, a run key that
+    already has a FINISHED run is recorded as reused instead of trained again."""
     t = cfg.tracking
     resolved = to_container(cfg)
     key = run_key(resolved, data.fingerprint)
     uri = resolve_tracking_uri(t.uri)
-    exp_id = get_or_create_experiment(t.experiment or f"leverplus-{data.source}", uri,
-                                      resolve_artifact_root(t.artifact_root))
+    experiment, artifact_root = t.experiment or f"leverplus-{data.source}", resolve_artifact_root(t.artifact_root)
     tags = _run_tags(cfg, data, key)
     name = t.run_name or run_name(arm=tags["arm"], shot_nums=list(cfg.data.shot_nums), seed=int(cfg.seed),
                                   data_source=data.source)
     parent = t.parent_run_id or os.environ.get(PARENT_RUN_ID_VAR)
+
+    def announce(exp_id: str, run_id: str) -> None:
+        log.info(f"MLflow run {run_id} ({name}): {run_url(uri, exp_id, run_id)}")
+
+    if worker is not None:  # a single run: nothing here waits on the store until the run ends
+        mrun = RemoteRun(worker, uri=uri, experiment=experiment, artifact_root=artifact_root, run_name=name,
+                         tags={**tags, HEARTBEAT_TAG: f"{time.time():.3f}"}, parent_run_id=parent, on_open=announce)
+        return _train_tracked(cfg, data, out_dir, mrun, resolved, tags, contextlib.nullcontext())
+    exp_id = get_or_create_experiment(experiment, uri, artifact_root)
     done = find_finished_run(uri, exp_id, key) if t.skip_finished else None
     if done is not None:
         metrics = record_reused_run(uri, exp_id, done, tags=tags, params=flatten(resolved), parent_run_id=parent,
@@ -173,16 +200,20 @@ def _tracked_run(cfg: DictConfig, data: LoadedData, out_dir: Path) -> float:
             value = objective_value(metrics, cfg.objective)
             _log_job_line(cfg, tags, value, source)
             return value
+    announce(exp_id, mrun.run_id)
     beats = Heartbeat(uri, mrun.run_id, t.claim_heartbeat_s) if t.skip_finished else contextlib.nullcontext()
+    return _train_tracked(cfg, data, out_dir, mrun, resolved, tags, beats)
+
+
+def _train_tracked(cfg: DictConfig, data: LoadedData, out_dir: Path, mrun: MlflowRun, resolved: Dict[str, Any],
+                   tags: Dict[str, Any], beats: Any) -> float:
     with mrun, beats:
-        url = run_url(uri, exp_id, mrun.run_id)
-        log.info(f"MLflow run {mrun.run_id} ({name}): {url}")
         mrun.log_params(flatten(resolved))
         log_dataset_input(mrun, _dataset(cfg, data))
         outcome, value = _execute(cfg, data, out_dir, logger=mrun)
         _log_outcome(mrun, cfg, outcome, value, out_dir)
     _report(cfg, outcome, value, run_id=mrun.run_id, tags=tags)
-    log.info(f"MLflow run {mrun.run_id} FINISHED: {url}")
+    log.info(f"MLflow run {mrun.run_id} FINISHED: {run_url(mrun.uri, mrun.experiment_id, mrun.run_id)}")
     return value
 
 

@@ -15,10 +15,9 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
 from tqdm.auto import tqdm
 
-from leverplus.env import CACHE_VAR, LAUNCH_DIR_VAR
+from leverplus.env import CACHE_VAR, launch_dir  # noqa: F401 (launch_dir: re-exported, its home is leverplus.env)
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 
@@ -128,16 +127,6 @@ def progress(iterable: Iterable, *, enabled: Optional[bool], **kwargs):
 def enum_value(x):
     """The string value of a config enum (OmegaConf gives Enum members), or ``x`` unchanged."""
     return x.value if hasattr(x, "value") else x
-
-
-def launch_dir() -> Path:
-    """Where the command was started (stable across Hydra jobs and worker processes)."""
-    env = os.environ.get(LAUNCH_DIR_VAR)
-    if env:
-        return Path(env).resolve()
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.cwd).resolve()
-    return Path.cwd().resolve()
 
 
 #: values of the root ``device`` field

@@ -349,6 +349,9 @@ class TrackingConfig:
     claim_grace_s: float = 180.0
     claim_poll_s: float = 5.0
     extra_tags: Dict[str, str] = field(default_factory=dict)
+    # a single run on a sqlite store logs through a process of its own (leverplus/tracking/remote.py), which opens
+    # the store on another core while the data loads and the model trains; false: in the training process
+    worker_process: bool = True
 
 
 @dataclass

@@ -10,9 +10,10 @@ import signal
 import threading
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
@@ -44,11 +45,15 @@ def find_finished_run(uri: str, experiment_id: str, key: str) -> Optional[str]:
     return runs[0].info.run_id if runs else None
 
 
-def _log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
+def _param_batches(params: Mapping[str, Any]) -> List[List[Param]]:
     """Params in batches of 100 (MLflow's limit), values cut to 6000 characters."""
     items = [Param(_clean(k), str(v)[:6000]) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        with_retries(partial(client.log_batch, run_id, params=items[i : i + 100]))
+    return [items[i : i + 100] for i in range(0, len(items), 100)]
+
+
+def _log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
+    for batch in _param_batches(params):
+        with_retries(partial(client.log_batch, run_id, params=batch))
 
 
 def record_reused_run(uri: str, experiment_id: str, done_run_id: str, *, tags: Mapping[str, Any],
@@ -82,9 +87,26 @@ def record_reused_run(uri: str, experiment_id: str, done_run_id: str, *, tags: M
     return metrics
 
 
+def run_creation_tags(tags: Mapping[str, Any], *, run_name: Optional[str], parent_run_id: Optional[str],
+                      owner: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The tags a run is created with: ``tags`` (None values left out), its parent and name, and the process that
+    owns it (``owner``, default this process: a later sweep closes the run KILLED once that process is gone)."""
+    all_tags = {k: str(v) for k, v in tags.items() if v is not None}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    if run_name:
+        all_tags["mlflow.runName"] = run_name
+    all_tags.update(owner or process_tags())
+    return all_tags
+
+
 class MlflowRun:
     """One MLflow run; also a MetricLogger. Use as a context manager: an exception marks the run FAILED with the
-    traceback attached, Ctrl-C or SIGTERM marks it KILLED."""
+    traceback attached, Ctrl-C or SIGTERM marks it KILLED.
+
+    Every store call goes through :meth:`_call` (synchronous, with retries) or, for the per-epoch metrics,
+    :meth:`_call_later` (a background thread of this run, so training does not wait on a sqlite commit; ``flush``
+    confirms them); ``leverplus.tracking.remote.RemoteRun`` sends the same calls to another process instead."""
 
     def __init__(
         self,
@@ -96,39 +118,44 @@ class MlflowRun:
         parent_run_id: Optional[str] = None,
     ) -> None:
         self.uri = uri
+        self.experiment_id = experiment_id
         self.client = mlflow.MlflowClient(tracking_uri=uri)
-        all_tags = {k: str(v) for k, v in tags.items() if v is not None}
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        if run_name:
-            all_tags["mlflow.runName"] = run_name
-        all_tags.update(process_tags())  # who owns the run: a later sweep closes it KILLED once that process is gone
+        all_tags = run_creation_tags(tags, run_name=run_name, parent_run_id=parent_run_id)
         run = with_retries(lambda: self.client.create_run(experiment_id, tags=all_tags, run_name=run_name))
         self.run_id = run.info.run_id
         self.artifact_uri = run.info.artifact_uri
         self.series_keys: Set[str] = set()  # metric keys logged per epoch (see log_final_metrics)
-        self._pending: List[Tuple[List[Metric], Any]] = []  # asynchronous batches not yet confirmed
+        # one thread, so batches reach the store in order; MLflow's own asynchronous queue is not used: ending a run
+        # waits on its polling thread for up to a second
+        self._writer: Optional[ThreadPoolExecutor] = None
+        self._pending: List[Future] = []  # background batches not yet confirmed
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """``client.<method>(run_id, *args, **kwargs)``, retried while sqlite is locked."""
+        with_retries(partial(getattr(self.client, method), self.run_id, *args, **kwargs))
+
+    def _call_later(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """:meth:`_call` in this run's background thread; :meth:`flush` waits for it and raises what it raised."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leverplus-mlflow-writer")
+        self._pending.append(self._writer.submit(self._call, method, *args, **kwargs))
 
     # MetricLogger
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Per-epoch metrics, logged asynchronously (MLflow's logging queue) so training does not wait on the store;
-        :meth:`flush` confirms them."""
+        """Per-epoch metrics, logged in the background (:meth:`_call_later`) so training does not wait on the
+        store; :meth:`flush` confirms them."""
         ts = int(time.time() * 1000)
         batch = [Metric(_clean(k), float(v), ts, int(step)) for k, v in metrics.items() if _finite(v)]
         self.series_keys.update(m.key for m in batch)
         for i in range(0, len(batch), 500):
-            part = batch[i : i + 500]
-            self._pending.append((part, self.client.log_batch(self.run_id, metrics=part, synchronous=False)))
+            self._call_later("log_batch", metrics=batch[i : i + 500])
 
     def flush(self) -> None:
-        """Wait for the asynchronous metric batches; one that failed (sqlite "database is locked" under parallel
-        jobs) is logged again synchronously, with retries."""
+        """Wait for the background metric batches (each already retried on "database is locked"); the first
+        failure is raised."""
         pending, self._pending = self._pending, []
-        for part, op in pending:
-            try:
-                op.wait()
-            except Exception:
-                with_retries(partial(self.client.log_batch, self.run_id, metrics=part))
+        for op in pending:
+            op.result()
 
     def log_batch(self, *, metrics: Sequence[Metric] = (), tags: Sequence[RunTag] = ()) -> None:
         """Metrics and tags in as few store round trips as MLflow's limits allow (1000 metrics, 100 tags a call)."""
@@ -136,24 +163,32 @@ class MlflowRun:
         while metrics or tags:
             m, metrics = metrics[:900], metrics[900:]
             t, tags = tags[:100], tags[100:]
-            with_retries(partial(self.client.log_batch, self.run_id, metrics=m, tags=t))
+            self._call("log_batch", metrics=m, tags=t)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        _log_params(self.client, self.run_id, params)
+        for batch in _param_batches(params):
+            self._call("log_batch", params=batch)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
-        with_retries(lambda: self.client.log_batch(self.run_id, tags=items))
+        self._call("log_batch", tags=[RunTag(k, str(v)) for k, v in tags.items() if v is not None])
+
+    def log_inputs(self, datasets: Sequence[DatasetInput]) -> None:
+        self._call("log_inputs", datasets=list(datasets))
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
-        with_retries(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+        self._call("log_artifact", str(path), artifact_path)
 
     def log_text(self, text: str, name: str) -> None:
-        with_retries(lambda: self.client.log_text(self.run_id, text, name))
+        self._call("log_text", text, name)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.flush()
-        with_retries(lambda: self.client.set_terminated(self.run_id, status))
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+        self._call("set_terminated", status)
 
     def __enter__(self) -> "MlflowRun":
         self._previous_sigterm = None
@@ -290,4 +325,4 @@ def dataset_input(*, data_source: str, fingerprint: str, files: Sequence[Path], 
 
 
 def log_dataset_input(mrun: MlflowRun, dataset: DatasetInput) -> None:
-    with_retries(partial(mrun.client.log_inputs, mrun.run_id, datasets=[dataset]))
+    mrun.log_inputs([dataset])

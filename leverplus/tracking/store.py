@@ -23,9 +23,8 @@ import mlflow
 from filelock import FileLock
 from mlflow.exceptions import MlflowException
 
-from leverplus.env import MLFLOW_TRACKING_URI_VAR
+from leverplus.env import MLFLOW_TRACKING_URI_VAR, launch_dir
 from leverplus.errors import LeverPlusInputError
-from leverplus.utils import launch_dir
 
 T = TypeVar("T")
 
