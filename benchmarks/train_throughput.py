@@ -68,8 +68,10 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def reference_qps(ref: Path, emb: torch.Tensor, rl: RLData, threads: int, module: str) -> tuple:
-    """(RCE q/s, GRPO q/s) of the reference trainer on the same data, from three timed child processes."""
+def reference_qps(ref: Path, emb: torch.Tensor, rl: RLData, threads: int, module: str,
+                  python: str = sys.executable) -> tuple:
+    """(RCE q/s, GRPO q/s) of the reference trainer on the same data, from three timed child processes run by
+    ``python`` (the reference's own interpreter when its dependencies cannot sit beside leverplus's)."""
     with tempfile.TemporaryDirectory() as tmp:
         data, emb_path = Path(tmp) / "rl_data.json", Path(tmp) / "emb.pt"
         write_rl_json(data, rl.queries, None)
@@ -77,7 +79,7 @@ def reference_qps(ref: Path, emb: torch.Tensor, rl: RLData, threads: int, module
         env = {**os.environ, "PYTHONPATH": str(ref), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
         def timed(rce: int, grpo: int) -> float:
-            cmd = [sys.executable, "-m", module, "--beam_data", str(data), "--img_emb", str(emb_path),
+            cmd = [python, "-m", module, "--beam_data", str(data), "--img_emb", str(emb_path),
                    "--rce_epochs", str(rce), "--grpo_epochs", str(grpo), "--device", "cpu",
                    "--output_dir", str(Path(tmp) / f"out_{rce}_{grpo}")]
             t0 = time.perf_counter()
@@ -130,6 +132,8 @@ def main() -> None:
     ap.add_argument("--reference-path", type=Path, default=None,
                     help="a checkout of the public Lever-Plus repository: time its trainer on the same data")
     ap.add_argument("--reference-module", default="lever_lm.workflows.grpo_post_train")
+    ap.add_argument("--reference-python", default=sys.executable,
+                    help="interpreter for the reference trainer (a virtualenv with its own dependencies)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from leverplus.utils import tune_malloc
@@ -150,7 +154,8 @@ def main() -> None:
     print(f"data: {len(train)} train queries, {members:.1f} candidates/group, pools of {pool:.1f} items, d={emb.shape[1]}")
     ref = None
     if args.reference_path is not None:
-        ref = reference_qps(args.reference_path.expanduser().resolve(), emb, rl, args.threads, args.reference_module)
+        ref = reference_qps(args.reference_path.expanduser().resolve(), emb, rl, args.threads, args.reference_module,
+                            args.reference_python)
         print(f"reference trainer (batch 1): RCE {ref[0]:.0f} q/s, GRPO {ref[1]:.0f} q/s")
     runs = [(f"batch {bs}", [f"data.batch_size={bs}"]) for bs in sizes]
     if args.preset:
