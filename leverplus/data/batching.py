@@ -29,6 +29,11 @@ class Batch:
     pool_idx: Optional[torch.Tensor] = None  # [B, K] embedding rows of the pool (padding: row 0, masked)
 
     def to(self, device: str | torch.device) -> "Batch":
+        """This batch on ``device``: itself when every tensor is already there (the CPU case), else a moved copy."""
+        device = torch.device(device)
+        tensors = [v for v in self.__dict__.values() if isinstance(v, torch.Tensor)]
+        if all(v.device == device for v in tensors):
+            return self
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return Batch(**moved)
 

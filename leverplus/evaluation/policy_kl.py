@@ -28,9 +28,7 @@ def first_step_log_probs(model, groups: Sequence[Group], embeddings: torch.Tenso
     out: list[torch.Tensor] = []
     with eval_mode(model), torch.no_grad():
         for chunk in iterate_batches(list(groups), batch_size, shuffle=False):
-            b = collate(chunk, embeddings)
-            if device.type != "cpu":
-                b = b.to(device)
+            b = collate(chunk, embeddings).to(device)
             logits, _ = model(b.query_emb, b.cand_emb, shot_num=1, cand_mask=b.cand_mask)
             logp = torch.log_softmax(logits[:, 0, :].double(), dim=-1).cpu()
             out += [logp[i, : len(g.pool_ids)].clone() for i, g in enumerate(chunk)]

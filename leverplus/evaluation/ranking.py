@@ -117,7 +117,7 @@ def offline_metrics(
     with eval_mode(model):
         for chunk in iterate_batches(list(groups), batch_size, shuffle=False):
             b = collate(chunk, embeddings)
-            on = b if device.type == "cpu" else b.to(device)
+            on = b.to(device)
             if table is not None:
                 lp = model.sequence_log_probs_indexed(on.query_emb, on.pool_idx, on.labels, table, on.cand_mask)
             else:

@@ -270,7 +270,7 @@ class Trainer:
     def _batch(self, chunk: List[Group], old_log_probs: Optional[Dict[int, torch.Tensor]] = None) -> Batch:
         """One padded batch, collated on the CPU and moved to the trainer's device."""
         b = collate(chunk, self.embeddings, old_log_probs)
-        return b if self.device.type == "cpu" else b.to(self.device)
+        return b.to(self.device)
 
     def _batches(self, groups: List[Group], batch_size: int, desc: str):
         """One shuffled epoch over ``groups`` (the phase generator), behind a progress bar."""
