@@ -16,3 +16,16 @@ def compose_cfg(overrides=()):
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         return compose("train", overrides=list(overrides))
+
+
+def store_built(db: Path) -> bool:
+    """Whether the sqlite MLflow store at ``db`` is fully built (its schema at this MLflow's head revision): a test
+    polling a store a subprocess is creating reads it only then, as a user's `mlflow ui` opened a moment later
+    would, instead of racing the subprocess's migration (tests/tracking/test_store.py covers that race)."""
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    from leverplus.tracking.store import _schema_revision
+
+    head = ScriptDirectory.from_config(_get_alembic_config(db_url="")).get_current_head()
+    return db.exists() and _schema_revision(str(db)) == head

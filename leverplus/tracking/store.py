@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import os
 import random
+import sqlite3
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, TypeVar
 
@@ -95,31 +97,65 @@ _OPENED: set = set()
 _CORRUPT_DB = ("file is not a database", "database disk image is malformed")
 
 
-def init_store(uri: str) -> None:
+#: what MLflow says when the file's schema revision is not the one this MLflow expects
+_OLD_SCHEMA = "out-of-date database schema"
+
+
+def _schema_revision(db: str) -> Optional[str]:
+    """The Alembic revision recorded in an sqlite store (None while it cannot be read)."""
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            row = con.execute("SELECT version_num FROM alembic_version").fetchone()
+        return row[0] if row else None
+    except sqlite3.Error:
+        return None
+
+
+def init_store(uri: str, settle_s: float = 10.0, poll_s: float = 0.5) -> None:
     """Open the store once per process, holding the store's file lock for a sqlite file.
 
     MLflow creates (and migrates) the sqlite schema when a client first opens the store; two processes doing that
     at once on a fresh file race ("table ... already exists"), so opening is serialised like experiment creation.
-    A file that is not an sqlite database is reported as bad input naming the file."""
+    A client outside leverplus (``mlflow ui``, a notebook) does not take that lock: while it is still migrating a
+    fresh file, MLflow reports the schema as out of date. That is waited out while the file's revision keeps moving;
+    a revision that stays put for ``settle_s`` seconds is a store made by an older MLflow, reported as bad input
+    naming the file and the upgrade command. A file that is not an sqlite database is reported as bad input too."""
     if uri in _OPENED:
         return
     lock = _lock_path(uri)
-    try:
-        if lock is None:
-            mlflow.MlflowClient(tracking_uri=uri)
-        else:
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(lock), timeout=300):
-                mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except Exception as e:
-        if lock is not None and any(m in str(e) for m in _CORRUPT_DB):
-            db = uri[len("sqlite:///") :]
-            raise LeverPlusInputError(
-                "is not a readable MLflow sqlite store (sqlite: "
-                f"{next(m for m in _CORRUPT_DB if m in str(e))})", file=db,
-                fix=f"move it aside (mv {db} {db}.corrupt) to start a fresh store there, or point tracking.uri "
-                    "(or MLFLOW_TRACKING_URI) at another store") from e
-        raise
+    db = uri[len("sqlite:///") :] if lock is not None else None
+    last, still_since = None, time.monotonic()
+    while True:
+        try:
+            if lock is None:
+                mlflow.MlflowClient(tracking_uri=uri)
+            else:
+                lock.parent.mkdir(parents=True, exist_ok=True)
+                with FileLock(str(lock), timeout=300):
+                    mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            break
+        except Exception as e:
+            if db is not None and "already exists" in str(e) and time.monotonic() - still_since < settle_s:
+                time.sleep(poll_s)  # an outside client created the same table a moment earlier: look again
+                continue
+            if db is not None and _OLD_SCHEMA in str(e):
+                revision = _schema_revision(db)
+                if revision != last:  # someone is migrating it: wait for them to finish
+                    last, still_since = revision, time.monotonic()
+                elif time.monotonic() - still_since >= settle_s:
+                    raise LeverPlusInputError(
+                        f"is an MLflow store with an older schema (revision {revision}) than this MLflow "
+                        f"{mlflow.__version__} expects", file=db,
+                        fix=f"back it up (cp {db} {db}.bak), then run: mlflow db upgrade {uri}") from e
+                time.sleep(poll_s)
+                continue
+            if db is not None and any(m in str(e) for m in _CORRUPT_DB):
+                raise LeverPlusInputError(
+                    "is not a readable MLflow sqlite store (sqlite: "
+                    f"{next(m for m in _CORRUPT_DB if m in str(e))})", file=db,
+                    fix=f"move it aside (mv {db} {db}.corrupt) to start a fresh store there, or point tracking.uri "
+                        "(or MLFLOW_TRACKING_URI) at another store") from e
+            raise
     _OPENED.add(uri)
 
 

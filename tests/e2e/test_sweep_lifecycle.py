@@ -20,6 +20,7 @@ from leverplus.sweeps.plain import arm_label, plain_sweep, plain_sweep_name
 from leverplus.tracking.lifecycle import DEAD_RUN_REASON, HOST_TAG, PID_TAG, close_dead_sweep_runs
 from leverplus.tracking.run import MlflowRun
 from leverplus.tracking.store import get_or_create_experiment
+from paths import store_built
 
 TINY = ["data=sim_tiny", "sft.epochs=1", "model.hidden_dim=16", "grpo.epochs=0", "eval.downstream_splits=[val,test]",
         "checkpoint_every_epoch=false", "plot_curves=false"]
@@ -39,6 +40,10 @@ def _start(work: Path, cache: Path, *args, name: str = "m") -> subprocess.Popen:
 
 
 def _runs(work: Path, filt: str = ""):
+    """The store's runs, read like `mlflow ui` would once the sweep has built the store (a reader that built it
+    concurrently would race the sweep's migration: tests/tracking/test_store.py covers that)."""
+    if not store_built(work / "mlflow.db"):
+        return []
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
     exps = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(exps, filter_string=filt, max_results=1000) if exps else []
@@ -49,7 +54,7 @@ def _wait_for(work: Path, ok, proc: subprocess.Popen, timeout: float = 400):
     while time.time() < deadline and proc.poll() is None:
         try:
             runs = _runs(work)
-        except Exception:  # the store is still being created
+        except Exception:  # a writer holds sqlite's lock for a moment
             runs = []
         if ok(runs):
             return runs
