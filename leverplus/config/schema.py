@@ -86,6 +86,13 @@ class StepReduction(str, Enum):
     mean = "mean"  # mean_t CE_t: the reference's plain CE on beam_labels[:, 0, :] (mean over B·S)
 
 
+class OptimizerImpl(str, Enum):
+    """Which AdamW kernel every phase steps with (the same update rule; the last bits of the weights differ)."""
+
+    foreach = "foreach"  # one multi-tensor kernel per AdamW operation: the results the docs quote were made with it
+    fused = "fused"  # one fused kernel per parameter: ~3x faster optimiser step, ~15% faster training at batch size 1
+
+
 class SelectStrategy(str, Enum):
     """Which epoch's model a run keeps (reference#validation-best)."""
 
@@ -365,6 +372,9 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=COSMETIC)
     seed: int = 0  # 0 is a real seed
+    # the AdamW kernel of SFT, RCE and GRPO (see OptimizerImpl); fused changes the weights in the last bits, so it is
+    # in the run and stage keys
+    optimizer_impl: OptimizerImpl = OptimizerImpl.foreach
     objective: str = field(default="val/downstream_acc", metadata=COSMETIC)  # the float returned to sweepers (val only)
     output_dir: Optional[str] = field(default=None, metadata=COSMETIC)  # checkpoints etc.; default: Hydra's run dir
     # auto (cuda when present) | cpu | cuda | cuda:N, for training and evaluation. Out of the run key on the CPU, as it

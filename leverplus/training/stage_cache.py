@@ -104,6 +104,8 @@ def stage_keys(cfg, data: LoadedData, groups: PreparedGroups) -> Dict[str, str]:
         h.update(str((g.query_id, g.pool_ids)).encode())
         h.update(g.labels.numpy().tobytes())
     common = {"code": code_version(), "model": c["model"], "seed": c["seed"], "d": int(data.embeddings.shape[1])}
+    if c.get("optimizer_impl", "foreach") != "foreach":  # another AdamW kernel: other last bits (foreach keys unchanged)
+        common["optimizer_impl"] = c["optimizer_impl"]
     kind = device_kind(str(c.get("device") or "cpu"))
     if kind != "cpu":  # CUDA stages differ from CPU stages in the last bits: their own entries (CPU keys unchanged)
         common["device"] = kind
