@@ -23,6 +23,7 @@ PRESET = {
     "grpo.kl_update": "per_query",
     "eval.select": "last",
     "eval.vqa_normalization": "lever_plus",
+    "optimizer_impl": "fused",
 }
 
 

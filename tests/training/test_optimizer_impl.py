@@ -1,5 +1,6 @@
 """``optimizer_impl``: the fused AdamW kernel takes the same steps as the default multi-tensor one up to the last bits,
-is used by every phase when chosen, and has run and stage keys of its own; an unknown kernel fails at compose time."""
+is used by every phase when chosen, and has run and stage keys of its own; an unknown kernel fails at compose time.
+The optimiser step clips the gradient exactly as ``clip_grad_norm_``."""
 
 import pytest
 import torch
@@ -52,3 +53,35 @@ def test_an_unknown_kernel_fails_at_compose_naming_the_choices():
     with pytest.raises(ConfigCompositionException) as e:
         compose_cfg(["optimizer_impl=fast"])
     assert "foreach" in str(e.value.__cause__) and "fused" in str(e.value.__cause__)
+
+
+@pytest.mark.parametrize("clip", [1e-3, 1e3])  # clipped, and far below the clip
+def test_the_step_clips_exactly_as_clip_grad_norm(clip):
+    """optimizer_step rescales only when the norm exceeds the clip; either way the weights equal those of
+    clip_grad_norm_ + step, bit for bit."""
+    from leverplus.training.schedules import make_lr_scheduler
+    from leverplus.training.trainer import optimizer_step
+
+    def setup():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        opt = torch.optim.AdamW(net.parameters(), lr=0.1, foreach=True)
+        return net, opt, make_lr_scheduler(opt, 10, "constant", 0.0)
+
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
+    a, opt_a, sched_a = setup()
+    b, opt_b, sched_b = setup()
+    for _ in range(3):
+        optimizer_step(opt_a, sched_a, a(x).pow(2).sum(), clip, "test")
+        opt_b.zero_grad()
+        b(x).pow(2).sum().backward()
+        norm = torch.nn.utils.clip_grad_norm_(list(b.parameters()), clip)
+        opt_b.step()
+        sched_b.step()
+        if clip < 1:
+            assert norm > clip  # this case does clip
+            clipped = torch.nn.utils.get_total_norm([p.grad for p in a.parameters()])
+            assert clipped == pytest.approx(clip, rel=1e-3)
+        else:
+            assert norm < clip
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
