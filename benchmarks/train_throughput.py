@@ -7,6 +7,10 @@ pools built from the trajectories (the reference's legacy path: ~18 items).
     python benchmarks/train_throughput.py --batch-sizes 1 8 32 64
     python benchmarks/train_throughput.py --preset        # also +preset=reference (batch 1, a dropout mask per member)
     python benchmarks/train_throughput.py --reference-path ~/src/Lever-Plus   # side by side with the reference
+    python benchmarks/train_throughput.py --flops         # FLOPs per query and the q/s ceiling of this CPU
+
+The reference trainer needs a virtualenv of its own (``bash benchmarks/reference_venv.sh VENV``, then
+``--reference-python VENV/bin/python``).
 
 Without ``--reference-path`` it reports absolute figures and the machine. With it, the same data are written as an
 RL JSON and an embedding file and the reference trainer (``python -m lever_lm.workflows.grpo_post_train`` run
@@ -124,11 +128,47 @@ def leverplus_qps(emb, train, overrides) -> tuple:
     return n / t_rce, n / t_grpo, n / t_old
 
 
+def flops_per_query(emb, train, overrides) -> float:
+    """Forward + backward FLOPs of the RCE loss per training query (torch's FlopCounterMode over one epoch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from leverplus.training.losses import rce_loss
+    from leverplus.training.trainer import member_log_probs, rce_targets
+
+    cfg = compose(overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, emb.shape[1]).train()
+    trainer = Trainer(cfg, emb, train, [], "/tmp/leverplus-bench", say=lambda s: None)
+    bs, total = int(cfg.data.batch_size), 0
+    for i in range(0, len(train), bs):
+        b = trainer._batch(train[i:i + bs])
+        with FlopCounterMode(display=False) as counter:
+            log_probs = member_log_probs(model, b, smoothed=True, per_member_dropout=cfg.model.per_member_dropout)
+            rewards, mask = rce_targets(cfg.rce, b)
+            rce_loss(log_probs, rewards, temperature=1.0, mask=mask)["loss"].backward()
+        total += counter.get_total_flops()
+    return total / len(train)
+
+
+def matmul_peak_gflops(threads: int) -> float:
+    """FP32 matmul rate of this CPU on the model's largest product ([576, 512] x [512, 256], batch 32's input
+    projection): the ceiling of any step made of such products."""
+    a, w = torch.randn(576, 512), torch.randn(256, 512)
+    for _ in range(20):
+        a @ w.t()
+    t0, n = time.perf_counter(), 400
+    for _ in range(n):
+        a @ w.t()
+    return 2 * 576 * 512 * 256 * n / (time.perf_counter() - t0) / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--preset", action="store_true", help="also time +preset=reference")
+    ap.add_argument("--flops", action="store_true",
+                    help="also count FLOPs per query and print the q/s ceiling at this CPU's matmul rate")
     ap.add_argument("--reference-path", type=Path, default=None,
                     help="a checkout of the public Lever-Plus repository: time its trainer on the same data")
     ap.add_argument("--reference-module", default="lever_lm.workflows.grpo_post_train")
@@ -166,6 +206,13 @@ def main() -> None:
         x_rce = f"{rce / ref[0]:>5.1f}x" if ref else f"{'-':>6}"
         x_grpo = f"{grpo / ref[1]:>5.1f}x" if ref else f"{'-':>6}"
         print(f"{label:>18} | {rce:>8.0f} | {x_rce} | {grpo:>8.0f} | {x_grpo} | {old:>12.0f}")
+    if args.flops:
+        peak = matmul_peak_gflops(args.threads)
+        print(f"matmul rate: {peak:.0f} GFLOP/s (fp32, {args.threads} threads)")
+        for label, overrides in runs:
+            f = flops_per_query(emb, train, overrides)
+            print(f"{label:>18} | {f / 1e6:6.1f} MFLOP/query (RCE forward + backward) | ceiling at the matmul rate "
+                  f"{peak * 1e9 / f:,.0f} q/s" + (f" = {peak * 1e9 / f / ref[0]:.0f}x the reference's RCE" if ref else ""))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS: {peak_mb:.0f} MB (threads={torch.get_num_threads()})")
 
