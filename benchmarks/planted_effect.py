@@ -5,6 +5,7 @@ Run by hand, not in tests:
     python benchmarks/planted_effect.py                       # small: data=sim_tiny worlds (num_test 300), 4 worlds
     python benchmarks/planted_effect.py --worlds 20 --seeds 3 # more replications
     python benchmarks/planted_effect.py --size full --worlds 20   # the embedded world's size (data=sim), slow
+    python benchmarks/planted_effect.py --merge a.json b.json     # one summary of studies run in parallel pieces
 
 Each replication is an independent simulated world (``data.sim.seed = w``) in which a known fraction of the RL
 anchors is scored by the fallback matcher and every fallback-scored correctness is inverted
@@ -143,8 +144,40 @@ def summarise(worlds: list, alpha: float) -> dict:
     return s
 
 
+def settings_of(args) -> dict:
+    """What a result file's worlds were made with (files are merged only when these agree)."""
+    return {"seeds": args.seeds, "size": args.size, "fallback_fraction": args.fallback_fraction, "regime": args.regime}
+
+
+def merge(paths, alpha: float) -> dict:
+    """One summary over the worlds of several result files (a study run in parallel pieces), with the counts and
+    95% Wilson intervals of power and false positives."""
+    from scipy.stats import binomtest
+
+    worlds, settings = [], set()
+    for path in paths:
+        d = json.loads(Path(path).read_text())
+        worlds += d["worlds"]
+        setting = tuple(d["summary"].get(k) for k in ("size", "seeds", "fallback_fraction", "regime"))
+        if any(v is not None for v in setting):  # (partial files of older versions carry none)
+            settings.add(setting)
+    if len(settings) > 1:
+        raise SystemExit(f"the files were made with different settings (size, seeds, fraction, regime): {settings}")
+    s = summarise(worlds, alpha)
+    n = len(worlds)
+    for key in ("power_seed_worse", "power_query", "fp_seed_null", "fp_query_null", "fwer_seed_bh", "fwer_query_bh",
+                "null_equivalent"):
+        k = int(round(s[key] * n))
+        ci = binomtest(k, n).proportion_ci(method="wilson")
+        s[key + "_count"] = f"{k}/{n} [{100 * ci.low:.0f}, {100 * ci.high:.0f}]%"
+    s["planted_delta_pp_per_world"] = [round(100 * w["planted"]["delta"], 1) for w in worlds]
+    return s
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="summarise the worlds of these result files together (nothing is run)")
     ap.add_argument("--worlds", type=int, default=4, help="independent world seeds (replications)")
     ap.add_argument("--first-world", type=int, default=100)
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per arm (the protocol under test)")
@@ -156,6 +189,9 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides of every run")
     ap.add_argument("--out", default=None, help="JSON results file (default: a temp dir)")
     args = ap.parse_args(argv)
+    if args.merge:
+        print(json.dumps(merge(args.merge, args.alpha), indent=2))
+        return 0
 
     work = Path(tempfile.mkdtemp(prefix="planted-"))
     print(f"working in {work} (runs.jsonl: one line per finished run)", flush=True)
@@ -180,11 +216,10 @@ def main(argv=None) -> int:
                                                for k, v in worlds[-1][a].items()}
                                            for a in ("planted", "null", "planted_indep")}), flush=True)
         if args.out:  # the analysed worlds so far, so a stopped study keeps its replications
-            Path(args.out).write_text(json.dumps({"partial": True, "summary": summarise(worlds, args.alpha),
-                                                  "worlds": worlds}, indent=2))
+            partial = {**summarise(worlds, args.alpha), **settings_of(args)}
+            Path(args.out).write_text(json.dumps({"partial": True, "summary": partial, "worlds": worlds}, indent=2))
     summary = summarise(worlds, args.alpha)
-    summary.update({"seeds": args.seeds, "size": args.size, "fallback_fraction": args.fallback_fraction,
-                    "regime": args.regime, "wall_s": round(time.time() - t0, 1), "date": str(date.today()),
+    summary.update({**settings_of(args), "wall_s": round(time.time() - t0, 1), "date": str(date.today()),
                     "machine": f"{platform.machine()} {os.cpu_count()} cpu (shared)"})
     print(json.dumps(summary, indent=2))
     out = Path(args.out) if args.out else work / "planted_effect.json"
