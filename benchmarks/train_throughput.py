@@ -17,7 +17,8 @@ RL JSON and an embedding file and the reference trainer (``python -m lever_lm.wo
 from that checkout; its code never enters this repository) trains on them in child processes with the same thread
 count: RCE time = t(1 RCE epoch) − t(0 epochs), GRPO time = t(1 RCE + 1 GRPO epoch) − t(1 RCE epoch), so start-up,
 data loading and its old log-prob pass cancel out (its per-epoch validation pass over the 160 held-out queries
-stays in). leverplus's one-time start cost (the first AdamW builds import torch's compiler stack) is timed
+stays in). One untimed child warms the disk cache first; each child then runs ``--repeats`` times, interleaved, and
+the fastest counts (leverplus's phases likewise). leverplus's one-time start cost (the first AdamW builds import torch's compiler stack) is timed
 separately, before the phases.
 """
 
@@ -73,7 +74,7 @@ def machine() -> str:
 
 
 def reference_qps(ref: Path, emb: torch.Tensor, rl: RLData, threads: int, module: str,
-                  python: str = sys.executable) -> tuple:
+                  python: str = sys.executable, repeats: int = 3) -> tuple:
     """(RCE q/s, GRPO q/s) of the reference trainer on the same data, from three timed child processes run by
     ``python`` (the reference's own interpreter when its dependencies cannot sit beside leverplus's)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,9 +93,14 @@ def reference_qps(ref: Path, emb: torch.Tensor, rl: RLData, threads: int, module
                 raise SystemExit(f"reference trainer failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
             return time.perf_counter() - t0
 
-        t00, t10, t11 = timed(0, 0), timed(1, 0), timed(1, 1)
+        timed(0, 0)  # untimed: the first child reads the reference's virtualenv from a cold disk cache
+        # the fastest of ``repeats`` runs of each, interleaved, so a burst of load on the machine hits one repeat
+        t00, t10, t11 = (min(ts) for ts in zip(*[(timed(0, 0), timed(1, 0), timed(1, 1)) for _ in range(repeats)]))
+    if not t00 < t10 < t11:
+        raise SystemExit(f"reference timings are not ordered (0 epochs {t00:.2f} s, 1 RCE {t10:.2f} s, 1 RCE + 1 GRPO "
+                         f"{t11:.2f} s): the machine is too noisy to measure; rerun when it is quiet or raise --repeats")
     n = int(round(0.8 * len(rl.queries)))  # the reference's train split
-    return n / max(t10 - t00, 1e-9), n / max(t11 - t10, 1e-9)
+    return n / (t10 - t00), n / (t11 - t10)
 
 
 def compose(overrides):
@@ -174,6 +180,8 @@ def main() -> None:
     ap.add_argument("--reference-module", default="lever_lm.workflows.grpo_post_train")
     ap.add_argument("--reference-python", default=sys.executable,
                     help="interpreter for the reference trainer (a virtualenv with its own dependencies)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs of each reference child process (the fastest counts) and of each leverplus phase")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from leverplus.utils import tune_malloc
@@ -195,14 +203,15 @@ def main() -> None:
     ref = None
     if args.reference_path is not None:
         ref = reference_qps(args.reference_path.expanduser().resolve(), emb, rl, args.threads, args.reference_module,
-                            args.reference_python)
+                            args.reference_python, args.repeats)
         print(f"reference trainer (batch 1): RCE {ref[0]:.0f} q/s, GRPO {ref[1]:.0f} q/s")
     runs = [(f"batch {bs}", [f"data.batch_size={bs}"]) for bs in sizes]
     if args.preset:
         runs.append(("+preset=reference", ["+preset=reference"]))
     print(f"{'run':>18} | {'RCE q/s':>8} | {'x ref':>6} | {'GRPO q/s':>8} | {'x ref':>6} | {'old-logp q/s':>12}")
     for label, overrides in runs:
-        rce, grpo, old = leverplus_qps(emb, train, overrides)
+        # the fastest of --repeats runs of each phase, as for the reference
+        rce, grpo, old = (max(xs) for xs in zip(*[leverplus_qps(emb, train, overrides) for _ in range(args.repeats)]))
         x_rce = f"{rce / ref[0]:>5.1f}x" if ref else f"{'-':>6}"
         x_grpo = f"{grpo / ref[1]:>5.1f}x" if ref else f"{'-':>6}"
         print(f"{label:>18} | {rce:>8.0f} | {x_rce} | {grpo:>8.0f} | {x_grpo} | {old:>12.0f}")

@@ -11,10 +11,12 @@ import subprocess
 import sys
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from leverplus.env import CACHE_VAR, launch_dir  # noqa: F401 (launch_dir: re-exported, its home is leverplus.env)
@@ -127,6 +129,15 @@ def progress(iterable: Iterable, *, enabled: Optional[bool], **kwargs):
 def enum_value(x):
     """The string value of a config enum (OmegaConf gives Enum members), or ``x`` unchanged."""
     return x.value if hasattr(x, "value") else x
+
+
+def plain_config(node: Any) -> Any:
+    """A config node as a plain object for reads in a training loop: its dataclass (a structured node) or a
+    namespace. An OmegaConf attribute read costs microseconds of validation, and a training step reads a dozen."""
+    if not isinstance(node, DictConfig):
+        return node
+    obj = OmegaConf.to_object(node)
+    return SimpleNamespace(**obj) if isinstance(obj, dict) else obj
 
 
 #: values of the root ``device`` field

@@ -82,6 +82,36 @@ def collate(groups: Sequence[Group], embeddings: torch.Tensor, old_log_probs: Op
     )
 
 
+def check_groups(groups: Sequence[Group], embeddings: torch.Tensor, what: str = "groups") -> None:
+    """Validate once what the model would otherwise check in every batch: a finite 2-D embedding table, and per
+    group a non-empty pool of existing rows, integer labels inside the pool, and enough pool items for the shots.
+    The trainer runs this over its data and then trains with the model's per-call checks off."""
+    if embeddings.dim() != 2:
+        raise LeverPlusInputError(f"expected an [N, d] table, got {tuple(embeddings.shape)}", field="embeddings")
+    finite = torch.isfinite(embeddings).all(dim=1)
+    if not bool(finite.all()):
+        row = int((~finite).nonzero()[0])
+        raise LeverPlusInputError(f"row {row} contains NaN or inf", field="embeddings", fix="re-export the embeddings")
+    n = embeddings.shape[0]
+    for g in groups:
+        record = f"query {g.query_id} ({what})"
+        k = len(g.pool_ids)
+        if k == 0:
+            raise LeverPlusInputError("the pool is empty", record=record, field="pool_ids")
+        if not 0 <= g.query_id < n or min(g.pool_ids) < 0 or max(g.pool_ids) >= n:
+            raise LeverPlusInputError(f"points outside the embedding table of {n} rows", record=record,
+                                      field="pool_ids/query_id", fix="use the embedding file the data were made with")
+        if g.labels.dtype.is_floating_point or g.labels.dtype == torch.bool or g.labels.dim() != 2:
+            raise LeverPlusInputError(f"labels must be integer [G, S] positions, got {g.labels.dtype} "
+                                      f"{tuple(g.labels.shape)}", record=record, field="labels")
+        if g.labels.numel() and (int(g.labels.min()) < 0 or int(g.labels.max()) >= k):
+            raise LeverPlusInputError(f"labels must lie in [0, {k}), got {g.labels.min()}..{g.labels.max()}",
+                                      record=record, field="labels")
+        if g.shot_num > k:
+            raise LeverPlusInputError(f"cannot pick {g.shot_num} distinct items from a pool of {k}", record=record,
+                                      field="shot_num", fix="lower the shot number or enlarge the candidate pool")
+
+
 def iterate_batches(
     groups: Sequence[Group], batch_size: int, *, shuffle: bool, generator: Optional[torch.Generator] = None
 ) -> Iterator[List[Group]]:

@@ -93,6 +93,18 @@ def eval_mode(module: nn.Module):
         module.train(was_training)
 
 
+@contextlib.contextmanager
+def inputs_checked(model: "PointerSelector"):
+    """Run a block with the model's per-call input checks off, for a caller that has validated its whole data set
+    once (``training.trainer.check_training_data``); restores the previous setting afterwards."""
+    before = model.check_inputs
+    model.check_inputs = False
+    try:
+        yield model
+    finally:
+        model.check_inputs = before
+
+
 def module_device(module: nn.Module) -> torch.device:
     """The device of a module's parameters (the CPU for a module without parameters): where its inputs go."""
     first = next(iter(module.parameters()), None) if isinstance(module, nn.Module) else None
@@ -175,6 +187,9 @@ class PointerSelector(nn.Module):
         self.temperature = float(temperature)  # plain attribute: never in the state dict
         self.mask_value = float(mask_value)
         self.label_smoothing = float(label_smoothing)
+        # False only inside ``inputs_checked``: a caller that validated its whole data set once skips the per-call
+        # checks (finite embeddings, label and mask ranges), a tenth of a training step at any batch size
+        self.check_inputs = True
         self.use_query_update_gate = bool(use_query_update_gate)
 
         self.input_proj: nn.Module = (
@@ -209,7 +224,7 @@ class PointerSelector(nn.Module):
     def _check_inputs(
         self, query_emb: torch.Tensor, cand_emb: torch.Tensor, cand_mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
-        """Validate shapes; return the boolean validity mask ``[B, K]``."""
+        """Validate shapes (and, unless ``check_inputs`` is off, values); return the boolean validity mask ``[B, K]``."""
         if query_emb.dim() != 2 or cand_emb.dim() != 3 or query_emb.shape[0] != cand_emb.shape[0]:
             raise LeverPlusInputError(
                 f"expected query_emb [B, d] and cand_emb [B, K, d], got {tuple(query_emb.shape)} and "
@@ -223,8 +238,10 @@ class PointerSelector(nn.Module):
                     field=name,
                     fix=f"pass model.d_model={x.shape[-1]} or use matching embeddings",
                 )
-            if not torch.isfinite(x).all():
+            if self.check_inputs and not torch.isfinite(x).all():
                 raise LeverPlusInputError("contains NaN or inf", field=name, fix="re-export the embeddings")
+        if not self.check_inputs and cand_mask is not None:
+            return cand_mask
         return self._check_mask(cand_mask, *cand_emb.shape[:2], device=cand_emb.device)
 
     @staticmethod
@@ -242,12 +259,13 @@ class PointerSelector(nn.Module):
             raise LeverPlusInputError(f"batch rows {empty} have no valid candidate", field="cand_mask")
         return cand_mask
 
-    @staticmethod
-    def _check_labels(labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _check_labels(self, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Labels ``[B, G, S]`` must be integers pointing at valid (non-padded) pool entries."""
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise LeverPlusInputError(f"labels must be integer positions, got {labels.dtype}", field="labels")
         labels = labels.long()
+        if not self.check_inputs:
+            return labels
         K = valid.shape[1]
         if labels.numel() and (labels.min() < 0 or labels.max() >= K):
             raise LeverPlusInputError(
@@ -341,8 +359,7 @@ class PointerSelector(nn.Module):
         preds = torch.stack(all_preds, dim=2) if len(all_preds) == steps else None
         return torch.stack(all_logits, dim=2), preds
 
-    @staticmethod
-    def _check_unroll(state: torch.Tensor, valid: torch.Tensor, labels: Optional[torch.Tensor], steps: int,
+    def _check_unroll(self, state: torch.Tensor, valid: torch.Tensor, labels: Optional[torch.Tensor], steps: int,
                       policy_temperature: float) -> int:
         """Validate the ``_unroll`` arguments; return ``G``, the sequences per query."""
         if not policy_temperature > 0:
@@ -353,8 +370,12 @@ class PointerSelector(nn.Module):
         G = labels.shape[1] if labels is not None else G0
         if G0 not in (1, G):
             raise ValueError(f"state has {G0} rows per query, labels {G}")
+        if steps < 1:
+            raise LeverPlusInputError(f"shot_num must be >= 1, got {steps}", field="shot_num")
+        if not self.check_inputs:
+            return G
         n_valid = int(valid.sum(dim=1).min())
-        if steps < 1 or steps > n_valid:
+        if steps > n_valid:
             raise LeverPlusInputError(
                 f"cannot pick {steps} distinct items from a pool with {n_valid} valid entries",
                 field="shot_num",

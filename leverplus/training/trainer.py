@@ -17,10 +17,10 @@ from typing import Callable, Dict, List, Optional, Protocol, Tuple
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from leverplus.data.batching import Batch, collate, iterate_batches, num_batches
+from leverplus.data.batching import Batch, check_groups, collate, iterate_batches, num_batches
 from leverplus.data.groups import Group
 from leverplus.model.checkpoint import save_pointer_checkpoint
-from leverplus.model.pointer import ItemTable, PointerSelector, module_device
+from leverplus.model.pointer import ItemTable, PointerSelector, inputs_checked, module_device
 from leverplus.training.losses import (
     GRPOEpochStats,
     grpo_loss,
@@ -29,6 +29,7 @@ from leverplus.training.losses import (
     top1_member,
     top_k_members,
 )
+from leverplus.training.optim import clip_gradients, make_adamw
 from leverplus.training.schedules import (
     AdaptiveKLController,
     AdaptivePolicyTemperature,
@@ -36,7 +37,7 @@ from leverplus.training.schedules import (
     make_lr_scheduler,
     rce_temperature,
 )
-from leverplus.utils import enum_value, progress, resolve_device
+from leverplus.utils import enum_value, plain_config, progress, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +107,7 @@ def optimizer_step(opt: torch.optim.Optimizer, sched: LRScheduler, loss: torch.T
     _check_finite(loss, where)
     opt.zero_grad()
     loss.backward()
-    params = [p for group in opt.param_groups for p in group["params"]]
-    # clip_grad_norm_ split in two, so that the gradients are rescaled only when the norm exceeds grad_clip (the
-    # multiply by a coefficient clamped to 1 is a no-op, and at batch size 1 a tenth of the step); the same
-    # coefficient and the same arithmetic as clip_grad_norm_ otherwise
-    total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if grad_clip / (total + 1e-6) < 1:
-        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, total)
+    clip_gradients(opt, grad_clip)
     opt.step()
     sched.step()
     return loss.item()
@@ -248,6 +243,9 @@ class Trainer:
         reads; the run passes the offline ranking of the held-out groups (``evaluation.ranking``)."""
         self.cfg = cfg
         self._validate = validate
+        # validated once here, so the phases train with the model's per-batch input checks off
+        check_groups(train_groups, embeddings, "train")
+        check_groups(val_groups, embeddings, "val")
         self.embeddings = embeddings
         self.train_groups = train_groups
         self.val_groups = val_groups
@@ -289,10 +287,8 @@ class Trainer:
 
     def _optimizer(self, model, phase_cfg, steps: int):
         params = [p for p in model.parameters() if p.requires_grad]
-        # foreach: one multi-tensor kernel per operation instead of a Python loop over the 11 tensors; fused: one
-        # kernel per tensor for the whole update (both matter at batch size 1, where the step is a third of the time)
-        impl = {"foreach": {"foreach": True}, "fused": {"fused": True}}[enum_value(self.cfg.optimizer_impl)]
-        opt = torch.optim.AdamW(params, lr=phase_cfg.lr, weight_decay=phase_cfg.weight_decay, **impl)
+        opt = make_adamw(params, enum_value(self.cfg.optimizer_impl), lr=phase_cfg.lr,
+                         weight_decay=phase_cfg.weight_decay)
         sched = make_lr_scheduler(opt, steps, enum_value(phase_cfg.lr_schedule), phase_cfg.warmup_ratio)
         return opt, sched
 
@@ -338,56 +334,60 @@ class Trainer:
     # ------------------------------------------------------------------ SFT
     def run_sft(self, model: PointerSelector, sft_groups: List[Group]) -> None:
         """Cross-entropy on the InfoScore beams (every beam of a query is a target, equally weighted)."""
-        cfg = self.cfg.sft
+        cfg = plain_config(self.cfg.sft)
         if cfg.epochs <= 0 or not sft_groups:
             return
+        check_groups(sft_groups, self.embeddings, "sft")
         model.to(self.device)
         opt, sched = self._optimizer(model, cfg, cfg.epochs * num_batches(sft_groups, cfg.batch_size))
         self._start_phase("sft")
         model.train()
-        for epoch in range(cfg.epochs):
-            total, n = 0.0, 0
-            bar = self._batches(sft_groups, cfg.batch_size, f"SFT epoch {epoch + 1}/{cfg.epochs}")
-            for chunk in bar:
-                b = self._batch(chunk)
-                nll = -member_log_probs(model, b, smoothed=True)
-                w = b.member_mask.float() / b.member_mask.sum(1, keepdim=True).clamp(min=1)
-                loss = optimizer_step(opt, sched, (nll * w).sum(1).mean(), cfg.grad_clip, f"SFT epoch {epoch + 1}")
-                total, n = total + loss * len(chunk), n + len(chunk)
-                bar.set_postfix(loss=f"{loss:.4f}")
-            self.logger.log_metrics({"sft/loss": total / max(n, 1)}, step=self.epoch_counter)
-            self.say(epoch_line("sft", epoch, int(cfg.epochs), {"sft/loss": total / max(n, 1)}, None))
-            self.epoch_counter += 1
+        with inputs_checked(model):  # the SFT groups were checked above
+            for epoch in range(cfg.epochs):
+                total, n = 0.0, 0
+                bar = self._batches(sft_groups, cfg.batch_size, f"SFT epoch {epoch + 1}/{cfg.epochs}")
+                for chunk in bar:
+                    b = self._batch(chunk)
+                    nll = -member_log_probs(model, b, smoothed=True)
+                    w = b.member_mask.float() / b.member_mask.sum(1, keepdim=True).clamp(min=1)
+                    loss = optimizer_step(opt, sched, (nll * w).sum(1).mean(), cfg.grad_clip, f"SFT epoch {epoch + 1}")
+                    total, n = total + loss * len(chunk), n + len(chunk)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                self.logger.log_metrics({"sft/loss": total / max(n, 1)}, step=self.epoch_counter)
+                self.say(epoch_line("sft", epoch, int(cfg.epochs), {"sft/loss": total / max(n, 1)}, None))
+                self.epoch_counter += 1
 
     # ------------------------------------------------------------------ RCE
     def run_rce(self, model: PointerSelector, select: bool) -> None:
         """Reward-weighted cross-entropy with the τ schedule (reference#rce-loss, reference#temperature-schedule)."""
-        cfg, bs = self.cfg.rce, self.cfg.data.batch_size
+        cfg, bs = plain_config(self.cfg.rce), self.cfg.data.batch_size
+        per_member_dropout = bool(self.cfg.model.per_member_dropout)
         total_steps = cfg.epochs * num_batches(self.train_groups, bs)
         if cfg.epochs <= 0:
             return
         opt, sched = self._optimizer(model, cfg, total_steps)
         self._start_phase("rce")
         step = 0
-        for epoch in range(cfg.epochs):
-            model.train()
-            total, n, tau = 0.0, 0, cfg.temp_end
-            bar = self._batches(self.train_groups, bs, f"RCE epoch {epoch + 1}/{cfg.epochs}")
-            for chunk in bar:
-                b = self._batch(chunk)
-                tau = rce_temperature(step, total_steps, cfg.temp_start, cfg.temp_end)
-                rewards, mask = rce_targets(cfg, b)
-                log_probs = member_log_probs(model, b, smoothed=True, per_member_dropout=self.cfg.model.per_member_dropout)
-                scale = top1_step_scale(cfg, b)
-                if scale != 1.0:
-                    log_probs = log_probs * scale
-                out = rce_loss(log_probs, rewards, temperature=tau, mask=mask, use_rank=cfg.use_rank_weights)
-                loss = optimizer_step(opt, sched, out["loss"], cfg.grad_clip, f"RCE epoch {epoch + 1} step {step}")
-                step += 1
-                total, n = total + loss * len(chunk), n + len(chunk)
-                bar.set_postfix(loss=f"{loss:.4f}", tau=f"{tau:.2f}")
-            metrics = {"rce/loss": total / max(n, 1), "rce/tau": tau, "rce/lr": sched.get_last_lr()[0]}
-            self._end_epoch(model, "rce", epoch, metrics, select)
+        with inputs_checked(model):  # the data were checked once, in __init__
+            for epoch in range(cfg.epochs):
+                model.train()
+                total, n, tau = 0.0, 0, cfg.temp_end
+                bar = self._batches(self.train_groups, bs, f"RCE epoch {epoch + 1}/{cfg.epochs}")
+                for chunk in bar:
+                    b = self._batch(chunk)
+                    tau = rce_temperature(step, total_steps, cfg.temp_start, cfg.temp_end)
+                    rewards, mask = rce_targets(cfg, b)
+                    log_probs = member_log_probs(model, b, smoothed=True, per_member_dropout=per_member_dropout)
+                    scale = top1_step_scale(cfg, b)
+                    if scale != 1.0:
+                        log_probs = log_probs * scale
+                    out = rce_loss(log_probs, rewards, temperature=tau, mask=mask, use_rank=cfg.use_rank_weights)
+                    loss = optimizer_step(opt, sched, out["loss"], cfg.grad_clip, f"RCE epoch {epoch + 1} step {step}")
+                    step += 1
+                    total, n = total + loss * len(chunk), n + len(chunk)
+                    bar.set_postfix(loss=f"{loss:.4f}", tau=f"{tau:.2f}")
+                metrics = {"rce/loss": total / max(n, 1), "rce/tau": tau, "rce/lr": sched.get_last_lr()[0]}
+                self._end_epoch(model, "rce", epoch, metrics, select)
 
     # ------------------------------------------------------------------ GRPO
     def freeze_backbone(self, model: PointerSelector) -> Dict[str, int]:
@@ -399,16 +399,18 @@ class Trainer:
         self.say(f"GRPO: backbone frozen; trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.1f}%)")
         return counts
 
-    def _grpo_loss(self, model: PointerSelector, b: Batch, k: Optional[int], beta: float, policy_temperature: float):
-        """The GRPO loss of one batch on each query's top-k members; also their rewards and validity ``[B, k]``."""
-        cfg = self.cfg.grpo
+    @staticmethod
+    def _grpo_loss(model: PointerSelector, b: Batch, cfg, k: Optional[int], beta: float, policy_temperature: float,
+                   per_member_dropout: bool):
+        """The GRPO loss of one batch on each query's top-k members; also their rewards and validity ``[B, k]``.
+        ``cfg``: the ``grpo`` config as a plain object (``plain_config``)."""
         rewards = b.rewards if enum_value(cfg.reward_source) == "normalized" else b.rewards_raw
         idx, sel_mask = top_k_members(rewards, mask=b.member_mask, k=k)
         labels = torch.gather(b.labels, 1, idx[..., None].expand(-1, -1, b.labels.shape[2]))
         r = torch.gather(rewards, 1, idx)
         old = torch.gather(b.old_log_probs, 1, idx)
         new = member_log_probs(model, b, labels, policy_temperature=policy_temperature,
-                               per_member_dropout=self.cfg.model.per_member_dropout)
+                               per_member_dropout=per_member_dropout)
         adv = rank_advantages(r, mask=sel_mask) if enum_value(cfg.advantage) == "rank" else None
         out = grpo_loss(new, old, r, clip_epsilon=cfg.clip_epsilon, kl_beta=beta, mask=sel_mask,
                         std_floor=cfg.adv_std_floor, adv_clip=cfg.adv_clip, use_ppo_clip_only=cfg.use_ppo_clip_only,
@@ -417,7 +419,8 @@ class Trainer:
 
     def run_grpo(self, model: PointerSelector, old_log_probs: Dict[int, torch.Tensor], select: bool) -> Dict[str, int]:
         """PPO-clip + k3 KL on the curriculum top-k members, adaptive β after every step (reference#grpo-epoch)."""
-        cfg, bs = self.cfg.grpo, self.cfg.data.batch_size
+        cfg, bs = plain_config(self.cfg.grpo), self.cfg.data.batch_size
+        per_member_dropout = bool(self.cfg.model.per_member_dropout)
         counts = self.freeze_backbone(model) if cfg.freeze_backbone else param_counts(model)
         opt, sched = self._optimizer(model, cfg, cfg.epochs * num_batches(self.train_groups, bs))  # fresh, as the reference
         kl_ctl, temp_ctl = grpo_controllers(cfg)
@@ -426,30 +429,32 @@ class Trainer:
         schedule = top_k_schedule(cfg.top_k_schedule)
         self._start_phase("grpo")
         step = 0
-        for epoch in range(cfg.epochs):
-            model.train()
-            k = grpo_top_k(epoch, schedule)
-            stats = GRPOEpochStats()
-            bar = self._batches(self.train_groups, bs, f"GRPO epoch {epoch + 1}/{cfg.epochs}")
-            for chunk in bar:
-                b = self._batch(chunk, old_log_probs)
-                out, r, sel_mask = self._grpo_loss(model, b, k, kl_ctl.beta, temp_ctl.temperature)
-                loss = optimizer_step(opt, sched, out["loss"], cfg.grad_clip, f"GRPO epoch {epoch + 1} step {step}")
-                step += 1
-                kl_value = float(out["kl"].detach())
-                if per_query:  # the reference's cadence: one β update per query, on that query's KL
-                    for kl_q in out["per_query_kl"].tolist():
-                        kl_ctl.update(kl_q)
-                else:
-                    kl_ctl.update(kl_value)  # after every optimiser step
-                temp_ctl.update(kl_value)
-                stats.add(out, r, sel_mask, b.rewards_raw, b.member_mask)
-                bar.set_postfix(loss=f"{loss:.4f}", kl=f"{kl_value:.4f}", beta=f"{kl_ctl.beta:.3f}")
-            self.kl_beta = kl_ctl.beta
-            metrics = {f"grpo/{key}": value for key, value in stats.summary().items()}
-            metrics.update({"grpo/beta": kl_ctl.beta, "grpo/top_k": float(k if k is not None else -1),
-                            "grpo/lr": sched.get_last_lr()[0], "grpo/policy_temperature": temp_ctl.temperature})
-            self._end_epoch(model, "grpo", epoch, metrics, select)
+        with inputs_checked(model):  # the data were checked once, in __init__
+            for epoch in range(cfg.epochs):
+                model.train()
+                k = grpo_top_k(epoch, schedule)
+                stats = GRPOEpochStats()
+                bar = self._batches(self.train_groups, bs, f"GRPO epoch {epoch + 1}/{cfg.epochs}")
+                for chunk in bar:
+                    b = self._batch(chunk, old_log_probs)
+                    out, r, sel_mask = self._grpo_loss(model, b, cfg, k, kl_ctl.beta, temp_ctl.temperature,
+                                                      per_member_dropout)
+                    loss = optimizer_step(opt, sched, out["loss"], cfg.grad_clip, f"GRPO epoch {epoch + 1} step {step}")
+                    step += 1
+                    kl_value = float(out["kl"].detach())
+                    if per_query:  # the reference's cadence: one β update per query, on that query's KL
+                        for kl_q in out["per_query_kl"].tolist():
+                            kl_ctl.update(kl_q)
+                    else:
+                        kl_ctl.update(kl_value)  # after every optimiser step
+                    temp_ctl.update(kl_value)
+                    stats.add(out, r, sel_mask, b.rewards_raw, b.member_mask)
+                    bar.set_postfix(loss=f"{loss:.4f}", kl=f"{kl_value:.4f}", beta=f"{kl_ctl.beta:.3f}")
+                self.kl_beta = kl_ctl.beta
+                metrics = {f"grpo/{key}": value for key, value in stats.summary().items()}
+                metrics.update({"grpo/beta": kl_ctl.beta, "grpo/top_k": float(k if k is not None else -1),
+                                "grpo/lr": sched.get_last_lr()[0], "grpo/policy_temperature": temp_ctl.temperature})
+                self._end_epoch(model, "grpo", epoch, metrics, select)
         return counts
 
     # ------------------------------------------------------------------ all phases
