@@ -297,18 +297,24 @@ class PointerSelector(nn.Module):
         return state, cand_hat
 
     def _encode(
-        self, query_emb: torch.Tensor, cand_emb: torch.Tensor, cand_mask: Optional[torch.Tensor]
+        self, query_emb: torch.Tensor, cand_emb: torch.Tensor, cand_mask: Optional[torch.Tensor], repeat: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``encode`` plus the validity mask ``[B, K]`` it checked."""
+        """``encode`` plus the validity mask ``[B, K]`` it checked.
+
+        ``repeat > 1``: the result for every query and pool repeated ``repeat`` times in a row (``[B·repeat, ...]``),
+        each copy with its own dropout masks. The input projection has no dropout, so it runs once per query and its
+        output is tiled: the same values as projecting tiled inputs, at 1/repeat of the largest product."""
         valid = self._check_inputs(query_emb, cand_emb, cand_mask)
         c = self.input_proj(cand_emb)  # [B, K, H]
+        h = self.input_proj(query_emb)  # [B, H]
+        if repeat > 1:
+            c, h, valid = (x.repeat_interleave(repeat, dim=0) for x in (c, h, valid))
         cand_hat = F.normalize(self.cand_proj(self.dropout(c)), p=2, dim=-1)
-        return self._query_state(query_emb, c, valid), cand_hat, valid
+        return self._query_state(h, c, valid), cand_hat, valid
 
-    def _query_state(self, query_emb: torch.Tensor, c: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """The query side of ``encode``: projection, cross-attention over ``c [B, K, H]`` (post-norm residual),
-        dropout, ``query_proj``, L2-norm -> ``[B, H]``."""
-        h = self.input_proj(query_emb)
+    def _query_state(self, h: torch.Tensor, c: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The query side of ``encode`` from the projected query ``h [B, H]``: cross-attention over ``c [B, K, H]``
+        (post-norm residual), dropout, ``query_proj``, L2-norm -> ``[B, H]``."""
         for attn, norm in zip(self.cross_attn_layers, self.attn_norms):
             h = norm(single_query_attention(attn, h, c, ~valid) + h)
         return F.normalize(self.query_proj(self.dropout(h)), p=2, dim=-1)
@@ -450,11 +456,8 @@ class PointerSelector(nn.Module):
             raise LeverPlusInputError(f"expected labels [B, G, S], got {tuple(labels.shape)}", field="labels")
         B, G, S = labels.shape
         if per_member_dropout and self.training:
-            # reference path: tile the query and pool over the group, so each member draws its own dropout
-            mask = None if cand_mask is None else cand_mask.repeat_interleave(G, dim=0)
-            state, cand_hat, valid = self._encode(
-                query_emb.repeat_interleave(G, dim=0), cand_emb.repeat_interleave(G, dim=0), mask
-            )
+            # reference path: the query and pool tiled over the group, so each member draws its own dropout
+            state, cand_hat, valid = self._encode(query_emb, cand_emb, cand_mask, repeat=G)
             K = cand_hat.shape[1]
             flat = self._check_labels(labels.reshape(B * G, 1, S), valid)
             logits, _ = self._unroll(state.unsqueeze(1), cand_hat, valid, flat, S, policy_temperature, need_preds=False)
@@ -560,7 +563,7 @@ class PointerSelector(nn.Module):
             )
         valid = self._check_mask(cand_mask, *pool_idx.shape, device=pool_idx.device)
         c = F.embedding(pool_idx, table.c)  # table.c[pool_idx], [B, K, H] (a row gather ~4x faster than indexing)
-        return self._query_state(query_emb, c, valid), F.embedding(pool_idx, table.cand_hat), valid
+        return self._query_state(self.input_proj(query_emb), c, valid), F.embedding(pool_idx, table.cand_hat), valid
 
     @torch.no_grad()
     def greedy_indexed(

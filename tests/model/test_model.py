@@ -284,6 +284,38 @@ def test_policy_temperature_scales_unmasked_logits_only():
     assert lp.item() == pytest.approx(torch.log_softmax(logits[0], -1)[[0, 1], [0, 2]].sum().item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_per_member_dropout_equals_tiling_the_inputs_bit_for_bit(smoothed):
+    """The per-member path projects each query and pool once and tiles the projection; that is exactly the model on
+    inputs tiled by hand (one member per row), with the same dropout draws: equal values, and gradients equal up to
+    float32 rounding (the input projection's weight gradient sums the members before the product, not after)."""
+    m = PointerSelector(32, hidden_dim=16, dropout=0.5, attn_dropout=0.1).train()
+    B, G, K = 3, 4, 7
+    q, C = random_inputs(B=B, K=K, d=32, seed=5)
+    mask = torch.ones(B, K, dtype=torch.bool)
+    mask[1, 5:] = False
+    g = torch.Generator().manual_seed(2)
+    labels = torch.stack([torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(G)]) for _ in range(B)])
+    fn = m.sequence_nll if smoothed else m.sequence_log_probs
+
+    def run(tiled: bool):
+        m.zero_grad()
+        torch.manual_seed(9)
+        if tiled:
+            out = fn(q.repeat_interleave(G, 0), C.repeat_interleave(G, 0), labels.reshape(B * G, 1, 2),
+                     mask.repeat_interleave(G, 0)).reshape(B, G)
+        else:
+            out = fn(q, C, labels, mask, per_member_dropout=True)
+        out.sum().backward()
+        return out.detach(), [p.grad.clone() for p in m.parameters()]
+
+    (a, grads_a), (b, grads_b) = run(False), run(True)
+    assert torch.equal(a, b)
+    for x, y in zip(grads_a, grads_b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max()))
+    assert not torch.allclose(a, a[:, :1].expand(B, G))  # the members did draw masks of their own
+
+
 def test_shared_encoding_vs_reference_per_member_dropout():
     torch.manual_seed(7)
     m = PointerSelector(16, hidden_dim=8, dropout=0.5).train()
