@@ -6,6 +6,7 @@ pools built from the trajectories (the reference's legacy path: ~18 items).
     python benchmarks/train_throughput.py                 # batch size 1 and the default batch size
     python benchmarks/train_throughput.py --batch-sizes 1 8 32 64
     python benchmarks/train_throughput.py --preset        # also +preset=reference (batch 1, a dropout mask per member)
+    python benchmarks/train_throughput.py --fused         # also each batch size with optimizer_impl=fused
     python benchmarks/train_throughput.py --reference-path ~/src/Lever-Plus   # side by side with the reference
     python benchmarks/train_throughput.py --flops         # FLOPs per query and the q/s ceiling of this CPU
 
@@ -173,6 +174,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--preset", action="store_true", help="also time +preset=reference")
+    ap.add_argument("--fused", action="store_true", help="also time each batch size with optimizer_impl=fused")
     ap.add_argument("--flops", action="store_true",
                     help="also count FLOPs per query and print the q/s ceiling at this CPU's matmul rate")
     ap.add_argument("--reference-path", type=Path, default=None,
@@ -206,6 +208,8 @@ def main() -> None:
                             args.reference_python, args.repeats)
         print(f"reference trainer (batch 1): RCE {ref[0]:.0f} q/s, GRPO {ref[1]:.0f} q/s")
     runs = [(f"batch {bs}", [f"data.batch_size={bs}"]) for bs in sizes]
+    if args.fused:
+        runs += [(f"batch {bs}, fused", [f"data.batch_size={bs}", "optimizer_impl=fused"]) for bs in sizes]
     if args.preset:
         runs.append(("+preset=reference", ["+preset=reference"]))
     print(f"{'run':>18} | {'RCE q/s':>8} | {'x ref':>6} | {'GRPO q/s':>8} | {'x ref':>6} | {'old-logp q/s':>12}")

@@ -213,8 +213,9 @@ class ModelConfig:
     use_query_update_gate: bool = True  # on = reference HEAD (V4-1 gate); off = the 方案五 model
     mask_value: float = -100.0
     label_smoothing: float = 0.0
-    # train mode: every group member draws its own dropout mask (the reference tiles the query over the group;
-    # G times the encoder work) instead of one mask per query shared by its members (reference#defect-dropout-logp)
+    # train mode: every group member draws its own dropout mask (the reference tiles the query over the group; G times
+    # the encoder work after the input projection) instead of one mask per query shared by its members
+    # (reference#defect-dropout-logp)
     per_member_dropout: bool = False
     strict_load: bool = True  # false = explicit opt-out: loads what fits and prints the mismatches
 

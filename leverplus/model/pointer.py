@@ -484,8 +484,8 @@ class PointerSelector(nn.Module):
         which equals evaluating each member alone whenever dropout is inactive.
 
         per_member_dropout: [QUIRK reference#sequence-log-prob] in train mode the reference tiled q and C over the group, so every
-            member drew its own dropout mask. True reproduces that (G times slower); our default False shares
-            one mask per query.
+            member drew its own dropout mask. True reproduces that (G times the work after the input projection); our
+            default False shares one mask per query.
         """
         logits, labels, _ = self._group_logits(
             query_emb, cand_emb, labels, cand_mask, policy_temperature, per_member_dropout
