@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Protocol, Tuple
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from leverplus.data.batching import Batch, check_groups, collate, iterate_batches, num_batches
+from leverplus.data.batching import Batch, PaddedGroups, check_groups, collate, iterate_batches, num_batches
 from leverplus.data.groups import Group
 from leverplus.model.checkpoint import save_pointer_checkpoint
 from leverplus.model.pointer import ItemTable, PointerSelector, inputs_checked, module_device
@@ -271,10 +271,13 @@ class Trainer:
         self.generator.manual_seed(seed)
         torch.manual_seed(seed)
 
-    def _batch(self, chunk: List[Group], old_log_probs: Optional[Dict[int, torch.Tensor]] = None) -> Batch:
-        """One padded batch, collated on the CPU and moved to the trainer's device."""
-        b = collate(chunk, self.embeddings, old_log_probs)
-        return b.to(self.device)
+    def _table(self, groups: List[Group], old_log_probs: Optional[Dict[int, torch.Tensor]] = None) -> PaddedGroups:
+        """A phase's groups padded once on the CPU; ``_batch`` gathers each step's rows from it."""
+        return PaddedGroups(groups, self.embeddings, old_log_probs)
+
+    def _batch(self, table: PaddedGroups, chunk: List[Group]) -> Batch:
+        """One padded batch (``collate``'s result, gathered from the phase's table), moved to the trainer's device."""
+        return table(chunk).to(self.device)
 
     def _batches(self, groups: List[Group], batch_size: int, desc: str):
         """One shuffled epoch over ``groups`` (the phase generator), behind a progress bar."""
@@ -341,13 +344,14 @@ class Trainer:
         model.to(self.device)
         opt, sched = self._optimizer(model, cfg, cfg.epochs * num_batches(sft_groups, cfg.batch_size))
         self._start_phase("sft")
+        table = self._table(sft_groups)
         model.train()
         with inputs_checked(model):  # the SFT groups were checked above
             for epoch in range(cfg.epochs):
                 total, n = 0.0, 0
                 bar = self._batches(sft_groups, cfg.batch_size, f"SFT epoch {epoch + 1}/{cfg.epochs}")
                 for chunk in bar:
-                    b = self._batch(chunk)
+                    b = self._batch(table, chunk)
                     nll = -member_log_probs(model, b, smoothed=True)
                     w = b.member_mask.float() / b.member_mask.sum(1, keepdim=True).clamp(min=1)
                     loss = optimizer_step(opt, sched, (nll * w).sum(1).mean(), cfg.grad_clip, f"SFT epoch {epoch + 1}")
@@ -367,6 +371,7 @@ class Trainer:
             return
         opt, sched = self._optimizer(model, cfg, total_steps)
         self._start_phase("rce")
+        table = self._table(self.train_groups)
         step = 0
         with inputs_checked(model):  # the data were checked once, in __init__
             for epoch in range(cfg.epochs):
@@ -374,7 +379,7 @@ class Trainer:
                 total, n, tau = 0.0, 0, cfg.temp_end
                 bar = self._batches(self.train_groups, bs, f"RCE epoch {epoch + 1}/{cfg.epochs}")
                 for chunk in bar:
-                    b = self._batch(chunk)
+                    b = self._batch(table, chunk)
                     tau = rce_temperature(step, total_steps, cfg.temp_start, cfg.temp_end)
                     rewards, mask = rce_targets(cfg, b)
                     log_probs = member_log_probs(model, b, smoothed=True, per_member_dropout=per_member_dropout)
@@ -428,6 +433,7 @@ class Trainer:
         per_query = enum_value(cfg.kl_update) == "per_query"
         schedule = top_k_schedule(cfg.top_k_schedule)
         self._start_phase("grpo")
+        table = self._table(self.train_groups, old_log_probs)
         step = 0
         with inputs_checked(model):  # the data were checked once, in __init__
             for epoch in range(cfg.epochs):
@@ -436,7 +442,7 @@ class Trainer:
                 stats = GRPOEpochStats()
                 bar = self._batches(self.train_groups, bs, f"GRPO epoch {epoch + 1}/{cfg.epochs}")
                 for chunk in bar:
-                    b = self._batch(chunk, old_log_probs)
+                    b = self._batch(table, chunk)
                     out, r, sel_mask = self._grpo_loss(model, b, cfg, k, kl_ctl.beta, temp_ctl.temperature,
                                                       per_member_dropout)
                     loss = optimizer_step(opt, sched, out["loss"], cfg.grad_clip, f"GRPO epoch {epoch + 1} step {step}")

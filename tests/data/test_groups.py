@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from leverplus.data.batching import _length_mask, collate, iterate_batches, num_batches
+from leverplus.data.batching import PaddedGroups, _length_mask, collate, iterate_batches, num_batches
 from leverplus.data.formats.beam_json import BeamRecord
 from leverplus.data.formats.rl_json import read_rl_json, write_rl_json
 from leverplus.data.groups import (
@@ -114,6 +114,48 @@ def test_collate_pads_and_masks(rl_file):
     assert torch.equal(b.cand_emb[1, :2], emb[[1, 3]])
     assert torch.equal(b.query_emb, emb[[10, 11]])
     assert b.rewards_raw.tolist() == [[2.0, 0.0], [0.0, 0.0]]
+
+
+def _ragged_groups(n=23, seed=0):
+    """Groups with pools of 2..9 items, 1..6 members and shots 1 or 2 (so every table needs slicing)."""
+    from leverplus.data.groups import Group
+
+    gen = torch.Generator().manual_seed(seed)
+    groups = []
+    for q in range(n):
+        k, m, s = int(torch.randint(2, 10, (1,), generator=gen)), int(torch.randint(1, 7, (1,), generator=gen)), 1 + q % 2
+        pool = torch.randperm(30, generator=gen)[:k].tolist()
+        labels = torch.stack([torch.randperm(k, generator=gen)[:s] for _ in range(m)])
+        raw = torch.randn(m, generator=gen)
+        groups.append(Group(q, s, pool, labels, raw, raw * 2, (raw > 0).float(), list(range(m))))
+    return groups
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_padded_groups_give_exactly_what_collate_gives(batch_size):
+    groups = _ragged_groups()
+    emb = torch.randn(30, 5)
+    old = {g.query_id: torch.randn(g.size) for g in groups}
+    table = PaddedGroups(groups, emb, old)
+    chunks = list(iterate_batches(groups, batch_size, shuffle=True, generator=torch.Generator().manual_seed(1)))
+    assert any(len({len(g.pool_ids) for g in c}) > 1 for c in chunks) or batch_size == 1
+    for chunk in chunks:
+        want, got = collate(chunk, emb, old), table(chunk)
+        for name, value in want.__dict__.items():
+            other = getattr(got, name)
+            if isinstance(value, torch.Tensor):
+                assert other.dtype == value.dtype and other.shape == value.shape, name
+                assert torch.equal(other, value) and other.is_contiguous(), name
+            else:
+                assert other == value, name
+    assert PaddedGroups(groups, emb)(chunks[0]).old_log_probs is None
+
+
+def test_padded_groups_refuse_a_group_they_were_not_built_from():
+    groups = _ragged_groups(4)
+    table = PaddedGroups(groups[:3], torch.randn(30, 5))
+    with pytest.raises(ValueError, match="not built from"):
+        table([groups[3]])
 
 
 def test_batches_never_mix_shots_and_cover_everything():
