@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from leverplus.data.batching import PaddedGroups
 from leverplus.data.formats.rl_json import RLCandidate, RLData, RLQuery, write_rl_json
 from leverplus.data.groups import GroupOptions, build_groups
 from leverplus.model.build import build_model
@@ -145,10 +146,10 @@ def flops_per_query(emb, train, overrides) -> float:
     cfg = compose(overrides)
     torch.manual_seed(0)
     model = build_model(cfg.model, emb.shape[1]).train()
-    trainer = Trainer(cfg, emb, train, [], "/tmp/leverplus-bench", say=lambda s: None)
+    table = PaddedGroups(train, emb)
     bs, total = int(cfg.data.batch_size), 0
     for i in range(0, len(train), bs):
-        b = trainer._batch(train[i:i + bs])
+        b = table(train[i:i + bs])
         with FlopCounterMode(display=False) as counter:
             log_probs = member_log_probs(model, b, smoothed=True, per_member_dropout=cfg.model.per_member_dropout)
             rewards, mask = rce_targets(cfg.rce, b)
