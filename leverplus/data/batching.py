@@ -46,55 +46,26 @@ def _length_mask(lengths: Sequence[int]) -> torch.Tensor:
 
 def _check_one_shot(groups: Sequence[Group]) -> None:
     if not groups:
-        raise ValueError("collate needs at least one group")
+        raise ValueError("a batch needs at least one group")
     shots = {g.shot_num for g in groups}
     if len(shots) != 1:
         raise ValueError(f"a batch must have one shot_num, got {sorted(shots)}")
 
 
-def collate(groups: Sequence[Group], embeddings: torch.Tensor, old_log_probs: Optional[Mapping] = None) -> Batch:
-    """Pad B groups (sizes G_b, pools K_b, same shot count) into one Batch."""
-    _check_one_shot(groups)
-    member_mask = _length_mask([g.size for g in groups])
-    cand_mask = _length_mask([len(g.pool_ids) for g in groups])
-    pad = torch.nn.utils.rnn.pad_sequence
-
-    def padded(attr: str) -> torch.Tensor:
-        return pad([getattr(g, attr) for g in groups], batch_first=True)
-
-    pool_idx = pad([torch.as_tensor(g.pool_ids, dtype=torch.long) for g in groups], batch_first=True)
-    # one row gather for the batch (F.embedding: the same copy as embeddings[pool_idx], ~4x faster on CPU)
-    cand_emb = F.embedding(pool_idx, embeddings) * cand_mask[..., None].to(embeddings.dtype)
-    query_emb = F.embedding(torch.tensor([g.query_id for g in groups]), embeddings)
-    old = pad([old_log_probs[g.query_id] for g in groups], batch_first=True) if old_log_probs is not None else None
-    return Batch(
-        query_ids=[g.query_id for g in groups],
-        query_emb=query_emb,
-        cand_emb=cand_emb,
-        cand_mask=cand_mask,
-        labels=padded("labels"),
-        member_mask=member_mask,
-        rewards=padded("rewards"),
-        rewards_raw=padded("rewards_raw"),
-        acc=padded("acc"),
-        old_log_probs=old,
-        pool_idx=pool_idx,
-    )
-
-
 class PaddedGroups:
     """A phase's groups padded once into row tables, so that a batch is a few row gathers instead of a collate.
 
-    ``table(chunk)`` returns exactly ``collate(chunk, embeddings, old_log_probs)`` (same values, dtypes and shapes:
-    every table is sliced to the chunk's largest pool and group before the gather), at a fraction of the cost: the
-    per-group Python work and the ``pad_sequence`` calls happen here, once per phase, not in every step (at batch 32
-    they were about a tenth of a training step). ``chunk`` must consist of the groups the table was built from.
+    ``table(chunk)`` gives the same batch whichever groups the table holds besides the chunk's: every table is sliced
+    to the chunk's largest pool and group before the gather, so a phase's table returns exactly
+    ``collate(chunk, ...)``. The per-group Python work and the ``pad_sequence`` calls happen here, once per phase, not
+    in every step (at batch 32 they were about a tenth of a training step). ``chunk`` must consist of groups the table
+    was built from; padded group members point at position 0, padded pool entries at row 0 (masked).
     """
 
     def __init__(self, groups: Sequence[Group], embeddings: torch.Tensor,
                  old_log_probs: Optional[Mapping] = None) -> None:
         if not groups:
-            raise ValueError("PaddedGroups needs at least one group")
+            raise ValueError("a batch needs at least one group")
         pad = torch.nn.utils.rnn.pad_sequence
         self.embeddings = embeddings
         self._row = {id(g): i for i, g in enumerate(groups)}
@@ -143,6 +114,13 @@ class PaddedGroups:
             old_log_probs=take(self.old_log_probs, m) if self.old_log_probs is not None else None,
             pool_idx=pool_idx,
         )
+
+
+def collate(groups: Sequence[Group], embeddings: torch.Tensor, old_log_probs: Optional[Mapping] = None) -> Batch:
+    """Pad B groups (sizes G_b, pools K_b, same shot count) into one Batch. For many batches over one set of groups,
+    build a ``PaddedGroups`` once and call it per batch instead."""
+    _check_one_shot(groups)
+    return PaddedGroups(groups, embeddings, old_log_probs)(groups)
 
 
 def check_groups(groups: Sequence[Group], embeddings: torch.Tensor, what: str = "groups") -> None:
